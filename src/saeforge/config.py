@@ -1,0 +1,207 @@
+"""Typed configs, one per concern, with a JSON round trip.
+
+Every field carries its help text in ``metadata["help"]``; the CLI turns each field into a
+``--section.field`` option with that text, so the docs and the flags never drift apart.
+The SAE config is polymorphic: its class is looked up in the architecture registry from the
+``architecture`` string, so a new architecture brings its own config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def F(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text (shown by ``--help`` and in the README table)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to do."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
+    hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
+    dtype: str = F("bfloat16", "dtype of the language model: float32, bfloat16 or float16.")
+    device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r}: expected one of {DTYPES}")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = F("python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id.")
+    text_column: str = F("text", "Column holding the text in jsonl/parquet/HF datasets.")
+    dataset_split: str = F("train", "Split to stream when the corpus is a Hugging Face dataset.")
+    context_size: int = F(128, "Tokens per packed window, BOS included.")
+    prepend_bos: bool = F(True, "Start every window with the tokenizer's BOS token.")
+    exclude_special_tokens: bool = F(True, "Drop BOS, padding and special-token positions from training and metrics.")
+    holdout_fraction: float = F(0.02, "Fraction of documents held out for evaluation (split by document hash).")
+    seed: int = F(0, "Seed for the document split and order.")
+
+    def __post_init__(self) -> None:
+        _check(self.context_size >= 2, f"data.context_size={self.context_size}: need at least 2")
+        _check(0.0 < self.holdout_fraction < 1.0, f"data.holdout_fraction={self.holdout_fraction}: expected 0 < f < 1")
+
+
+@dataclass
+class ActivationsConfig:
+    batch_size: int = F(4096, "Activation rows (tokens) per SAE training batch.")
+    lm_batch_size: int = F(16, "Sequences per language-model forward pass.")
+    shuffle_sequences: int = F(512, "Sequences whose tokens are shuffled together before batching (the mixing buffer).")
+    cache: str = F("", "Read activations from this cache folder (made by `saeforge cache`) instead of running the model.")
+    shard_rows: int = F(65536, "Rows per safetensors shard when writing a cache.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "lm_batch_size", "shuffle_sequences", "shard_rows"):
+            _check(getattr(self, name) > 0, f"activations.{name} must be positive")
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: int = F(1_000_000, "Training tokens (activation rows) to consume.")
+    lr: float = F(4e-4, "Adam learning rate.")
+    adam_beta1: float = F(0.9, "Adam beta1.")
+    adam_beta2: float = F(0.999, "Adam beta2.")
+    lr_warmup_steps: int = F(50, "Linear LR warm-up steps.")
+    lr_decay_fraction: float = F(0.2, "Fraction of steps at the end over which the LR decays linearly to 0.")
+    sparsity_warmup_fraction: float = F(0.05, "Fraction of steps over which the sparsity coefficient ramps up from 0.")
+    grad_clip: float = F(1.0, "Max gradient norm (0 disables clipping).")
+    normalize_activations: bool = F(True, "Scale inputs so E||x|| = sqrt(d_in) while training; folded back on save.")
+    norm_estimate_batches: int = F(4, "Batches used to estimate the normalisation scale.")
+    dead_after_tokens: int = F(1_000_000, "A latent counts as dead after this many tokens without firing.")
+    autocast: bool = F(True, "bf16 autocast for the SAE matmuls (parameters and optimiser stay float32).")
+    checkpoint_every_steps: int = F(100, "Steps between atomic checkpoints.")
+    log_every_steps: int = F(10, "Steps between metric lines in metrics.jsonl.")
+    seed: int = F(0, "Seed for SAE initialisation.")
+    out_dir: str = F("runs", "Folder that holds run folders.")
+    run_name: str = F("", "Run folder name (default: derived from model, hook and architecture).")
+
+    def __post_init__(self) -> None:
+        _check(self.total_tokens > 0, "train.total_tokens must be positive")
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(0 <= self.lr_decay_fraction < 1, "train.lr_decay_fraction must be in [0, 1)")
+        _check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
+        _check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = F(65536, "Held-out tokens for reconstruction metrics (L0, MSE, explained variance, density).")
+    ce_tokens: int = F(16384, "Held-out tokens for the spliced CE/KL passes (three full forwards each).")
+    batch_size: int = F(8, "Sequences per forward pass during evaluation.")
+    dense_threshold: float = F(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+
+    def __post_init__(self) -> None:
+        _check(self.tokens > 0 and self.ce_tokens >= 0 and self.batch_size > 0, "eval sizes must be positive")
+
+
+def _sae_config_default() -> Any:
+    from saeforge.saes.registry import config_class
+
+    return config_class("topk")()
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    sae: Any = field(default_factory=_sae_config_default)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: to_dict(getattr(self, name)) for name in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        from saeforge.saes.registry import config_class
+
+        unknown = set(d) - set(cls.SECTIONS)
+        _check(not unknown, f"unknown config sections {sorted(unknown)}; valid: {list(cls.SECTIONS)}")
+        sae_d = dict(d.get("sae", {}))
+        sae_cls = config_class(sae_d.get("architecture", "topk"))
+        return cls(
+            model=from_dict(ModelConfig, d.get("model", {})),
+            data=from_dict(DataConfig, d.get("data", {})),
+            activations=from_dict(ActivationsConfig, d.get("activations", {})),
+            sae=from_dict(sae_cls, sae_d),
+            train=from_dict(TrainConfig, d.get("train", {})),
+            eval=from_dict(EvalConfig, d.get("eval", {})),
+        )
+
+    def save(self, path: str | Path) -> None:
+        from saeforge.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and coercing simple types."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in d.items()})
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turn a JSON or command-line value into ``typ`` (bool, int, float, str, lists of those)."""
+    origin = typing.get_origin(typ)
+    if origin in (list, tuple):
+        (inner,) = set(typing.get_args(typ)) - {Ellipsis} or {str}
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return origin(coerce(v, inner, where) for v in value)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r}: expected {getattr(typ, '__name__', typ)}") from None
+    return value

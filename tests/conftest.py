@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="session", params=tiny.FAMILIES)
+def tiny_family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """family -> folder with a saved tiny model and tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {fam: tiny.save_tiny(root / fam, fam) for fam in tiny.FAMILIES}
