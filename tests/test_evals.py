@@ -109,3 +109,166 @@ def _constant_ev() -> float:
     stats = ReconstructionStats(2, 3)
     stats.update(torch.ones(4, 2), torch.ones(4, 2), torch.ones(4, 3))
     return stats.result()["explained_variance"]
+
+
+# ---------------------------------------------------------------- spliced CE / KL
+
+import tiny  # noqa: E402  (conftest puts tests/ on sys.path)
+
+from saeforge.evals import splice  # noqa: E402
+from saeforge.models import hooks  # noqa: E402
+
+VOCAB = 97
+SPLICE_FAMILIES = ("llama", "gpt2", "gpt_neox")
+
+
+class IdentitySAE(torch.nn.Module):
+    """decode(encode(x)) == x bit for bit."""
+
+    def encode(self, x_BD):
+        return x_BD
+
+    def decode(self, f_BF):
+        return f_BF
+
+
+class ZeroSAE(IdentitySAE):
+    def decode(self, f_BF):
+        return torch.zeros_like(f_BF)
+
+
+class LinearSAE(torch.nn.Module):
+    """A real (bad) SAE with float32 parameters: ReLU encoder, linear decoder."""
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        self.W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
+
+    def encode(self, x_BD):
+        return torch.relu(x_BD @ self.W_enc)
+
+    def decode(self, f_BF):
+        return f_BF @ self.W_dec
+
+
+@pytest.fixture(scope="module", params=SPLICE_FAMILIES)
+def tiny_lm(request):
+    return request.param, tiny.make_model(request.param, VOCAB)
+
+
+def _token_batches(n_batches: int = 2, S: int = 3, T: int = 12, seed: int = 0):
+    """(tokens_ST, excluded_ST): BOS (id 0) at position 0, plus a few excluded 'special' positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n_batches):
+        tokens_ST = torch.randint(3, VOCAB, (S, T), generator=g)
+        tokens_ST[:, 0] = 0
+        tokens_ST[0, 5 + b] = 1  # an EOS in the middle of a window
+        excluded_ST = tokens_ST < 3
+        out.append((tokens_ST, excluded_ST))
+    return out
+
+
+def _oracle(model, hook, replacement, batches):
+    """Direct float64 CE/KL over scored predictions (source and target not excluded)."""
+    ce_c, ce_n, kl, n = [], [], [], 0
+    for tokens_ST, excluded_ST in batches:
+        with torch.no_grad():
+            clean = model(input_ids=tokens_ST).logits.double()
+            if replacement is None:
+                new = clean
+            else:
+                fn = lambda x: torch.where(excluded_ST[..., None], x, replacement(x))  # noqa: E731
+                with hooks.patched(model, {hook: fn}):
+                    new = model(input_ids=tokens_ST).logits.double()
+        scored = ~excluded_ST[:, :-1] & ~excluded_ST[:, 1:]
+        lp_c, lp_n = clean[:, :-1].log_softmax(-1)[scored], new[:, :-1].log_softmax(-1)[scored]
+        y = tokens_ST[:, 1:][scored][:, None]
+        ce_c.append(-lp_c.gather(1, y)), ce_n.append(-lp_n.gather(1, y))
+        kl.append((lp_c.exp() * (lp_c - lp_n)).sum(-1))
+        n += int(scored.sum())
+    return torch.cat(ce_c).mean().item(), torch.cat(ce_n).mean().item(), torch.cat(kl).mean().item(), n
+
+
+def test_identity_sae_recovers_everything(tiny_lm):
+    _, model = tiny_lm
+    hook = hooks.resolve_hook(model, "blocks.1.hook_resid_post")
+    r = splice.spliced_ce_kl(model, hook, IdentitySAE(), _token_batches())
+    assert r["ce_sae"] == r["ce_clean"] and r["kl_sae"] == 0.0
+    assert r["ce_score"] == 1.0 and r["kl_score"] == 1.0
+    # A random model is near-uniform, so zeroing may even lower CE; it must change the predictions.
+    assert abs(r["ce_zero"] - r["ce_clean"]) > 1e-4 and r["kl_zero"] > 1e-4
+    # per batch: 3 rows x 10 predictions with a non-BOS source, minus the 2 that touch the mid EOS
+    assert r["ce_n_predictions"] == 2 * (3 * 10 - 2) and r["ce_n_sequences"] == 6 and r["ce_n_tokens"] == 72
+
+
+def test_zero_sae_scores_zero(tiny_lm):
+    _, model = tiny_lm
+    hook = hooks.resolve_hook(model, "blocks.0.hook_resid_pre")  # an input hook this time
+    r = splice.spliced_ce_kl(model, hook, ZeroSAE(), _token_batches(), mean_x_D=torch.zeros(tiny.D_MODEL))
+    assert r["ce_sae"] == r["ce_zero"] == r["ce_mean"] and r["kl_sae"] == r["kl_zero"]
+    assert r["ce_score"] == 0.0 and r["kl_score"] == 0.0 and r["ce_score_mean"] == 0.0
+
+
+def test_ce_clean_matches_hf_loss(tiny_lm):
+    _, model = tiny_lm
+    batches = _token_batches(n_batches=1)
+    tokens_ST, excluded_ST = batches[0]
+    hook = hooks.resolve_hook(model, "blocks.1.hook_resid_post")
+    r = splice.spliced_ce_kl(model, hook, IdentitySAE(), batches)
+    # HF shifts labels itself: logits[t] are scored against labels[t + 1]; -100 drops a prediction.
+    labels_ST = tokens_ST.clone()
+    labels_ST[:, 1:][excluded_ST[:, :-1] | excluded_ST[:, 1:]] = -100
+    with torch.no_grad():
+        hf_loss = model(input_ids=tokens_ST, labels=labels_ST).loss.item()
+    assert r["ce_clean"] == pytest.approx(hf_loss, abs=1e-5)
+
+
+def test_nonidentity_sae_matches_float64_oracle(tiny_lm, monkeypatch):
+    _, model = tiny_lm
+    monkeypatch.setattr(splice, "CHUNK_ELEMENTS", 7 * VOCAB)  # several chunks per batch, one ragged
+    hook = hooks.resolve_hook(model, "blocks.1.hook_resid_post")
+    sae, batches = LinearSAE(tiny.D_MODEL, 48), _token_batches()
+    mean_x_D = torch.randn(tiny.D_MODEL, generator=torch.Generator().manual_seed(1))
+    r = splice.spliced_ce_kl(model, hook, sae, batches, mean_x_D=mean_x_D)
+
+    ce_clean, ce_sae, kl_sae, n = _oracle(model, hook, lambda x: sae.decode(sae.encode(x)), batches)
+    _, ce_zero, kl_zero, _ = _oracle(model, hook, torch.zeros_like, batches)
+    _, ce_mean, kl_mean, _ = _oracle(model, hook, lambda x: mean_x_D.expand_as(x), batches)
+    assert r["ce_n_predictions"] == n
+    for key, want in dict(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, ce_mean=ce_mean,
+                          kl_sae=kl_sae, kl_zero=kl_zero, kl_mean=kl_mean).items():
+        assert r[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+    assert kl_sae > 1e-4 and abs(ce_sae - ce_clean) > 1e-4  # the splice really changed the logits
+    assert r["ce_score"] == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), rel=1e-4)
+    assert r["kl_score"] == pytest.approx((kl_zero - kl_sae) / kl_zero, rel=1e-4)
+    assert r["ce_score_mean"] == pytest.approx((ce_mean - ce_sae) / (ce_mean - ce_clean), rel=1e-4)
+
+
+def test_excluded_positions_keep_clean_activation(tiny_lm):
+    _, model = tiny_lm
+    tokens_ST, excluded_ST = _token_batches(n_batches=1)[0]
+    for name in ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_in"):
+        hook = hooks.resolve_hook(model, name)
+        clean_STD = hooks.capture(model, [hook], tokens_ST)[name]
+        with splice.spliced(hook, splice.zero_replacement, excluded_ST):
+            # capture's recorder is registered after the splice, so it sees the replaced tensor
+            spliced_STD = hooks.capture(model, [hook], tokens_ST)[name]
+            logits_STV = model(input_ids=tokens_ST).logits
+        assert torch.equal(spliced_STD[excluded_ST], clean_STD[excluded_ST])
+        assert spliced_STD[~excluded_ST].abs().max() == 0
+        # Position 0 (BOS, excluded) only sees itself: its logits cannot change.
+        with torch.no_grad():
+            clean_logits_STV = model(input_ids=tokens_ST).logits
+        assert torch.equal(logits_STV[:, 0], clean_logits_STV[:, 0])
+        assert not torch.equal(logits_STV[:, 1:], clean_logits_STV[:, 1:])
+
+
+def test_splice_rejects_non_sequence_hook_output(tiny_lm):
+    _, model = tiny_lm
+    tokens_ST, excluded_ST = _token_batches(n_batches=1)[0]
+    hook = hooks.resolve_hook(model, "blocks.0.hook_resid_post")
+    with pytest.raises(ValueError, match=r"\[S, T, D\]"):
+        splice.spliced_ce_kl(model, hook, IdentitySAE(), [(tokens_ST, excluded_ST[:, :-1])])
