@@ -86,7 +86,7 @@ class TrainConfig:
     grad_clip: float = F(1.0, "Max gradient norm (0 disables clipping).")
     normalize_activations: bool = F(True, "Scale inputs so E||x|| = sqrt(d_in) while training; folded back on save.")
     norm_estimate_batches: int = F(4, "Batches used to estimate the normalisation scale.")
-    dead_after_tokens: int = F(1_000_000, "A latent counts as dead after this many tokens without firing.")
+    dead_after_tokens: int = F(200_000, "A latent counts as dead after this many training tokens without firing (AuxK revives those).")
     autocast: bool = F(True, "bf16 autocast for the SAE matmuls (parameters and optimiser stay float32).")
     checkpoint_every_steps: int = F(100, "Steps between atomic checkpoints.")
     log_every_steps: int = F(10, "Steps between metric lines in metrics.jsonl.")

@@ -1,0 +1,185 @@
+"""The ``saeforge`` command: one subcommand per job.
+
+Every config field is an option ``--SECTION.FIELD VALUE`` whose help is the field's help text;
+a few common ones have short forms (--model, --hook, --arch, --tokens, --corpus, --name).
+Values are applied over ``--config FILE`` (JSON, same shape as a run's config.json) or the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
+              "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
+
+
+def _sections() -> dict[str, type]:
+    from saeforge import config as C
+
+    return {"model": C.ModelConfig, "data": C.DataConfig, "activations": C.ActivationsConfig,
+            "train": C.TrainConfig, "eval": C.EvalConfig}
+
+
+def _add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_cls: type | None) -> None:
+    classes = {k: v for k, v in _sections().items() if k in sections}
+    if sae_cls is not None:
+        classes["sae"] = sae_cls
+    for section, cls in classes.items():
+        group = p.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar=type(default).__name__.upper(),
+                               help=f"{f.metadata.get('help', '')} (default: {default!r})")
+    for short, target in SHORTHANDS.items():
+        if target.split(".")[0] in classes:
+            p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def _architecture(argv: Sequence[str]) -> tuple[str, dict]:
+    """Pre-parse --config and --arch so the SAE options of that architecture can be offered."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--arch", "--sae.architecture", dest="arch")
+    ns, _ = pre.parse_known_args(argv)
+    base = json.loads(Path(ns.config).read_text()) if ns.config else {}
+    return ns.arch or base.get("sae", {}).get("architecture", "topk"), base
+
+
+def _run_config(base: dict, ns: argparse.Namespace):
+    from saeforge.config import RunConfig
+
+    merged = {k: dict(v) for k, v in base.items()}
+    for section, values in _overrides(ns).items():
+        merged.setdefault(section, {}).update(values)
+    return RunConfig.from_dict(merged)
+
+
+# ---- subcommands ---------------------------------------------------------------------
+def cmd_train(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.evals.report import format_table
+    from saeforge.training.run import train
+
+    cfg = _run_config(base, ns)
+    if ns.resume and (_overrides(ns) or ns.config):
+        raise SystemExit("--resume continues a run with its saved config.json; drop the other options")
+    result = train(cfg, resume=ns.resume, evaluate=not ns.no_eval, progress=not ns.quiet)
+    if result.metrics is not None:
+        print(format_table(result.metrics))
+    print(f"SAE saved to {result.sae_dir}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.evals.report import evaluate_saved, format_table
+
+    metrics, sae_dir = evaluate_saved(ns.sae_dir, _overrides(ns), progress=not ns.quiet)
+    print(format_table(metrics))
+    print(f"wrote {Path(sae_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.activations import write_cache
+    from saeforge.models import load_model, resolve_hook
+
+    cfg = _run_config(base, ns)
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    hook_point = resolve_hook(lm.model, cfg.model.hook)
+    m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part, progress=not ns.quiet)
+    print(f"cache {ns.out}: {m['n_rows']} rows of width {m['d_in']} in {len(m['shards'])} shards "
+          f"({cfg.model.name} at {cfg.model.hook})")
+    return 0
+
+
+def cmd_hooks(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.models import load_model
+    from saeforge.models.hooks import list_hooks
+
+    lm = load_model(ns.model_name, dtype="float32", device="cpu")
+    for name in list_hooks(lm.model):
+        print(name)
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace, base: dict) -> int:
+    print(json.dumps(_run_config(base, ns).to_dict(), indent=2))
+    return 0
+
+
+def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
+    from saeforge.saes.registry import config_class, names
+
+    sae_cls = config_class(arch)
+    p = argparse.ArgumentParser(prog="saeforge", description="Sparse autoencoders for Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an SAE (live from the LM, or from a cache), save and evaluate it",
+                       description=f"Architectures: {', '.join(names())}. SAE options below are for --arch {arch}.")
+    t.add_argument("--config", help="JSON config file (same shape as a run's config.json)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    _add_config_options(t, ["model", "data", "activations", "train", "eval"], sae_cls)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json")
+    e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _add_config_options(e, ["model", "data", "eval"], None)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("cache", help="write activations to a sharded safetensors cache (resumable)")
+    c.add_argument("--config", help="JSON config file")
+    c.add_argument("--out", required=True, help="cache folder")
+    c.add_argument("--tokens", type=int, default=1_000_000, help="activation rows to cache")
+    c.add_argument("--part", choices=["train", "heldout"], default="train", help="corpus part to cache")
+    _add_config_options(c, ["model", "data", "activations"], None)
+    c.set_defaults(func=cmd_cache)
+
+    h = sub.add_parser("hooks", help="list a model's hook points")
+    h.add_argument("model_name", metavar="MODEL", help="hub id, local folder, .gguf file or built-in name")
+    h.set_defaults(func=cmd_hooks)
+
+    g = sub.add_parser("config", help="print the resolved config as JSON (a starting point for --config)")
+    g.add_argument("--config", help="JSON config file")
+    _add_config_options(g, ["model", "data", "activations", "train", "eval"], sae_cls)
+    g.set_defaults(func=cmd_config)
+
+    for sp in (t, e, c, h, g):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from saeforge.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        arch, base = _architecture(argv)
+        ns = build_parser(arch).parse_args(argv)
+        return ns.func(ns, base)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"saeforge: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # our modules raise ValueError subclasses with user-facing messages
+        print(f"saeforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""One training run end to end: config -> run folder -> trained SAE (SAELens format) -> eval.
+
+Run folder layout::
+
+    runs/NAME/config.json      the resolved RunConfig
+    runs/NAME/metrics.jsonl    one line per log step
+    runs/NAME/checkpoint.pt    the Trainer's whole state, replaced atomically
+    runs/NAME/sae/             cfg.json, sae_weights.safetensors, sparsity.safetensors, eval.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import saeforge
+from saeforge.config import ConfigError, RunConfig
+from saeforge.training.trainer import CHECKPOINT, Trainer
+
+log = logging.getLogger(__name__)
+CONFIG = "config.json"
+SAE_DIR = "sae"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    sae_dir: Path
+    metrics: dict | None
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    model = Path(cfg.model.name).name.removesuffix(".gguf")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{cfg.model.hook}-{cfg.sae.architecture}-{cfg.sae.d_sae}")
+
+
+def sae_metadata(cfg: RunConfig, tokens: int, scale: float) -> dict:
+    """SAELens-style provenance plus our whole config, so `saeforge eval` can rebuild the data split."""
+    return {"model_name": cfg.model.name, "hook_name": cfg.model.hook, "context_size": cfg.data.context_size,
+            "prepend_bos": cfg.data.prepend_bos, "dataset_path": cfg.data.corpus,
+            "exclude_special_tokens": cfg.data.exclude_special_tokens, "training_tokens": tokens,
+            "saeforge_version": saeforge.__version__, "saeforge_input_scale_folded": scale,
+            "saeforge_config": cfg.to_dict()}
+
+
+def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, Path]:
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG).exists():
+            raise ConfigError(f"cannot resume {run_dir}: no {CONFIG} there (is it a run folder made by `saeforge train`?)")
+        return RunConfig.load(run_dir / CONFIG), run_dir
+    run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or default_run_name(cfg))
+    if (run_dir / CHECKPOINT).exists() or (run_dir / SAE_DIR).exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                          "or choose another --train.run_name / --train.out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, run_dir
+
+
+def build_source(cfg: RunConfig, lm, hook_point):
+    """The training batches: a finished cache if ``activations.cache`` is set, else the live LM."""
+    from saeforge.activations import ActivationStream, CacheReader
+
+    if cfg.activations.cache:
+        reader = CacheReader(cfg.activations.cache, cfg.activations.batch_size, seed=cfg.train.seed)
+        m = reader.manifest
+        if (m["model"], m["hook"]) != (cfg.model.name, cfg.model.hook):
+            raise ConfigError(f"cache {cfg.activations.cache} holds {m['model']} at {m['hook']}, but the config asks "
+                              f"for {cfg.model.name} at {cfg.model.hook}: pass --model {m['model']} --hook {m['hook']}")
+        return reader
+    return ActivationStream(lm, hook_point, cfg.data, cfg.activations, part="train", seed=cfg.train.seed)
+
+
+def build_sae(cfg: RunConfig, d_in: int, device: torch.device):
+    from saeforge.saes.registry import sae_class
+
+    if cfg.sae.d_in not in (0, d_in):
+        raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
+                          "leave sae.d_in at 0 to take it from the model")
+    sae_cfg = dataclasses.replace(cfg.sae, d_in=d_in, device=str(device))
+    torch.manual_seed(cfg.train.seed)
+    return sae_class(sae_cfg.architecture)(sae_cfg).to(device), sae_cfg
+
+
+def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
+          lm=None) -> RunResult:
+    """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
+    from saeforge.models import load_model, resolve_hook
+    from saeforge.saes.formats import save_sae
+
+    cfg, run_dir = _prepare_dir(cfg, resume)
+    if lm is None:
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    hook_point = resolve_hook(lm.model, cfg.model.hook)
+    source = build_source(cfg, lm, hook_point)
+    sae, sae_cfg = build_sae(cfg, source.d_in, lm.device)
+    cfg = dataclasses.replace(cfg, sae=sae_cfg)
+    if resume is None:
+        cfg.save(run_dir / CONFIG)
+
+    trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
+    if trainer.resume(source):
+        log.info("resumed %s at step %d of %d", run_dir, trainer.step, trainer.n_steps)
+    trainer.fit(source)
+    if trainer.step < trainer.n_steps:
+        log.warning("the activation source ran out after %d of %d steps", trainer.step, trainer.n_steps)
+
+    final = trainer.export_sae()
+    sae_dir = run_dir / SAE_DIR
+    save_sae(final, sae_dir, sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale),
+             sparsity_F=trainer.firing_frequency_F())
+    metrics = None
+    if evaluate:
+        from saeforge.evals.report import evaluate as run_eval, write_eval_json
+
+        metrics = run_eval(lm, hook_point, final, cfg.data, cfg.eval, progress=progress)
+        write_eval_json(metrics, sae_dir)
+    return RunResult(run_dir, sae_dir, metrics)

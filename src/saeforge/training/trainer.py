@@ -1,0 +1,197 @@
+"""The training loop: an SAE, an optimiser and an iterator of activation batches.
+
+All mutable state (SAE, Adam, step, normalisation scale, dead-latent counters, the source's
+position) lives in this one object, and ``state_dict()`` holds all of it: a checkpoint is that
+dict saved atomically, and a resumed run continues bit-for-bit where the interrupted one was.
+The source only has to be an iterable of float32 ``x_BD`` batches; if it also has
+``state_dict``/``load_state_dict`` its position is checkpointed too (live LM stream or cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from saeforge.config import TrainConfig
+from saeforge.io import atomic_path, atomic_write_text
+from saeforge.training.schedules import lr_factor, sparsity_factor
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_VERSION = 1
+
+
+class Trainer:
+    def __init__(self, sae, cfg: TrainConfig, batch_size: int, run_dir: str | Path | None = None,
+                 progress: bool = True):
+        self.sae, self.cfg, self.batch_size = sae, cfg, batch_size
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress = progress
+        self.n_steps = math.ceil(cfg.total_tokens / batch_size)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.device = next(sae.parameters()).device
+        F = sae.cfg.d_sae
+        self.step = 0
+        self.scale = 0.0  # input multiplier; 0 until estimated from the first batches
+        self.tokens_since_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
+        # Firing counts over the last 10% of steps: the SAE's sparsity.safetensors.
+        self.late_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
+        self.late_tokens = 0
+        self.elapsed = 0.0
+        self.source_state: dict | None = None
+
+    # ---- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale,
+                "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired_F, "late_fired": self.late_fired_F,
+                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source": self.source_state}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {d.get('version')} is not {CHECKPOINT_VERSION}")
+        self.sae.load_state_dict(d["sae"])
+        self.opt.load_state_dict(d["opt"])
+        self.step, self.scale = int(d["step"]), float(d["scale"])
+        self.tokens_since_fired_F = d["tokens_since_fired"].to(self.device)
+        self.late_fired_F = d["late_fired"].to(self.device)
+        self.late_tokens, self.elapsed = int(d["late_tokens"]), float(d["elapsed"])
+        self.source_state = d["source"]
+
+    def save_checkpoint(self) -> None:
+        assert self.run_dir is not None
+        with atomic_path(self.run_dir / CHECKPOINT) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def resume(self, source=None) -> bool:
+        """Load ``run_dir/checkpoint.pt`` if present (and put ``source`` at its position)."""
+        path = self.run_dir / CHECKPOINT if self.run_dir else None
+        if path is None or not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        if source is not None and self.source_state is not None and hasattr(source, "load_state_dict"):
+            source.load_state_dict(self.source_state)
+        self._truncate_log()
+        return True
+
+    def _truncate_log(self) -> None:
+        # Lines logged after the checkpoint belong to the lost part of the run: drop them.
+        log = self.run_dir / METRICS
+        if log.exists():
+            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+
+    # ---- training --------------------------------------------------------------------
+    @property
+    def dead_mask_F(self) -> torch.Tensor:
+        return self.tokens_since_fired_F >= self.cfg.dead_after_tokens
+
+    def _batches(self, source: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, dict | None]]:
+        """Batches paired with the source position *after* each one (what a checkpoint must store)."""
+        for x_BD in source:
+            yield x_BD, (source.state_dict() if hasattr(source, "state_dict") else None)
+
+    def _estimate_scale(self, batches: list[torch.Tensor]) -> float:
+        if not self.cfg.normalize_activations:
+            return 1.0
+        mean_norm = torch.cat(batches).double().norm(dim=-1).mean().item()
+        return math.sqrt(self.sae.cfg.d_in) / mean_norm
+
+    def fit(self, source: Iterable[torch.Tensor]) -> None:
+        from tqdm import tqdm
+
+        batches = self._batches(source)
+        head: list[tuple[torch.Tensor, dict | None]] = []
+        if self.scale == 0.0:
+            head = [b for _, b in zip(range(self.cfg.norm_estimate_batches), batches)]
+            if not head:
+                raise ValueError("the activation source produced no batches: is the corpus (or cache) empty?")
+            self.scale = self._estimate_scale([x for x, _ in head])
+            init = getattr(self.sae, "init_from_data", None)
+            if init is not None:
+                init(head[0][0].to(self.device) * self.scale)
+        bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter() - self.elapsed
+        for x_BD, pos in _chain(head, batches):
+            if self.step >= self.n_steps:
+                break
+            parts = self._step(x_BD.to(self.device, non_blocking=True) * self.scale)
+            self.step += 1
+            self.source_state = pos
+            self.elapsed = time.perf_counter() - t0
+            if self.step % self.cfg.log_every_steps == 0 or self.step == self.n_steps:
+                rec = self._log(parts)
+                bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", loss=f"{rec['loss']:.4g}",
+                                l0=f"{rec['l0']:.1f}", ev=f"{rec['explained_variance']:.3f}",
+                                dead=f"{rec['dead_fraction']:.2%}")
+            if self.run_dir and (self.step % self.cfg.checkpoint_every_steps == 0 or self.step == self.n_steps):
+                self.save_checkpoint()
+            bar.update(1)
+        bar.close()
+
+    def _step(self, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
+        from saeforge.saes.base import LossContext
+
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(self.step, self.n_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
+        ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction),
+                          dead_mask_F=self.dead_mask_F)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            out = self.sae.training_loss(x_BD, ctx)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.remove_parallel_grads()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sae.after_step()
+        with torch.no_grad():
+            fired_BF = out.f_BF > 0
+            fired_F = fired_BF.any(0)
+            self.tokens_since_fired_F += len(x_BD)
+            self.tokens_since_fired_F[fired_F] = 0
+            if self.step >= int(0.9 * self.n_steps):
+                self.late_fired_F += fired_BF.sum(0)
+                self.late_tokens += len(x_BD)
+            parts = dict(out.parts)
+            parts["loss"] = out.loss.detach()
+            if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
+                x_hat_BD = out.x_hat_BD.float()
+                resid = (x_BD - x_hat_BD).pow(2).sum()
+                total = (x_BD - x_BD.mean(0)).pow(2).sum()
+                parts["explained_variance"] = 1 - resid / total
+                parts["l0"] = fired_BF.sum(1).float().mean()
+        return parts
+
+    def _log(self, parts: dict[str, torch.Tensor]) -> dict:
+        rec = {"step": self.step, "tokens": self.step * self.batch_size,
+               "lr": self.opt.param_groups[0]["lr"], "dead_fraction": self.dead_mask_F.float().mean().item(),
+               "tokens_per_s": self.step * self.batch_size / max(self.elapsed, 1e-9), "elapsed_s": self.elapsed}
+        rec.update({k: float(v) for k, v in parts.items()})
+        if self.run_dir:
+            with open(self.run_dir / METRICS, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    # ---- results ---------------------------------------------------------------------
+    def firing_frequency_F(self) -> torch.Tensor:
+        return self.late_fired_F.double().cpu() / max(self.late_tokens, 1)
+
+    def export_sae(self):
+        """A copy of the SAE that acts on raw activations (the normalisation scale folded in)."""
+        sae = copy.deepcopy(self.sae)
+        sae.fold_input_scale(self.scale)
+        return sae
+
+
+def _chain(head: list, rest: Iterator) -> Iterator:
+    yield from head
+    yield from rest
