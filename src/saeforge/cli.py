@@ -86,7 +86,8 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.evals.report import evaluate_saved, format_table
+    from saeforge.evals.report import format_table
+    from saeforge.evals.saved import evaluate_saved
 
     metrics, sae_dir = evaluate_saved(ns.sae_dir, _overrides(ns), progress=not ns.quiet)
     print(format_table(metrics))

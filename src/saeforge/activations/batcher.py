@@ -46,6 +46,12 @@ class ShuffledBatcher:
         self.seed = seed
         self.state = BatcherState()
 
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = BatcherState.from_dict(d)
+
     def _permutation(self, chunk: int, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
         return torch.randperm(n, generator=g)

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from saeforge.activations.batcher import BatcherState, ShuffledBatcher
+from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.activations.stream import hook_width, train_windows, window_activations
 from saeforge.config import ActivationsConfig, DataConfig, to_dict
 from saeforge.io import atomic_path, atomic_write_text
@@ -186,7 +186,7 @@ class CacheReader:
         return iter(self.batcher)
 
     def state_dict(self) -> dict:
-        return self.batcher.state.to_dict()
+        return self.batcher.state_dict()
 
     def load_state_dict(self, d: dict) -> None:
-        self.batcher.state = BatcherState.from_dict(d)
+        self.batcher.load_state_dict(d)

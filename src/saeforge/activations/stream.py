@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from saeforge.activations.batcher import BatcherState, ShuffledBatcher
+from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.config import ActivationsConfig, DataConfig
 
 
@@ -97,7 +97,7 @@ class ActivationStream:
         return iter(self.batcher)
 
     def state_dict(self) -> dict:
-        return self.batcher.state.to_dict()
+        return self.batcher.state_dict()
 
     def load_state_dict(self, d: dict) -> None:
-        self.batcher.state = BatcherState.from_dict(d)
+        self.batcher.load_state_dict(d)

@@ -83,8 +83,9 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device):
         raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
                           "leave sae.d_in at 0 to take it from the model")
     sae_cfg = dataclasses.replace(cfg.sae, d_in=d_in, device=str(device))
-    torch.manual_seed(cfg.train.seed)
-    return sae_class(sae_cfg.architecture)(sae_cfg).to(device), sae_cfg
+    sae = sae_class(sae_cfg.architecture)(sae_cfg)
+    sae.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    return sae, sae_cfg
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,

@@ -154,21 +154,19 @@ class Trainer:
         self.opt.step()
         self.sae.after_step()
         with torch.no_grad():
-            fired_BF = out.f_BF > 0
-            fired_F = fired_BF.any(0)
+            fires_F = out.fire_count_F()
             self.tokens_since_fired_F += len(x_BD)
-            self.tokens_since_fired_F[fired_F] = 0
+            self.tokens_since_fired_F[fires_F > 0] = 0
             if self.step >= int(0.9 * self.n_steps):
-                self.late_fired_F += fired_BF.sum(0)
+                self.late_fired_F += fires_F
                 self.late_tokens += len(x_BD)
             parts = dict(out.parts)
             parts["loss"] = out.loss.detach()
             if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
-                x_hat_BD = out.x_hat_BD.float()
-                resid = (x_BD - x_hat_BD).pow(2).sum()
+                resid = (x_BD - out.x_hat_BD.float()).pow(2).sum()
                 total = (x_BD - x_BD.mean(0)).pow(2).sum()
                 parts["explained_variance"] = 1 - resid / total
-                parts["l0"] = fired_BF.sum(1).float().mean()
+                parts["l0"] = fires_F.sum() / len(x_BD)
         return parts
 
     def _log(self, parts: dict[str, torch.Tensor]) -> dict:

@@ -1,0 +1,51 @@
+"""Evaluate an SAE folder on the held-out text of the corpus it was trained on.
+
+A saeforge SAE carries its whole run config in ``cfg.json`` metadata, so the same
+document split is rebuilt and evaluation never sees training text. For SAEs from other
+tools only the SAELens metadata is there (model_name, hook_name, context_size, dataset_path);
+options given on the command line override either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from saeforge.config import ConfigError, RunConfig
+
+
+def run_config_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None) -> RunConfig:
+    path = Path(sae_dir) / "cfg.json"
+    if not path.exists():
+        raise ConfigError(f"{sae_dir} is not an SAE folder (no cfg.json); pass the folder that `saeforge train` "
+                          "printed (runs/NAME/sae)")
+    meta = json.loads(path.read_text()).get("metadata", {}) or {}
+    base = meta.get("saeforge_config")
+    if base is None:
+        base = {"model": {"name": meta.get("model_name", ""), "hook": meta.get("hook_name", "")},
+                "data": {k: v for k, v in {"context_size": meta.get("context_size"), "corpus": meta.get("dataset_path"),
+                                            "prepend_bos": meta.get("prepend_bos")}.items() if v is not None}}
+    d = {k: dict(v) for k, v in base.items() if k in ("model", "data", "eval")}
+    for section, values in (overrides or {}).items():
+        d.setdefault(section, {}).update(values)
+    cfg = RunConfig.from_dict(d)
+    if not cfg.model.name or not cfg.model.hook:
+        raise ConfigError(f"{path} does not say which model and hook it belongs to: pass --model and --hook")
+    return cfg
+
+
+def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None, progress: bool = True,
+                   lm=None) -> tuple[dict, Path]:
+    """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder."""
+    from saeforge.evals.report import evaluate, write_eval_json
+    from saeforge.models import load_model, resolve_hook
+    from saeforge.saes.formats import load_sae
+
+    cfg = run_config_for(sae_dir, overrides)
+    if lm is None:
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    sae = load_sae(sae_dir, device=str(lm.device))
+    hook_point = resolve_hook(lm.model, cfg.model.hook)
+    metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress)
+    write_eval_json(metrics, sae_dir)
+    return metrics, Path(sae_dir)
