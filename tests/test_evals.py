@@ -272,3 +272,121 @@ def test_splice_rejects_non_sequence_hook_output(tiny_lm):
     hook = hooks.resolve_hook(model, "blocks.0.hook_resid_post")
     with pytest.raises(ValueError, match=r"\[S, T, D\]"):
         splice.spliced_ce_kl(model, hook, IdentitySAE(), [(tokens_ST, excluded_ST[:, :-1])])
+
+
+# ---------------------------------------------------------------- evaluate() end to end
+
+import json  # noqa: E402
+import warnings  # noqa: E402
+
+from saeforge.config import DataConfig, EvalConfig  # noqa: E402
+from saeforge.evals import evaluate, format_table, write_eval_json  # noqa: E402
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    lines = tiny._TEXT.splitlines()[:5]
+    docs = [{"text": f"{lines[i % 5]} {lines[(i * 3) % 5]} item {i}\n{lines[(i + 2) % 5]}"} for i in range(80)]
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="module", params=("llama", "gpt2"))
+def tiny_loaded(request, tiny_model_dirs):
+    from saeforge.models import load_model
+
+    return load_model(str(tiny_model_dirs[request.param]), device="cpu")
+
+
+def _cfgs(corpus_file, tokens=400, ce_tokens=200):
+    data_cfg = DataConfig(corpus=str(corpus_file), context_size=20, holdout_fraction=0.5)
+    return data_cfg, EvalConfig(tokens=tokens, ce_tokens=ce_tokens, batch_size=3)
+
+
+def _heldout_windows(lm, data_cfg, n):
+    from saeforge.data import iter_documents, pack_windows, split_documents
+
+    docs = split_documents(iter_documents(data_cfg), data_cfg, "heldout")
+    return torch.stack([w for _, w in zip(range(n), pack_windows(docs, lm.tokenizer, data_cfg))])
+
+
+def test_evaluate_matches_direct_computation(tiny_loaded, corpus_file):
+    from saeforge.data import excluded_mask
+
+    lm = tiny_loaded
+    data_cfg, eval_cfg = _cfgs(corpus_file)
+    sae = LinearSAE(lm.d_model, 32)
+    m = evaluate(lm, HOOK, sae, data_cfg, eval_cfg, progress=False)
+
+    tokens_ST = _heldout_windows(lm, data_cfg, 20)  # 400 tokens / 20 per window
+    excluded_ST = excluded_mask(tokens_ST, lm.tokenizer, data_cfg)
+    with torch.no_grad():
+        x_ND = hooks.capture(lm.model, [HOOK], tokens_ST)[HOOK][~excluded_ST].double()
+        f_NF = sae.encode(x_ND.float()).double()
+        x_hat_ND = sae.decode(f_NF.float()).double()
+    ev = 1 - (x_ND - x_hat_ND).pow(2).sum(1).mean() / (x_ND.pow(2).sum(1).mean() - x_ND.mean(0).pow(2).sum())
+    assert m["n_windows"] == 20 and m["n_tokens"] == int((~excluded_ST).sum()) < 400
+    assert m["explained_variance"] == pytest.approx(ev.item(), abs=1e-9)
+    assert m["l0"] == pytest.approx((f_NF != 0).sum(1).double().mean().item(), abs=1e-12)
+    torch.testing.assert_close(m["feature_freq"], (f_NF != 0).double().mean(0))
+
+    # CE/KL read the first 10 windows, with the mean activation over the reconstruction tokens as baseline.
+    ce_batches = [(tokens_ST[a:min(a + 3, 10)], excluded_ST[a:min(a + 3, 10)]) for a in range(0, 10, 3)]
+    ce_clean, ce_sae, kl_sae, n = _oracle(lm.model, hooks.resolve_hook(lm.model, HOOK),
+                                          lambda x: sae.decode(sae.encode(x)), ce_batches)
+    _, ce_mean, _, _ = _oracle(lm.model, hooks.resolve_hook(lm.model, HOOK),
+                               lambda x: x_ND.mean(0).float().expand_as(x), ce_batches)
+    assert m["ce_n_predictions"] == n and m["ce_n_sequences"] == 10
+    assert m["ce_clean"] == pytest.approx(ce_clean, rel=1e-5)
+    assert m["ce_sae"] == pytest.approx(ce_sae, rel=1e-5)
+    assert m["kl_sae"] == pytest.approx(kl_sae, rel=1e-4)
+    assert m["ce_mean"] == pytest.approx(ce_mean, rel=1e-5)
+
+
+def test_evaluate_identity_sae_is_perfect(tiny_loaded, corpus_file):
+    data_cfg, eval_cfg = _cfgs(corpus_file)
+    m = evaluate(tiny_loaded, HOOK, IdentitySAE(), data_cfg, eval_cfg, progress=False)
+    assert m["explained_variance"] == 1.0 and m["mse"] == 0.0
+    assert m["ce_score"] == 1.0 and m["kl_score"] == 1.0 and m["kl_sae"] == 0.0
+    assert m["l0"] == pytest.approx(tiny_loaded.d_model, abs=0.5)  # dense identity code: ~all dims nonzero
+
+
+def test_evaluate_width_mismatch_names_both_widths(tiny_loaded, corpus_file):
+    data_cfg, eval_cfg = _cfgs(corpus_file)
+    with pytest.raises(ValueError, match=rf"d_in=32.*width {tiny_loaded.d_model}"):
+        evaluate(tiny_loaded, HOOK, LinearSAE(32, 8), data_cfg, eval_cfg, progress=False)
+
+
+def test_evaluate_short_corpus_warns_and_reports_actual_count(tiny_loaded, corpus_file):
+    data_cfg, eval_cfg = _cfgs(corpus_file, tokens=10**6, ce_tokens=40)
+    available = len(_heldout_windows(tiny_loaded, data_cfg, 10**6))
+    with pytest.warns(UserWarning, match="ran out"):
+        m = evaluate(tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 16), data_cfg, eval_cfg, progress=False,
+                     mean_ablation=False)
+    assert 20 < available < 10**6 // 20
+    assert m["n_windows"] == available and m["tokens_requested"] == 10**6
+    assert m["ce_n_sequences"] == 2 and "ce_mean" not in m
+
+
+def test_table_and_json(tiny_loaded, corpus_file, tmp_path):
+    data_cfg, eval_cfg = _cfgs(corpus_file)
+    m = evaluate(tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 16), data_cfg, eval_cfg, progress=False)
+    table = format_table(m)
+    for label, key in [("explained variance", "explained_variance"), ("CE score (vs zero)", "ce_score"),
+                       ("KL score (vs zero)", "kl_score"), ("CE clean", "ce_clean")]:
+        line = next(ln for ln in table.splitlines() if ln.startswith(label + " "))
+        assert float(line.split()[-1]) == pytest.approx(m[key], abs=1e-4)
+    assert f"never fired in {m['n_tokens']:,} tokens" in table
+    col = table.splitlines()[0].index("value")  # every value starts in the header's value column
+    assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in table.splitlines()[2:])
+
+    m["shrinkage_gamma"] = float("nan")
+    path = write_eval_json(m, tmp_path / "run")
+    saved = json.loads(path.read_text())  # strict JSON: NaN became null
+    assert path.name == "eval.json" and sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]
+    assert "feature_freq" not in saved and saved["shrinkage_gamma"] is None
+    assert saved["ce_score"] == m["ce_score"] and saved["n_tokens"] == m["n_tokens"]
+    assert sum(saved["log10_freq_hist_counts"]) == 16

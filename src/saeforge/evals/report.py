@@ -1,0 +1,196 @@
+"""evaluate(): reconstruction metrics and spliced CE/KL over held-out text; a table and eval.json.
+
+Token budgets: ``eval_cfg.tokens`` and ``eval_cfg.ce_tokens`` are counted in window tokens
+(ceil(budget / context_size) windows of the held-out part, BOS included). The CE pass reuses the
+first windows of the reconstruction pass, so both read the same text. What the metrics actually
+cover is reported: ``n_tokens`` (activation rows scored, excluded positions dropped),
+``ce_n_predictions`` (next-token predictions scored), and the window counts. When the held-out
+part runs out first, the metrics cover what exists and a warning says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from saeforge.config import DataConfig, EvalConfig
+from saeforge.evals.metrics import ReconstructionStats
+from saeforge.evals.splice import run_sae, spliced_ce_kl
+
+
+def _sae_d_in(sae: object) -> int | None:
+    d_in = getattr(sae, "d_in", None)
+    if d_in is None and getattr(sae, "W_enc", None) is not None:
+        d_in = sae.W_enc.shape[0]
+    return None if d_in is None else int(d_in)
+
+
+def check_width(sae: object, width: int, hook_name: str, model_name: str) -> None:
+    """Raise a ValueError naming both widths when the SAE cannot read this hook's activations."""
+    d_in = _sae_d_in(sae)
+    if d_in is not None and d_in != width:
+        raise ValueError(
+            f"the SAE expects activations of width d_in={d_in}, but hook {hook_name!r} of model {model_name!r} "
+            f"gives width {width}. Evaluate with the model and hook the SAE was trained on (its cfg.json "
+            "metadata has model_name and hook_name); `saeforge hooks` lists this model's hook points."
+        )
+
+
+def _batches(windows_T: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    for a in range(0, len(windows_T), batch_size):
+        yield torch.stack(windows_T[a : a + batch_size])
+
+
+@torch.inference_mode()
+def reconstruction_stats(
+    lm, hook, sae, windows_T: list[torch.Tensor], data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = False
+) -> ReconstructionStats:
+    """ReconstructionStats over the windows' non-excluded positions (SAE in float32 on float32 activations)."""
+    from tqdm.auto import tqdm
+
+    from saeforge.data import excluded_mask
+    from saeforge.models.hooks import capture
+
+    stats: ReconstructionStats | None = None
+    n_batches = math.ceil(len(windows_T) / eval_cfg.batch_size)
+    for tokens_ST in tqdm(_batches(windows_T, eval_cfg.batch_size), total=n_batches, desc="reconstruction",
+                          unit="batch", disable=None if progress else True):
+        x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
+        excluded_ST = excluded_mask(tokens_ST, lm.tokenizer, data_cfg).to(x_STD.device)
+        if stats is None:
+            check_width(sae, x_STD.shape[-1], hook.name, lm.name)
+        x_ND = x_STD[~excluded_ST].float()
+        f_NF, x_hat_ND = run_sae(sae, x_ND)
+        if stats is None:
+            stats = ReconstructionStats(x_ND.shape[-1], f_NF.shape[-1], eval_cfg.dense_threshold)
+        stats.update(x_ND, x_hat_ND, f_NF)
+    assert stats is not None  # evaluate() never passes an empty window list
+    return stats
+
+
+def evaluate(
+    lm, hook_point, sae, data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = True, mean_ablation: bool = True
+) -> dict[str, Any]:
+    """All eval metrics for ``sae`` at ``hook_point`` (a name or HookPoint) of ``lm`` (a LoadedModel).
+
+    Returns plain numbers plus ``feature_freq`` (float64 tensor [d_sae], e.g. for a sparsity file).
+    ``mean_ablation`` adds a mean-activation baseline to the CE/KL pass (one more forward per batch).
+    """
+    from saeforge.data import iter_documents, pack_windows, split_documents
+    from saeforge.models.hooks import resolve_hook
+
+    hook = resolve_hook(lm.model, hook_point)
+    T = data_cfg.context_size
+    n_recon, n_ce = math.ceil(eval_cfg.tokens / T), math.ceil(eval_cfg.ce_tokens / T)
+    docs = split_documents(iter_documents(data_cfg), data_cfg, "heldout")
+    windows_T = list(islice(pack_windows(docs, lm.tokenizer, data_cfg), max(n_recon, n_ce)))
+    if not windows_T:
+        raise ValueError(
+            f"the held-out part of {data_cfg.corpus!r} holds no complete window of {T} tokens; use a larger "
+            "corpus, a larger data.holdout_fraction, or a smaller data.context_size"
+        )
+    if len(windows_T) < max(n_recon, n_ce):
+        warnings.warn(
+            f"held-out text of {data_cfg.corpus!r} ran out after {len(windows_T)} windows ({len(windows_T) * T} "
+            f"tokens); asked for {eval_cfg.tokens} reconstruction and {eval_cfg.ce_tokens} CE tokens. Metrics "
+            "cover what exists; raise data.holdout_fraction or use a larger corpus for more.",
+            stacklevel=2,
+        )
+
+    stats = reconstruction_stats(lm, hook, sae, windows_T[:n_recon], data_cfg, eval_cfg, progress)
+    recon = stats.result()
+    metrics: dict[str, Any] = {
+        "model": lm.name,
+        "hook": hook.name,
+        "corpus": data_cfg.corpus,
+        "context_size": T,
+        "tokens_requested": eval_cfg.tokens,
+        "ce_tokens_requested": eval_cfg.ce_tokens,
+        "n_windows": len(windows_T[:n_recon]),
+    }
+    metrics.update({k: v for k, v in recon.items() if k != "mean_x"})
+
+    if n_ce > 0:
+        from saeforge.data import excluded_mask
+
+        ce_windows = windows_T[:n_ce]
+        pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg)) for tok_ST in _batches(ce_windows, eval_cfg.batch_size))
+        # The mean over the scored eval tokens: the standard "mean ablation" baseline.
+        mean_x_D = recon["mean_x"].float() if mean_ablation else None
+        metrics.update(spliced_ce_kl(lm.model, hook, sae, pairs, mean_x_D=mean_x_D, progress=progress,
+                                     total=math.ceil(len(ce_windows) / eval_cfg.batch_size)))
+    return metrics
+
+
+# ---------------------------------------------------------------- presentation
+
+def _pct(m: dict[str, Any], key: str) -> str:
+    return f"{m[key]:.2%}"
+
+
+# (label, key that must be present, formatter)
+_ROWS: list[tuple[str, str, Any]] = [
+    ("model", "model", str),
+    ("hook", "hook", str),
+    ("tokens scored (reconstruction)", "n_tokens", lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
+    ("explained variance", "explained_variance", lambda m: f"{m['explained_variance']:.4f}"),
+    ("L0", "l0", lambda m: f"{m['l0']:.2f}"),
+    ("MSE (sum over d_in)", "mse", lambda m: f"{m['mse']:.6g}"),
+    ("MSE per element", "mse_per_element", lambda m: f"{m['mse_per_element']:.6g}"),
+    ("shrinkage gamma", "shrinkage_gamma", lambda m: f"{m['shrinkage_gamma']:.4f}"),
+    ("dead latents", "dead_fraction",
+     lambda m: f"{m['dead_fraction']:.2%} ({m['dead_count']}/{m['d_sae']}, never fired in {m['n_tokens']:,} tokens)"),
+    ("dense latents (> threshold)", "dense_fraction",
+     lambda m: f"{m['dense_fraction']:.2%} (fire on > {m['dense_threshold']:.0%} of tokens)"),
+    ("dense latents (> 1%)", "dense_fraction_1pct", lambda m: _pct(m, "dense_fraction_1pct")),
+    ("predictions scored (CE/KL)", "ce_n_predictions",
+     lambda m: f"{m['ce_n_predictions']:,} in {m['ce_n_sequences']} windows"),
+    ("CE clean", "ce_clean", lambda m: f"{m['ce_clean']:.4f}"),
+    ("CE with SAE", "ce_sae", lambda m: f"{m['ce_sae']:.4f}"),
+    ("CE zero-ablated", "ce_zero", lambda m: f"{m['ce_zero']:.4f}"),
+    ("CE mean-ablated", "ce_mean", lambda m: f"{m['ce_mean']:.4f}"),
+    ("CE score (vs zero)", "ce_score", lambda m: f"{m['ce_score']:.4f}"),
+    ("CE score (vs mean)", "ce_score_mean", lambda m: f"{m['ce_score_mean']:.4f}"),
+    ("KL with SAE", "kl_sae", lambda m: f"{m['kl_sae']:.6g}"),
+    ("KL zero-ablated", "kl_zero", lambda m: f"{m['kl_zero']:.6g}"),
+    ("KL mean-ablated", "kl_mean", lambda m: f"{m['kl_mean']:.6g}"),
+    ("KL score (vs zero)", "kl_score", lambda m: f"{m['kl_score']:.4f}"),
+    ("KL score (vs mean)", "kl_score_mean", lambda m: f"{m['kl_score_mean']:.4f}"),
+]
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A plain two-column text table (metric, value) of whatever ``metrics`` holds."""
+    rows = [(label, fmt(metrics) if fmt is not str else str(metrics[key])) for label, key, fmt in _ROWS if key in metrics]
+    width = max(len("metric"), *(len(label) for label, _ in rows))
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 5}"]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None  # per-latent tensors stay out of the JSON
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/inf are not JSON; null says "undefined" (e.g. EV of constant activations)
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def write_eval_json(metrics: dict[str, Any], folder: str | Path) -> Path:
+    """Write ``folder/eval.json`` atomically: every scalar and the frequency histogram, no per-latent tensors."""
+    from saeforge.io import atomic_write_text
+
+    safe = {k: _json_safe(v) for k, v in metrics.items() if not (isinstance(v, torch.Tensor) and v.numel() != 1)}
+    path = Path(folder) / "eval.json"
+    atomic_write_text(path, json.dumps(safe, indent=2) + "\n")
+    return path
