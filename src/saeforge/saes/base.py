@@ -1,0 +1,215 @@
+"""What every SAE architecture shares: its config, the loss inputs/outputs, and the abstract SAE.
+
+Parameters use the SAELens layout so saving is a plain state dict:
+W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]  (D = d_in, F = d_sae).
+An architecture is one final subclass in its own file that defines ``init_weights``,
+``encode`` and ``training_loss``; see relu.py and topk.py.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+import torch
+from torch import Tensor, nn
+
+from saeforge.config import DTYPES, ConfigError, F
+
+
+@dataclass
+class SAEConfig:
+    """Fields every architecture has (the SAELens v6 inference fields); subclasses add their own."""
+
+    architecture: str = F("", "Architecture name from the registry (set by the config class; not chosen freely).")
+    d_in: int = F(0, "Input width; 0 = take the hooked model's d_model.")
+    d_sae: int = F(4608, "Number of latents (dictionary size).")
+    dtype: str = F("float32", "dtype of the SAE parameters: float32, bfloat16 or float16 (use train.autocast for bf16 speed).")
+    device: str = F("cpu", "Device of the SAE parameters: cpu, cuda, cuda:N.")
+    apply_b_dec_to_input: bool = F(True, "Subtract b_dec from the input before encoding (SAELens default).")
+
+    def __post_init__(self) -> None:
+        # The architecture string selects this class in the registry; a config class carrying
+        # another architecture's name would be saved as one thing and loaded as another.
+        own = type(self).__dataclass_fields__["architecture"].default
+        if own and self.architecture != own:
+            raise ConfigError(
+                f"sae.architecture={self.architecture!r} does not match {type(self).__name__} ({own!r}); "
+                f"build the config with saeforge.saes.registry.config_class({self.architecture!r}) instead"
+            )
+        if self.d_in < 0:
+            raise ConfigError(f"sae.d_in={self.d_in}: expected a positive width, or 0 to take it from the model")
+        if self.d_sae <= 0:
+            raise ConfigError(f"sae.d_sae={self.d_sae}: expected a positive number of latents")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"sae.dtype={self.dtype!r}: expected one of {DTYPES}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"sae.device={self.device!r}: expected cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class LossContext:
+    """Per-step inputs to ``training_loss`` that come from the trainer, not the batch.
+
+    sparsity_scale multiplies the sparsity penalty (the trainer's warm-up schedule);
+    dead_mask_F marks latents that have not fired for a while (TopK's AuxK uses it).
+    """
+
+    sparsity_scale: float = 1.0
+    dead_mask_F: Tensor | None = None
+
+
+class StepOutput:
+    """What ``training_loss`` returns.
+
+    loss: the scalar to backpropagate. parts: detached scalar tensors for logging (call
+    ``.item()`` only when logging: each one is a device sync). f_BF: the latents, detached,
+    for statistics only. TopK passes its (values, indices) instead and the dense f_BF is built
+    on first access, so a trainer that only needs ``fire_count_F()`` never pays for it.
+    """
+
+    def __init__(
+        self,
+        loss: Tensor,
+        x_hat_BD: Tensor,
+        f_BF: Tensor | None,
+        parts: dict[str, Tensor],
+        *,
+        top_vals_BK: Tensor | None = None,
+        top_idx_BK: Tensor | None = None,
+        d_sae: int = 0,
+    ) -> None:
+        if f_BF is None and (top_vals_BK is None or top_idx_BK is None or d_sae <= 0):
+            raise ValueError("StepOutput needs f_BF, or top_vals_BK + top_idx_BK + d_sae")
+        self.loss = loss
+        self.x_hat_BD = x_hat_BD
+        self.parts = parts
+        self._f_BF = None if f_BF is None else f_BF.detach()
+        self._top = None if f_BF is not None else (top_vals_BK.detach(), top_idx_BK, d_sae)
+
+    @property
+    def f_BF(self) -> Tensor:
+        if self._f_BF is None:
+            vals_BK, idx_BK, d_sae = self._top
+            f_BF = vals_BK.new_zeros(vals_BK.shape[0], d_sae)
+            self._f_BF = f_BF.scatter_(1, idx_BK, vals_BK)
+        return self._f_BF
+
+    def fire_count_F(self) -> Tensor:
+        """int64 [F]: in how many rows of the batch each latent was nonzero (dead-latent tracking)."""
+        if self._f_BF is None:
+            vals_BK, idx_BK, d_sae = self._top
+            return torch.bincount(idx_BK[vals_BK > 0], minlength=d_sae)
+        return torch.count_nonzero(self._f_BF, dim=0)
+
+
+def random_directions(n: int, d: int, generator: torch.Generator, norm: float = 1.0) -> Tensor:
+    """n random directions in R^d (rows, float32 on CPU) of the given norm: isotropic Gaussian, normalised."""
+    w = torch.randn(n, d, generator=generator, dtype=torch.float32)
+    return w * (norm / w.norm(dim=1, keepdim=True))
+
+
+class SAE(nn.Module, abc.ABC):
+    """Abstract SAE. Subclasses implement init_weights, encode and training_loss.
+
+    The constructor builds the four SAELens parameters and calls ``init_weights`` with a
+    generator seeded 0, so the same config always gives the same SAE; the trainer re-initialises
+    with its own seed. ``cfg.d_in`` must be filled in (the trainer copies d_model into it).
+    """
+
+    cfg: SAEConfig
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        nn.Module.__init__(self)
+        if cfg.d_in <= 0:
+            raise ConfigError(
+                f"{type(self).__name__} needs cfg.d_in > 0 (got {cfg.d_in}); set it to the hooked model's d_model "
+                "(the trainer does this when d_in is 0)"
+            )
+        self.cfg = cfg
+        D, F_ = cfg.d_in, cfg.d_sae
+        kw = dict(dtype=getattr(torch, cfg.dtype), device=torch.device(cfg.device))
+        self.W_enc = nn.Parameter(torch.empty(D, F_, **kw))
+        self.b_enc = nn.Parameter(torch.empty(F_, **kw))
+        self.W_dec = nn.Parameter(torch.empty(F_, D, **kw))
+        self.b_dec = nn.Parameter(torch.empty(D, **kw))
+        self.init_weights(torch.Generator().manual_seed(0))
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @abc.abstractmethod
+    def init_weights(self, generator: torch.Generator) -> None:
+        """(Re)initialise all parameters in place from ``generator`` (a CPU generator)."""
+
+    @abc.abstractmethod
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Dense latents f_BF for inference."""
+
+    @abc.abstractmethod
+    def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
+        """The architecture's loss on one batch, with x_hat, latents and logged parts."""
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        # matmul then add: under bf16 autocast the big product is bf16 and b_dec (fp32) promotes
+        # the small [B, D] result back to fp32, so the residual x - x_hat is taken in fp32.
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        return self.decode(self.encode(x_BD))
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        """Encoder pre-activations W_enc^T (x - b_dec) + b_enc, shape [B, F].
+
+        Why it is written oddly: the plain form makes autograd compute d/d(x - b_dec), a
+        [B, F] x [F, D] matmul as large as the forward one, only to sum it into b_dec's [D]
+        gradient. Here the matmul input is detached from b_dec and b_dec's gradient enters
+        through an exactly-zero [F] term (b_dec.detach() - b_dec) @ W_enc.detach(), whose
+        gradient is -W_enc @ colsum(grad): same value, same gradients, one big matmul fewer.
+        """
+        x_BD = x_BD.to(self.W_enc.dtype)
+        if not self.cfg.apply_b_dec_to_input:
+            return torch.addmm(self.b_enc, x_BD, self.W_enc)
+        b_dec = self.b_dec.detach()
+        bias_F = self.b_enc + (b_dec - self.b_dec) @ self.W_enc.detach()
+        return torch.addmm(bias_F, x_BD - b_dec, self.W_enc)
+
+    def pre_acts_reference(self, x_BD: Tensor) -> Tensor:
+        """The plain formula for ``pre_acts`` (tests compare the two)."""
+        x_BD = x_BD.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x_BD = x_BD - self.b_dec
+        return x_BD @ self.W_enc + self.b_enc
+
+    def remove_parallel_grads(self) -> None:
+        """Called by the trainer after backward, before the optimiser step. Default: nothing."""
+
+    def after_step(self) -> None:
+        """Called by the trainer after the optimiser step (parameter constraints). Default: nothing."""
+
+    @torch.no_grad()
+    def fold_input_scale(self, c: float) -> None:
+        """Make an SAE trained on c * x act on raw x with identical latents; x_hat becomes x_hat(c x) / c.
+
+        W_enc^T (x - b_dec/c) * c = W_enc^T (c x - b_dec), so scaling W_enc by c and b_dec by 1/c keeps
+        every pre-activation; dividing W_dec by c scales the reconstruction back. Call it once, after
+        training: TopK's unit-norm decoder constraint no longer holds afterwards (rows have norm 1/c).
+        """
+        if not c > 0:
+            raise ValueError(f"fold_input_scale(c={c}): the input scale must be a positive number")
+        self.W_enc.mul_(c)
+        self.W_dec.div_(c)
+        self.b_dec.div_(c)
+
+
+def sum_sq_BD(r_BD: Tensor) -> Tensor:
+    """sum over D of r^2, per row, in float32 (bf16 residuals would lose the small errors)."""
+    r_BD = r_BD.float()
+    return (r_BD * r_BD).sum(dim=-1)
+
