@@ -1,0 +1,220 @@
+"""Save and load SAEs as SAELens v6 folders, so SAELens users can ``SAE.load_from_disk`` ours.
+
+A folder holds:
+  cfg.json                 SAELens inference fields + our own config fields + metadata
+  sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+  sparsity.safetensors     optional, one tensor "sparsity" [d_sae] (SAELens stores log10 firing frequency)
+
+Choices, so SAELens reads the folder as its own:
+- ``architecture`` holds SAELens's name ("standard" for our "relu", "topk" for "topk"); our name is
+  in ``metadata.saeforge_architecture``, which our loader prefers.
+- ``normalize_activations`` is "none": the trainer folds its input scale into the weights first.
+- ``metadata.sae_lens_version`` is "6.0.0". SAELens uses it only to pick its config parser: without
+  it, SAELens treats the folder as pre-v6 and drops the metadata dict. It declares the layout we
+  write, not that SAELens wrote it; ``metadata.saeforge_version`` says who did.
+- SAELens ignores top-level keys it does not know, so ours (k, aux_k, l1_coefficient, ...,
+  format_version) sit beside its own.
+
+Saving is atomic for the whole folder: files go into a hidden sibling ``.NAME.tmp-PID`` (cfg.json
+last), which is renamed to NAME only when complete. A folder named NAME is therefore always whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saeforge import __version__
+from saeforge.config import from_dict
+from saeforge.saes import registry
+from saeforge.saes.base import SAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+FORMAT_VERSION = 1
+SAELENS_LAYOUT_VERSION = "6.0.0"
+
+# our architecture name <-> SAELens's; an architecture missing here is saved under its own name
+TO_SAELENS = {"relu": "standard", "topk": "topk"}
+FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
+
+# SAELens's standard metadata keys, always written (None when the caller did not say)
+METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens")
+
+
+def build_cfg(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The cfg.json dict for ``sae`` (exposed so callers and tests can inspect it without saving)."""
+    ours = dataclasses.asdict(sae.cfg)
+    name = ours.pop("architecture")
+    cfg: dict[str, Any] = {
+        "architecture": TO_SAELENS.get(name, name),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **ours,
+    }
+    if name == "topk":
+        cfg["rescale_acts_by_decoder_norm"] = False  # pin SAELens's TopK option to our semantics
+    cfg["format_version"] = FORMAT_VERSION
+    cfg["sae_lens_version"] = SAELENS_LAYOUT_VERSION
+    cfg["metadata"] = {
+        **{k: None for k in METADATA_KEYS},
+        **metadata,
+        "saeforge_architecture": name,
+        "saeforge_version": __version__,
+        "sae_lens_version": SAELENS_LAYOUT_VERSION,
+    }
+    for key, value in cfg["metadata"].items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metadata[{key!r}] = {value!r} cannot be written to JSON; pass str/int/float/bool/list/dict") from None
+    return cfg
+
+
+def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any], sparsity_F: torch.Tensor | None = None) -> Path:
+    """Write ``sae`` as a SAELens v6 folder, replacing an earlier SAE folder there; returns the folder."""
+    folder = Path(folder)
+    cfg = build_cfg(sae, metadata)
+    if sparsity_F is not None and tuple(sparsity_F.shape) != (sae.d_sae,):
+        raise ValueError(f"sparsity_F has shape {list(sparsity_F.shape)}; expected [{sae.d_sae}] (one value per latent)")
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CFG_FILE).exists())):
+        raise FileExistsError(f"{folder} exists and is not an SAE folder (no {CFG_FILE}); refusing to replace it. Pick another path.")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
+
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if sparsity_F is not None:
+            save_file({"sparsity": sparsity_F.detach().to("cpu").float().contiguous()}, str(tmp / SPARSITY_FILE))
+        # cfg.json last: a temp folder that has one has everything.
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _swap_in(tmp, folder)
+        _fsync(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Rename tmp to folder; an existing folder is moved aside first and deleted after."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _require(path: Path, what: str) -> None:
+    if path.is_file():
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        leftovers = sorted(p.name for p in folder.parent.glob(f".{folder.name}.*")) if folder.parent.is_dir() else []
+        hint = f"; leftovers of an interrupted save nearby: {leftovers}" if leftovers else ""
+        raise FileNotFoundError(f"SAE folder {folder} does not exist{hint}")
+    raise FileNotFoundError(
+        f"{path} is missing ({what}): {folder} may be partial (an interrupted save; a complete one "
+        f"writes {CFG_FILE} last and renames the whole folder) or not an SAE folder. Re-save or pick the right folder."
+    )
+
+
+def read_cfg(folder: str | Path) -> dict[str, Any]:
+    """cfg.json as a dict (e.g. ``read_cfg(f)["metadata"]["hook_name"]``)."""
+    path = Path(folder) / CFG_FILE
+    _require(path, "the SAE config")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the folder is damaged: re-save the SAE") from None
+
+
+def architecture_of(cfg: dict[str, Any]) -> str:
+    """Our architecture name for a cfg.json dict (ours or one written by SAELens)."""
+    meta = cfg.get("metadata") or {}
+    name = meta.get("saeforge_architecture") or FROM_SAELENS.get(cfg.get("architecture", "standard"), cfg.get("architecture"))
+    if name not in registry.names():
+        raise ValueError(
+            f"cfg.json architecture {cfg.get('architecture')!r} is not one saeforge can load; "
+            f"known: {registry.names()} (SAELens names: {sorted(FROM_SAELENS)})"
+        )
+    return name
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder written by ``save_sae`` (or by SAELens, for architectures we share)."""
+    folder = Path(folder)
+    cfg = read_cfg(folder)
+    name = architecture_of(cfg)
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(
+            f"{folder / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r}; saeforge loads only "
+            "'none' (input scaling folded into the weights). Fold it in SAELens first (fold_activation_norm_scaling_factor)."
+        )
+    if cfg.get("rescale_acts_by_decoder_norm") or cfg.get("reshape_activations", "none") != "none":
+        raise ValueError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm / reshape_activations are not supported by saeforge")
+    cfg_cls = registry.config_class(name)
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    fields = {k: v for k, v in cfg.items() if k in known}
+    fields.update(architecture=name, device=str(device))
+    sae = registry.sae_class(name)(from_dict(cfg_cls, fields))
+
+    weights_path = folder / WEIGHTS_FILE
+    _require(weights_path, "the SAE weights")
+    tensors = load_file(str(weights_path), device=str(device))
+    expected = sae.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{weights_path}: tensor names do not match a {name} SAE: missing {missing}, unexpected {extra}; "
+            f"expected exactly {sorted(expected)}"
+        )
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.shape != want.shape:
+            raise ValueError(
+                f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}) "
+                f"implies {list(want.shape)}; the weights and cfg.json come from different SAEs"
+            )
+    sae.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    return sae
+
+
+def load_sparsity(folder: str | Path, device: str | torch.device = "cpu") -> torch.Tensor | None:
+    """The "sparsity" tensor [d_sae] of sparsity.safetensors, or None when the folder has none."""
+    path = Path(folder) / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path), device=str(device))
+    if set(tensors) != {"sparsity"}:
+        raise ValueError(f"{path}: expected one tensor named 'sparsity', found {sorted(tensors)}")
+    return tensors["sparsity"]
