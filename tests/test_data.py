@@ -194,7 +194,7 @@ def test_txt_small_file_is_one_document(tmp_path):
 
 def test_txt_large_file_is_cut_at_blank_lines_and_rejoins_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "TXT_CHUNK_CHARS", 100)
-    paragraphs = [f"paragraph {i} " + "word " * (i % 7 * 5) + "end." for i in range(40)]
+    paragraphs = [f"paragraph {i}\n" + "word " * (i % 7 * 5) + "\nend." for i in range(40)]  # 3 lines each
     text = "\n\n".join(paragraphs) + "\n\n\n"
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     docs = list(iter_documents(cfg_for(tmp_path / "book.txt")))
