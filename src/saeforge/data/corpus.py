@@ -286,7 +286,8 @@ def _hub_documents(cfg: DataConfig) -> Iterator[Document]:
     try:
         stream = datasets.load_dataset(name, split=split, streaming=True)
     except ConnectionError as e:  # what datasets raises when offline or the hub is down
-        raise CorpusError(f"could not reach the Hugging Face hub to stream dataset {name!r} ({e}). {advice}") from e
+        raise CorpusError(f"could not reach the Hugging Face hub to stream dataset {name!r} ({e}). {advice} "
+                          "Setting HF_HUB_OFFLINE=1 makes this fail at once instead of after retries.") from e
     except datasets.exceptions.DatasetNotFoundError as e:
         raise CorpusError(f"{name!r} is not a local path, and the hub has no dataset of that name ({e}). {advice}") from e
     except ValueError as e:  # e.g. "Bad split: ... Available splits: [...]"
