@@ -120,7 +120,8 @@ def evaluate(
         from saeforge.data import excluded_mask
 
         ce_windows = windows_T[:n_ce]
-        pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg)) for tok_ST in _batches(ce_windows, eval_cfg.batch_size))
+        pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg))
+                 for tok_ST in _batches(ce_windows, eval_cfg.batch_size))
         # The mean over the scored eval tokens: the standard "mean ablation" baseline.
         mean_x_D = recon["mean_x"].float() if mean_ablation else None
         metrics.update(spliced_ce_kl(lm.model, hook, sae, pairs, mean_x_D=mean_x_D, progress=progress,
@@ -138,7 +139,8 @@ def _pct(m: dict[str, Any], key: str) -> str:
 _ROWS: list[tuple[str, str, Any]] = [
     ("model", "model", str),
     ("hook", "hook", str),
-    ("tokens scored (reconstruction)", "n_tokens", lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
+    ("tokens scored (reconstruction)", "n_tokens",
+     lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
     ("explained variance", "explained_variance", lambda m: f"{m['explained_variance']:.4f}"),
     ("L0", "l0", lambda m: f"{m['l0']:.2f}"),
     ("MSE (sum over d_in)", "mse", lambda m: f"{m['mse']:.6g}"),

@@ -150,7 +150,8 @@ def spliced_ce_kl(
     sums = {f"{m}_{k}": 0.0 for m in ("ce", "kl") for k in ["clean", *variants]}
     n_pred = n_seq = n_tok = 0
     # disable=None hides the bar when stderr is not a terminal (logs, CI) and shows it otherwise.
-    for tokens_ST, excluded_ST in tqdm(batches, total=total, desc="CE/KL", unit="batch", disable=None if progress else True):
+    bar = tqdm(batches, total=total, desc="CE/KL", unit="batch", disable=None if progress else True)
+    for tokens_ST, excluded_ST in bar:
         tokens_ST, excluded_ST = tokens_ST.to(device), excluded_ST.to(device)
         s_idx, t_idx = scored_positions(excluded_ST)
         targets_N = tokens_ST[s_idx, t_idx + 1]
