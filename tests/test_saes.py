@@ -191,9 +191,14 @@ def tiny_topk(**kw):
     return set_params(TopKSAE(TopKConfig(d_in=2, d_sae=3, k=1, aux_k=1, **kw)), **TOPK_PARAMS)
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_topk_forward_and_loss_by_hand(sparse):
-    sae = tiny_topk(aux_coefficient=0.5, sparse_decode=sparse)
+FAST_PATHS = [  # (sparse_decode, sparse_encoder_grad); (False, False) is the plain autograd reference
+    (True, True), (True, False), (False, True), (False, False),
+]
+
+
+@pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
+def test_topk_forward_and_loss_by_hand(sparse_decode, sparse_grad):
+    sae = tiny_topk(aux_coefficient=0.5, sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
     assert_close(sae.encode(TOPK_X), torch.tensor([[0.0, 0.0, 2.5], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
     assert_close(sae(TOPK_X), torch.tensor([[2.5, 2.0], [1.0, 3.0], [1.0, 0.0]]))
     out = sae.training_loss(TOPK_X, LossContext())
@@ -219,29 +224,48 @@ def test_auxk_is_zero_without_dead_latents():
         assert_close(out.loss, out.parts["fvu"])
 
 
-def test_auxk_gradient_reaches_only_dead_latents():
-    sae = tiny_topk()
-    pre = sae.pre_acts(TOPK_X)
-    e = torch.tensor([[0.5, -1.0], [0.0, 0.0], [-2.0, -1.0]])
-    sae._auxk(pre, e, TOPK_DEAD).backward()
+@pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
+def test_auxk_gradient_reaches_only_dead_latents(sparse_decode, sparse_grad, encoder_backward):
+    # gradient of AuxK alone = gradient with the dead mask minus gradient without it (aux_coefficient 1)
+    sae = tiny_topk(aux_coefficient=1.0, sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
+    sae.training_loss(TOPK_X, LossContext()).loss.backward()
+    without = grads(sae)
+    sae.zero_grad()
+    sae.training_loss(TOPK_X, LossContext(dead_mask_F=TOPK_DEAD)).loss.backward()
+    aux = {name: g - without[name] for name, g in grads(sae).items()}
+    zero2 = torch.zeros(2)
     # live latent 1 gets nothing; dead latent 2 (selected with a positive value) does
-    assert not sae.W_enc.grad[:, 1].any() and sae.b_enc.grad[1] == 0 and not sae.W_dec.grad[1].any()
-    assert sae.W_enc.grad[:, 2].abs().sum() > 0 and sae.b_enc.grad[2] != 0 and sae.W_dec.grad[2].abs().sum() > 0
-    # latent 0 was picked only in row 3 with ReLU(-2) = 0: no gradient either
-    assert not sae.W_dec.grad[0].any() and sae.b_enc.grad[0] == 0
-    # W_dec[2] gradient by hand: d/dw sum_b ||e_b - v_b w||^2 / (25/6) = -2 sum_b v_b (e_b - v_b w) / (25/6)
+    assert_close(aux["W_enc"][:, 1], zero2)
+    assert_close(aux["W_dec"][1], zero2)
+    assert aux["b_enc"][1].abs() < 1e-6
+    assert aux["W_enc"][:, 2].abs().sum() > 0.1 and aux["b_enc"][2].abs() > 0.1
+    # latent 0 was picked only in row 3, with ReLU(-2) = 0: no gradient either
+    assert_close(aux["W_dec"][0], zero2)
+    assert_close(aux["W_enc"][:, 0], zero2)
+    # W_dec[2] by hand: d/dw sum_b ||e_b - v_b w||^2 / (25/6) = -2 sum_b v_b (e_b - v_b w) / (25/6)
+    e = torch.tensor([[0.5, -1.0], [0.0, 0.0], [-2.0, -1.0]])
     w = torch.tensor([0.6, 0.8])
-    g = -2 * (2.5 * (e[0] - 2.5 * w) + 1.5 * (e[1] - 1.5 * w)) / (25 / 6)
-    assert_close(sae.W_dec.grad[2], g)
+    assert_close(aux["W_dec"][2], -2 * (2.5 * (e[0] - 2.5 * w) + 1.5 * (e[1] - 1.5 * w)) / (25 / 6))
 
 
+@pytest.fixture(params=["sparse product", "dense product"])
+def encoder_backward(request, monkeypatch):
+    """Run the sparse-encoder-gradient backward through each of its two kernels."""
+    from saeforge.saes import topk
+
+    monkeypatch.setattr(topk._TopKEncoder, "sparse_max_fill", 1.0 if request.param == "sparse product" else 0.0)
+    return request.param
+
+
+@pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS[:3])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-def test_topk_sparse_decode_matches_dense_values_and_grads(apply_b_dec):
+def test_topk_fast_paths_match_dense_reference_values_and_grads(sparse_decode, sparse_grad, apply_b_dec, encoder_backward):
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(8))
     dead = torch.rand(32, generator=torch.Generator().manual_seed(9)) < 0.5
     results = []
-    for sparse in (True, False):
-        sae = random_sae("topk", k=4, aux_k=3, sparse_decode=sparse, apply_b_dec_to_input=apply_b_dec)
+    for fast in ((sparse_decode, sparse_grad), (False, False)):
+        sae = random_sae("topk", k=4, aux_k=3, sparse_decode=fast[0], sparse_encoder_grad=fast[1],
+                         apply_b_dec_to_input=apply_b_dec)
         out = sae.training_loss(x, LossContext(dead_mask_F=dead))
         out.loss.backward()
         results.append((sae, out, grads(sae)))
@@ -249,6 +273,7 @@ def test_topk_sparse_decode_matches_dense_values_and_grads(apply_b_dec):
     assert o1.parts["auxk"] > 0
     assert_close(o1.x_hat_BD, o2.x_hat_BD)
     assert_close(o1.loss, o2.loss)
+    assert set(g1) == set(g2) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name in g1:
         assert g1[name].abs().sum() > 0, name
         assert_close(g1[name], g2[name], msg=name)
@@ -264,7 +289,7 @@ def test_topk_trains_under_bf16_autocast_close_to_fp32():
     outs = {}
     for sparse in (True, False):
         for bf16 in (True, False):
-            sae = random_sae("topk", k=4, sparse_decode=sparse)
+            sae = random_sae("topk", k=4, sparse_decode=sparse, sparse_encoder_grad=sparse)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = sae.training_loss(x, LossContext(dead_mask_F=dead))
             out.loss.backward()

@@ -165,20 +165,24 @@ class SAE(nn.Module, abc.ABC):
         return self.decode(self.encode(x_BD))
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        """Encoder pre-activations W_enc^T (x - b_dec) + b_enc, shape [B, F].
+        """Encoder pre-activations W_enc^T (x - b_dec) + b_enc, shape [B, F]."""
+        x_in_BD, bias_F = self.encoder_inputs(x_BD)
+        return torch.addmm(bias_F, x_in_BD, self.W_enc)
 
-        Why it is written oddly: the plain form makes autograd compute d/d(x - b_dec), a
-        [B, F] x [F, D] matmul as large as the forward one, only to sum it into b_dec's [D]
-        gradient. Here the matmul input is detached from b_dec and b_dec's gradient enters
-        through an exactly-zero [F] term (b_dec.detach() - b_dec) @ W_enc.detach(), whose
-        gradient is -W_enc @ colsum(grad): same value, same gradients, one big matmul fewer.
+    def encoder_inputs(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_in_BD, bias_F) with pre_acts = x_in_BD @ W_enc + bias_F, arranged so backward stays cheap.
+
+        The plain form (x - b_dec) @ W_enc makes autograd compute d/d(x - b_dec), a [B, F] x [F, D]
+        matmul as large as the forward one, only to sum it into b_dec's [D] gradient. Here x_in is
+        detached from b_dec and b_dec's gradient enters through the exactly-zero [F] term
+        (b_dec.detach() - b_dec) @ W_enc.detach(), whose gradient is -W_enc @ colsum(grad):
+        same values, same gradients, one big matmul fewer.
         """
         x_BD = x_BD.to(self.W_enc.dtype)
         if not self.cfg.apply_b_dec_to_input:
-            return torch.addmm(self.b_enc, x_BD, self.W_enc)
+            return x_BD, self.b_enc
         b_dec = self.b_dec.detach()
-        bias_F = self.b_enc + (b_dec - self.b_dec) @ self.W_enc.detach()
-        return torch.addmm(bias_F, x_BD - b_dec, self.W_enc)
+        return x_BD - b_dec, self.b_enc + (b_dec - self.b_dec) @ self.W_enc.detach()
 
     def pre_acts_reference(self, x_BD: Tensor) -> Tensor:
         """The plain formula for ``pre_acts`` (tests compare the two)."""
