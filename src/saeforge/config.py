@@ -38,11 +38,11 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
-    dtype: str = F("bfloat16", "dtype of the language model: float32, bfloat16 or float16.")
+    dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32), float32, bfloat16, float16.")
     device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
 
     def __post_init__(self) -> None:
-        _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r}: expected one of {DTYPES}")
+        _check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DataConfig:
     context_size: int = F(128, "Tokens per packed window, BOS included.")
     prepend_bos: bool = F(True, "Start every window with the tokenizer's BOS token.")
     exclude_special_tokens: bool = F(True, "Drop BOS, padding and special-token positions from training and metrics.")
-    holdout_fraction: float = F(0.02, "Fraction of documents held out for evaluation (split by document hash).")
+    holdout_fraction: float = F(0.05, "Fraction of documents held out for evaluation (split by document hash; python-stdlib: ~117k tokens).")
     seed: int = F(0, "Seed for the document split and order.")
 
     def __post_init__(self) -> None:
@@ -87,7 +87,7 @@ class TrainConfig:
     normalize_activations: bool = F(True, "Scale inputs so E||x|| = sqrt(d_in) while training; folded back on save.")
     norm_estimate_batches: int = F(4, "Batches used to estimate the normalisation scale.")
     dead_after_tokens: int = F(200_000, "A latent counts as dead after this many training tokens without firing (AuxK revives those).")
-    autocast: bool = F(True, "bf16 autocast for the SAE matmuls (parameters and optimiser stay float32).")
+    autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast), on, off.")
     checkpoint_every_steps: int = F(100, "Steps between atomic checkpoints.")
     log_every_steps: int = F(10, "Steps between metric lines in metrics.jsonl.")
     seed: int = F(0, "Seed for SAE initialisation.")
@@ -99,13 +99,15 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr must be positive")
         _check(0 <= self.lr_decay_fraction < 1, "train.lr_decay_fraction must be in [0, 1)")
         _check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
+        _check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
         _check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
 
 
 @dataclass
 class EvalConfig:
     tokens: int = F(65536, "Held-out tokens for reconstruction metrics (L0, MSE, explained variance, density).")
-    ce_tokens: int = F(16384, "Held-out tokens for the spliced CE/KL passes (three full forwards each).")
+    ce_tokens: int = F(8192, "Held-out tokens for the spliced CE/KL passes (clean, SAE, zero and mean ablation: four full forwards).")
+    mean_ablation: bool = F(True, "Also splice in the mean activation as a CE/KL baseline (one more forward per batch).")
     batch_size: int = F(8, "Sequences per forward pass during evaluation.")
     dense_threshold: float = F(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
 

@@ -46,6 +46,7 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     sae = load_sae(sae_dir, device=str(lm.device))
     hook_point = resolve_hook(lm.model, cfg.model.hook)
-    metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress)
+    metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
+                           mean_ablation=cfg.eval.mean_ablation)
     write_eval_json(metrics, sae_dir)
     return metrics, Path(sae_dir)

@@ -114,11 +114,12 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     final = trainer.export_sae()
     sae_dir = run_dir / SAE_DIR
     save_sae(final, sae_dir, sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale),
-             sparsity_F=trainer.firing_frequency_F())
+             sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10))  # SAELens stores log10 frequency
     metrics = None
     if evaluate:
         from saeforge.evals.report import evaluate as run_eval, write_eval_json
 
-        metrics = run_eval(lm, hook_point, final, cfg.data, cfg.eval, progress=progress)
+        metrics = run_eval(lm, hook_point, final, cfg.data, cfg.eval, progress=progress,
+                           mean_ablation=cfg.eval.mean_ablation)
         write_eval_json(metrics, sae_dir)
     return RunResult(run_dir, sae_dir, metrics)

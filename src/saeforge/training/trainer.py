@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from saeforge.config import TrainConfig
+from saeforge.models.loading import bf16_is_fast
 from saeforge.io import atomic_path, atomic_write_text
 from saeforge.training.schedules import lr_factor, sparsity_factor
 
@@ -36,6 +37,7 @@ class Trainer:
         self.n_steps = math.ceil(cfg.total_tokens / batch_size)
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.device = next(sae.parameters()).device
+        self.autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and bf16_is_fast(self.device))
         F = sae.cfg.d_sae
         self.step = 0
         self.scale = 0.0  # input multiplier; 0 until estimated from the first batches
@@ -144,7 +146,7 @@ class Trainer:
             group["lr"] = cfg.lr * lr_factor(self.step, self.n_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
         ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction),
                           dead_mask_F=self.dead_mask_F)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.sae.training_loss(x_BD, ctx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
