@@ -22,3 +22,14 @@ def tiny_model_dirs(tmp_path_factory):
     """family -> folder with a saved tiny model and tokenizer."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {fam: tiny.save_tiny(root / fam, fam) for fam in tiny.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A folder of real text nobody here wrote: a few standard-library modules' source, ~20 documents."""
+    import argparse, collections, inspect, textwrap, typing  # noqa: E401
+
+    root = tmp_path_factory.mktemp("corpus")
+    for mod in (argparse, collections, inspect, textwrap, typing):
+        (root / f"{mod.__name__}.txt").write_text(inspect.getsource(mod))
+    return root

@@ -168,11 +168,15 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from saeforge.config import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         arch, base = _architecture(argv)
         ns = build_parser(arch).parse_args(argv)
+        if getattr(ns, "quiet", False):
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
         return ns.func(ns, base)
     except (ConfigError, FileNotFoundError) as e:
         print(f"saeforge: error: {e}", file=sys.stderr)

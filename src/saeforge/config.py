@@ -144,12 +144,12 @@ class RunConfig:
         sae_d = dict(d.get("sae", {}))
         sae_cls = config_class(sae_d.get("architecture", "topk"))
         return cls(
-            model=from_dict(ModelConfig, d.get("model", {})),
-            data=from_dict(DataConfig, d.get("data", {})),
-            activations=from_dict(ActivationsConfig, d.get("activations", {})),
-            sae=from_dict(sae_cls, sae_d),
-            train=from_dict(TrainConfig, d.get("train", {})),
-            eval=from_dict(EvalConfig, d.get("eval", {})),
+            model=from_dict(ModelConfig, d.get("model", {}), "model"),
+            data=from_dict(DataConfig, d.get("data", {}), "data"),
+            activations=from_dict(ActivationsConfig, d.get("activations", {}), "activations"),
+            sae=from_dict(sae_cls, sae_d, "sae"),
+            train=from_dict(TrainConfig, d.get("train", {}), "train"),
+            eval=from_dict(EvalConfig, d.get("eval", {}), "eval"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -169,13 +169,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
-def from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys and coercing simple types."""
+def from_dict(cls: type, d: dict[str, Any], section: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and coercing simple types.
+
+    ``section`` ("train", "sae", ...) names the fields in error messages as the CLI spells them.
+    """
+    where = section or cls.__name__
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)
-    _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}; valid: {sorted(names)}")
+    _check(not unknown, f"unknown {where} fields {sorted(unknown)}; valid: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in d.items()})
+    return cls(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()})
 
 
 def coerce(value: Any, typ: Any, where: str) -> Any:

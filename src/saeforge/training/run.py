@@ -62,6 +62,13 @@ def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, 
     return cfg, run_dir
 
 
+def _check_heldout(cfg: RunConfig) -> None:
+    """Fail before training, not after it, when the corpus has no held-out document to evaluate on."""
+    from saeforge.data import iter_documents, split_documents
+
+    next(iter(split_documents(iter_documents(cfg.data), cfg.data, "heldout")))
+
+
 def build_source(cfg: RunConfig, lm, hook_point):
     """The training batches: a finished cache if ``activations.cache`` is set, else the live LM."""
     from saeforge.activations import ActivationStream, CacheReader
@@ -95,6 +102,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     from saeforge.saes.formats import save_sae
 
     cfg, run_dir = _prepare_dir(cfg, resume)
+    if evaluate:
+        _check_heldout(cfg)
     if lm is None:
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     hook_point = resolve_hook(lm.model, cfg.model.hook)

@@ -108,6 +108,7 @@ class Trainer:
     def fit(self, source: Iterable[torch.Tensor]) -> None:
         from tqdm import tqdm
 
+        t0 = time.perf_counter() - self.elapsed  # the time spent producing batches counts too
         batches = self._batches(source)
         head: list[tuple[torch.Tensor, dict | None]] = []
         if self.scale == 0.0:
@@ -120,7 +121,6 @@ class Trainer:
                 init(head[0][0].to(self.device) * self.scale)
         bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
                    dynamic_ncols=True)
-        t0 = time.perf_counter() - self.elapsed
         for x_BD, pos in _chain(head, batches):
             if self.step >= self.n_steps:
                 break

@@ -1,0 +1,140 @@
+"""The saeforge command, run as a user runs it: real processes, a real kill, real files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saeforge.cli import main
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def saeforge(*args, check=True, **kw):
+    """Run the console entry point in a child process (as `saeforge ...` would)."""
+    cmd = [sys.executable, "-m", "saeforge.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(text_corpus):
+    return text_corpus
+
+
+def train_args(model_dir, corpus, out, name, tokens=60_000):
+    return ["train", "--model", model_dir, "--hook", HOOK, "--corpus", corpus, "--data.context_size", 64,
+            "--data.holdout_fraction", 0.2,
+            "--tokens", tokens, "--activations.batch_size", 256, "--activations.shuffle_sequences", 64,
+            "--sae.d_sae", 4096, "--sae.k", 8, "--train.checkpoint_every_steps", 10, "--train.log_every_steps", 5,
+            "--train.out_dir", out, "--name", name, "--no-eval", "--quiet"]
+
+
+def test_hooks_lists_canonical_names(tiny_model_dirs):
+    out = saeforge("hooks", tiny_model_dirs["gpt2"]).stdout.split()
+    assert "blocks.0.hook_resid_pre" in out and "blocks.2.hook_mlp_out" in out and len(out) == 3 * 5
+
+
+def test_config_prints_json_that_round_trips(capsys):
+    assert main(["config", "--arch", "relu", "--sae.l1_coefficient", "3", "--tokens", "5e5"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["sae"]["architecture"] == "relu" and d["sae"]["l1_coefficient"] == 3.0
+    assert d["train"]["total_tokens"] == 500_000
+
+
+def test_bad_inputs_give_clear_errors(tiny_model_dirs, corpus, tmp_path, capsys):
+    model = tiny_model_dirs["llama"]
+    base = ["train", "--model", model, "--corpus", corpus, "--data.holdout_fraction", 0.2,
+            "--train.out_dir", tmp_path, "--quiet"]
+    assert main([*base, "--hook", "blocks.9.hook_resid_post"]) == 2
+    assert "layer 9 does not exist" in capsys.readouterr().err
+    assert main([*base, "--hook", "blocks.1.hook_resid_middle"]) == 2
+    err = capsys.readouterr().err
+    assert "hook_resid_middle" in err and "hook_resid_post" in err and "hook_mlp_out" in err
+    assert main([*base, "--hook", HOOK, "--corpus", tmp_path / "nope.txt"]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main([*base, "--hook", HOOK, "--corpus", empty]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+    assert main([*base, "--hook", HOOK, "--train.lr", "fast"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert main([*base, "--hook", HOOK, "--sae.k", "0"]) == 2
+    assert "k" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dirs, corpus, tmp_path):
+    model = tiny_model_dirs["llama"]
+    saeforge(*train_args(model, corpus, tmp_path, "full"))
+    full = load_file(tmp_path / "full" / "sae" / "sae_weights.safetensors")
+
+    proc = subprocess.Popen([sys.executable, "-m", "saeforge.cli", *map(str, train_args(model, corpus, tmp_path, "cut"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
+    step = torch.load(ckpt, weights_only=True)["step"]
+    n_steps = -(-60_000 // 256)
+    assert 0 < step < n_steps
+    assert not (tmp_path / "cut" / "sae").exists()
+
+    # a second start without --resume refuses to overwrite the run
+    again = saeforge(*train_args(model, corpus, tmp_path, "cut"), check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    saeforge("train", "--resume", tmp_path / "cut", "--no-eval", "--quiet")
+    resumed = load_file(tmp_path / "cut" / "sae" / "sae_weights.safetensors")
+    assert resumed.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == n_steps
+
+
+def test_train_from_cache_then_eval(tiny_model_dirs, corpus, tmp_path):
+    model = tiny_model_dirs["gpt_neox"]
+    common = ["--model", model, "--hook", HOOK, "--corpus", corpus, "--data.context_size", 64,
+              "--data.holdout_fraction", 0.2, "--quiet"]
+    saeforge("cache", "--out", tmp_path / "cache", "--tokens", 8000, "--activations.shard_rows", 3000, *common)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_rows"] >= 8000 and len(manifest["shards"]) >= 3
+    out = saeforge("train", *common, "--activations.cache", tmp_path / "cache", "--tokens", 16000,
+                   "--activations.batch_size", 256, "--sae.d_sae", 256, "--sae.k", 8, "--train.out_dir", tmp_path,
+                   "--name", "c", "--eval.tokens", 2048, "--eval.ce_tokens", 1024).stdout
+    assert "explained variance" in out and "CE score" in out
+    ev = json.loads((tmp_path / "c" / "sae" / "eval.json").read_text())
+    assert 0.3 < ev["explained_variance"] <= 1.0 and ev["l0"] == pytest.approx(8.0, abs=1e-9)
+    # `saeforge eval` rebuilds the same held-out split from the saved config and agrees
+    out2 = saeforge("eval", tmp_path / "c" / "sae", "--eval.tokens", 2048, "--eval.ce_tokens", 1024, "--quiet").stdout
+    ev2 = json.loads((tmp_path / "c" / "sae" / "eval.json").read_text())
+    assert "wrote" in out2 and ev2["explained_variance"] == pytest.approx(ev["explained_variance"], rel=1e-6)
+    assert ev2["ce_score"] == pytest.approx(ev["ce_score"], rel=1e-5)
+
+
+def test_sae_on_a_model_of_another_width_is_refused(tiny_model_dirs, corpus, tmp_path, capsys):
+    from tiny import make_model, make_tokenizer
+
+    saeforge(*train_args(tiny_model_dirs["llama"], corpus, tmp_path, "w", tokens=2048))
+    wide = tmp_path / "wide"
+    tok = make_tokenizer()
+    m = make_model("llama", len(tok))
+    cfg = m.config
+    cfg.hidden_size, cfg.head_dim = 96, 24
+    type(m)(cfg).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    assert main(["eval", str(tmp_path / "w" / "sae"), "--model", str(wide), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "64" in err and "96" in err
