@@ -21,6 +21,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIPI) -e ".[dev]"
 	touch $@
 
+# Browser tests drive Debian's Chromium with Playwright (never a browser download of its own).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "browser tests need Chromium at $(CHROMIUM) (Debian package 'chromium')"; exit 1; }
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
@@ -29,7 +36,7 @@ DEMO_RUN := runs/demo-smollm2-topk
 demo: install
 	$(VENV)/bin/saeforge train $(if $(wildcard $(DEMO_RUN)/checkpoint.pt),--resume $(DEMO_RUN),--train.run_name $(notdir $(DEMO_RUN)))
 
-test: install-dev
+test: install-dev $(CHROMIUM)
 	$(PY) -m pytest -q
 
 clean:

@@ -3,17 +3,24 @@
 Every config field is an option ``--SECTION.FIELD VALUE`` whose help is the field's help text;
 a few common ones have short forms (--model, --hook, --arch, --tokens, --corpus, --name).
 Values are applied over ``--config FILE`` (JSON, same shape as a run's config.json) or the defaults.
+
+The pipeline's own jobs (train, eval, cache, hooks, config) live here; the later stages add
+theirs from their own package: each module in ``COMMAND_MODULES`` has ``add_commands(sub, arch)``
+that adds subparsers with ``set_defaults(func=...)``; ``func(ns, base_config_dict) -> exit code``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+COMMAND_MODULES: list[str] = []
 
 SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
               "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
@@ -26,7 +33,7 @@ def _sections() -> dict[str, type]:
             "train": C.TrainConfig, "eval": C.EvalConfig}
 
 
-def _add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_cls: type | None) -> None:
+def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_cls: type | None) -> None:
     classes = {k: v for k, v in _sections().items() if k in sections}
     if sae_cls is not None:
         classes["sae"] = sae_cls
@@ -42,7 +49,7 @@ def _add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae
             p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")
 
 
-def _overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in vars(ns).items():
         if "." in key:
@@ -61,11 +68,11 @@ def _architecture(argv: Sequence[str]) -> tuple[str, dict]:
     return ns.arch or base.get("sae", {}).get("architecture", "topk"), base
 
 
-def _run_config(base: dict, ns: argparse.Namespace):
+def run_config(base: dict, ns: argparse.Namespace):
     from saeforge.config import RunConfig
 
     merged = {k: dict(v) for k, v in base.items()}
-    for section, values in _overrides(ns).items():
+    for section, values in overrides(ns).items():
         merged.setdefault(section, {}).update(values)
     return RunConfig.from_dict(merged)
 
@@ -75,8 +82,8 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.training.run import train
 
-    cfg = _run_config(base, ns)
-    if ns.resume and (_overrides(ns) or ns.config):
+    cfg = run_config(base, ns)
+    if ns.resume and (overrides(ns) or ns.config):
         raise SystemExit("--resume continues a run with its saved config.json; drop the other options")
     result = train(cfg, resume=ns.resume, evaluate=not ns.no_eval, progress=not ns.quiet)
     if result.metrics is not None:
@@ -89,7 +96,7 @@ def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.evals.saved import evaluate_saved
 
-    metrics, sae_dir = evaluate_saved(ns.sae_dir, _overrides(ns), progress=not ns.quiet)
+    metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet)
     print(format_table(metrics))
     print(f"wrote {Path(sae_dir) / 'eval.json'}")
     return 0
@@ -99,7 +106,7 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.activations import write_cache
     from saeforge.models import load_model, resolve_hook
 
-    cfg = _run_config(base, ns)
+    cfg = run_config(base, ns)
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     hook_point = resolve_hook(lm.model, cfg.model.hook)
     m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part, progress=not ns.quiet)
@@ -119,7 +126,7 @@ def cmd_hooks(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_config(ns: argparse.Namespace, base: dict) -> int:
-    print(json.dumps(_run_config(base, ns).to_dict(), indent=2))
+    print(json.dumps(run_config(base, ns).to_dict(), indent=2))
     return 0
 
 
@@ -135,12 +142,12 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON config file (same shape as a run's config.json)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    _add_config_options(t, ["model", "data", "activations", "train", "eval"], sae_cls)
+    add_config_options(t, ["model", "data", "activations", "train", "eval"], sae_cls)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json")
     e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    _add_config_options(e, ["model", "data", "eval"], None)
+    add_config_options(e, ["model", "data", "eval"], None)
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("cache", help="write activations to a sharded safetensors cache (resumable)")
@@ -148,7 +155,7 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="cache folder")
     c.add_argument("--tokens", type=int, default=1_000_000, help="activation rows to cache")
     c.add_argument("--part", choices=["train", "heldout"], default="train", help="corpus part to cache")
-    _add_config_options(c, ["model", "data", "activations"], None)
+    add_config_options(c, ["model", "data", "activations"], None)
     c.set_defaults(func=cmd_cache)
 
     h = sub.add_parser("hooks", help="list a model's hook points")
@@ -157,11 +164,14 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
 
     g = sub.add_parser("config", help="print the resolved config as JSON (a starting point for --config)")
     g.add_argument("--config", help="JSON config file")
-    _add_config_options(g, ["model", "data", "activations", "train", "eval"], sae_cls)
+    add_config_options(g, ["model", "data", "activations", "train", "eval"], sae_cls)
     g.set_defaults(func=cmd_config)
 
-    for sp in (t, e, c, h, g):
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, arch)
+    for sp in sub.choices.values():
+        if not any(a.dest == "quiet" for a in sp._actions):
+            sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
