@@ -47,6 +47,7 @@ class Trainer:
         self.late_tokens = 0
         self.elapsed = 0.0
         self.source_state: dict | None = None
+        self._t0 = time.perf_counter()
 
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -105,36 +106,63 @@ class Trainer:
         mean_norm = torch.cat(batches).double().norm(dim=-1).mean().item()
         return math.sqrt(self.sae.cfg.d_in) / mean_norm
 
+    @property
+    def done(self) -> bool:
+        return self.step >= self.n_steps
+
+    def prepare(self, batches: Iterator[tuple[torch.Tensor, dict | None]]) -> list[tuple[torch.Tensor, dict | None]]:
+        """On a fresh run, read the first batches to set the input scale (and data-dependent init).
+
+        Returns the batches it consumed; they must still be trained on, first.
+        """
+        if self.scale != 0.0:
+            return []
+        head = [b for _, b in zip(range(self.cfg.norm_estimate_batches), batches)]
+        if not head:
+            raise ValueError("the activation source produced no batches: is the corpus (or cache) empty?")
+        self.scale = self._estimate_scale([x for x, _ in head])
+        init = getattr(self.sae, "init_from_data", None)
+        if init is not None:
+            init(head[0][0].to(self.device) * self.scale)
+        return head
+
+    def start_clock(self) -> None:
+        self._t0 = time.perf_counter() - self.elapsed
+
+    def train_step(self, x_BD: torch.Tensor, source_state: dict | None = None) -> dict | None:
+        """One optimiser step on a raw batch, then logging and checkpointing when due.
+
+        ``source_state`` is the source's position after this batch (stored in checkpoints).
+        Returns the metrics record when this step was logged.
+        """
+        parts = self._step(x_BD.to(self.device, non_blocking=True) * self.scale)
+        self.step += 1
+        self.source_state = source_state
+        self.elapsed = time.perf_counter() - self._t0
+        rec = None
+        if self.step % self.cfg.log_every_steps == 0 or self.done:
+            rec = self._log(parts)
+        if self.run_dir and (self.step % self.cfg.checkpoint_every_steps == 0 or self.done):
+            self.save_checkpoint()
+        return rec
+
     def fit(self, source: Iterable[torch.Tensor]) -> None:
+        """Train until ``n_steps`` (or until the source runs out), with a progress bar."""
         from tqdm import tqdm
 
-        t0 = time.perf_counter() - self.elapsed  # the time spent producing batches counts too
+        self.start_clock()  # the time spent producing batches counts too
         batches = self._batches(source)
-        head: list[tuple[torch.Tensor, dict | None]] = []
-        if self.scale == 0.0:
-            head = [b for _, b in zip(range(self.cfg.norm_estimate_batches), batches)]
-            if not head:
-                raise ValueError("the activation source produced no batches: is the corpus (or cache) empty?")
-            self.scale = self._estimate_scale([x for x, _ in head])
-            init = getattr(self.sae, "init_from_data", None)
-            if init is not None:
-                init(head[0][0].to(self.device) * self.scale)
+        head = self.prepare(batches)
         bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         for x_BD, pos in _chain(head, batches):
-            if self.step >= self.n_steps:
+            if self.done:
                 break
-            parts = self._step(x_BD.to(self.device, non_blocking=True) * self.scale)
-            self.step += 1
-            self.source_state = pos
-            self.elapsed = time.perf_counter() - t0
-            if self.step % self.cfg.log_every_steps == 0 or self.step == self.n_steps:
-                rec = self._log(parts)
+            rec = self.train_step(x_BD, pos)
+            if rec is not None:
                 bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", loss=f"{rec['loss']:.4g}",
                                 l0=f"{rec['l0']:.1f}", ev=f"{rec['explained_variance']:.3f}",
                                 dead=f"{rec['dead_fraction']:.2%}")
-            if self.run_dir and (self.step % self.cfg.checkpoint_every_steps == 0 or self.step == self.n_steps):
-                self.save_checkpoint()
             bar.update(1)
         bar.close()
 
