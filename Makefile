@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # torch is pinned by constraints.txt so pip takes the local CPU wheel, not GBs of CUDA packages.
 PIPI   := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev clean docs
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ demo: install
 
 test: install-dev $(CHROMIUM)
 	$(PY) -m pytest -q
+
+docs: install
+	$(PY) tools/readme_config.py
 
 clean:
 	rm -rf runs .pytest_cache

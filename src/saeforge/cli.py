@@ -126,8 +126,37 @@ def cmd_hooks(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_config(ns: argparse.Namespace, base: dict) -> int:
+    if ns.markdown:
+        print(config_markdown())
+        return 0
     print(json.dumps(run_config(base, ns).to_dict(), indent=2))
     return 0
+
+
+def config_markdown() -> str:
+    """Every config field as a Markdown table (the README's "Config fields" section is this output)."""
+    from saeforge.saes.base import SAEConfig
+    from saeforge.saes.registry import config_class, names
+
+    def rows(section: str, cls: type, skip: set[str] = frozenset()) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"| `--{section}.{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+        return out
+
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for section, cls in _sections().items():
+        lines += rows(section, cls)
+    lines += rows("sae", SAEConfig)
+    base_fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    for arch in names():
+        extra = rows("sae", config_class(arch), skip=base_fields)
+        if extra:
+            lines += [f"| *{arch} only* | | |", *extra]
+    return "\n".join(lines)
 
 
 def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
@@ -164,6 +193,7 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
 
     g = sub.add_parser("config", help="print the resolved config as JSON (a starting point for --config)")
     g.add_argument("--config", help="JSON config file")
+    g.add_argument("--markdown", action="store_true", help="print every field as a Markdown table instead")
     add_config_options(g, ["model", "data", "activations", "train", "eval"], sae_cls)
     g.set_defaults(func=cmd_config)
 
