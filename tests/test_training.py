@@ -126,3 +126,29 @@ def test_dead_latents_are_counted(tmp_path):
     tr.fit(synthetic_source())
     assert tr.dead_mask_F[:8].all()
     assert tr.tokens_since_fired_F[:8].eq(128 * 20).all()
+
+
+def test_geometric_median_beats_the_mean_on_outliers():
+    from saeforge.saes.topk import geometric_median
+
+    # the geometric median of 3 collinear points is the middle one, whatever the outlier's size
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [100.0, 0.0]])
+    torch.testing.assert_close(geometric_median(pts, iters=500), torch.tensor([1.0, 0.0]), atol=1e-3, rtol=0)
+    # and it minimises the summed distance: any nudge increases it
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g) + torch.tensor([3.0, 0, 0, 0, 0])
+    m = geometric_median(x)
+    cost = lambda p: (x - p).norm(dim=1).sum()  # noqa: E731
+    for d in torch.eye(5):
+        assert cost(m) < cost(m + 0.01 * d) and cost(m) < cost(m - 0.01 * d)
+
+
+def test_topk_b_dec_starts_at_the_data_geometric_median(tmp_path):
+    from saeforge.saes.topk import geometric_median
+
+    sae = make_sae("topk")
+    tr = Trainer(sae, dataclasses.replace(train_cfg(), total_tokens=128), 128, None, progress=False)
+    src = synthetic_source()
+    first = next(iter(synthetic_source()))
+    tr.prepare(tr._batches(src))
+    torch.testing.assert_close(sae.b_dec.detach(), geometric_median(first * tr.scale), rtol=1e-5, atol=1e-5)

@@ -57,6 +57,21 @@ class TopKConfig(SAEConfig):
             raise ConfigError(f"sae.aux_coefficient={self.aux_coefficient}: expected >= 0")
 
 
+def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """The point minimising the summed Euclidean distance to the rows (Weiszfeld's iteration).
+
+    Unlike the mean it is not dragged by the few rows with outlier norms.
+    """
+    m_D = x_ND.mean(0)
+    for _ in range(iters):
+        w_N = 1.0 / (x_ND - m_D).norm(dim=1).clamp_min(1e-8)
+        new_D = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
+        if (new_D - m_D).norm() <= tol * m_D.norm().clamp_min(1e-8):
+            return new_D
+        m_D = new_D
+    return m_D
+
+
 class TopKSAE(SAE):
     cfg: TopKConfig
 
@@ -66,7 +81,12 @@ class TopKSAE(SAE):
         self.W_dec.copy_(W_dec_FD)
         self.W_enc.copy_(W_dec_FD.T)
         self.b_enc.zero_()
-        self.b_dec.zero_()  # the trainer may set it to the data's geometric median or mean
+        self.b_dec.zero_()  # init_from_data sets it to the data's geometric median
+
+    @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor) -> None:
+        """b_dec (b_pre) = geometric median of a sample, as in the OpenAI TopK recipe (SPECS.md)."""
+        self.b_dec.copy_(geometric_median(x_BD.float()).to(self.b_dec.dtype))
 
     @property
     def aux_k(self) -> int:
