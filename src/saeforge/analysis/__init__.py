@@ -1,0 +1,12 @@
+"""Using features: splice SAEs into the LM (keeping the error term), steer, ablate, attribute.
+
+    splice.py       Splice / spliced(): x' = x + (f' - f) @ W_dec at one or more hooks
+    steering.py     Steer edits (add alpha, clamp; all / last / where a feature fires), generation
+    metrics.py      metrics of a forward pass: logit difference, next-token loss
+    ablation.py     zero / mean ablation of features, ranked by their effect on a metric
+    attribution.py  attribution patching, integrated gradients, feature-to-feature attribution
+    counterfactual.py  smallest feature substitution that flips a preference between two completions
+    commands.py     `saeforge steer`, `saeforge attribute`
+
+Submodules are imported on use, so `import saeforge.analysis` stays cheap.
+"""
