@@ -9,8 +9,10 @@ so an evaluation over millions of tokens costs no more memory than one over a th
   denominator (total variance, summed over dimensions) is merged batch by batch with Chan's
   parallel formula rather than as E||x||^2 - ||E x||^2 from raw sums: residual streams carry a
   large mean offset and the raw-sum form loses digits to cancellation.
-- Firing frequency per latent (f != 0); dead = never fired over ``n_tokens``; dense = frequency
-  above ``dense_threshold`` (also reported above 1%); a histogram of log10(freq + 1e-10).
+- Firing frequency per latent (f != 0); dead = never fired over ``n_tokens``; rare = fired, but on
+  fewer than 1e-5 of tokens (only detectable past 1e5 tokens: ``rare_resolvable`` says whether it
+  was); dense = frequency above ``dense_threshold`` (also reported above 1%), as fractions and
+  counts; a histogram of log10(freq + 1e-10).
 - Shrinkage gamma = E||x_hat||^2 / E[x_hat . x] (< 1 means the SAE shrinks its outputs).
 """
 
@@ -23,6 +25,7 @@ import torch
 
 # log10(freq + 1e-10) spans [-10, 0]; half-decade bins keep the histogram readable in JSON.
 HIST_EDGES = [e / 2 for e in range(-20, 1)]
+RARE_THRESHOLD = 1e-5
 
 
 class ReconstructionStats:
@@ -103,6 +106,12 @@ class ReconstructionStats:
             "dense_threshold": self.dense_threshold,
             "dense_fraction": float((freq_F > self.dense_threshold).double().mean()),
             "dense_fraction_1pct": float((freq_F > 0.01).double().mean()),
+            "rare_threshold": RARE_THRESHOLD,
+            "rare_count": int(((self.fire_count_F > 0) & (freq_F < RARE_THRESHOLD)).sum()),
+            # With fewer than 1/RARE_THRESHOLD tokens one firing already exceeds the threshold.
+            "rare_resolvable": n * RARE_THRESHOLD > 1,
+            "dense_count": int((freq_F > self.dense_threshold).sum()),
+            "dense_count_1pct": int((freq_F > 0.01).sum()),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "log10_freq_hist_edges": list(HIST_EDGES),

@@ -2,7 +2,8 @@
 
 Token budgets: ``eval_cfg.tokens`` and ``eval_cfg.ce_tokens`` are counted in window tokens
 (ceil(budget / context_size) windows of the held-out part, BOS included). The CE pass reuses the
-first windows of the reconstruction pass, so both read the same text. What the metrics actually
+first windows of the reconstruction pass, so both read the same text; windows are streamed from
+the packer (twice), never held in a list, so memory does not grow with the budgets. What the metrics actually
 cover is reported: ``n_tokens`` (activation rows scored, excluded positions dropped),
 ``ce_n_predictions`` (next-token predictions scored), and the window counts. When the held-out
 part runs out first, the metrics cover what exists and a warning says so.
@@ -13,14 +14,16 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from saeforge.config import DataConfig, EvalConfig
 from saeforge.evals.metrics import ReconstructionStats
+from saeforge.evals.positions import PositionStats, by_position
 from saeforge.evals.splice import run_sae, spliced_ce_kl
 
 
@@ -42,69 +45,100 @@ def check_width(sae: object, width: int, hook_name: str, model_name: str) -> Non
         )
 
 
-def _batches(windows_T: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    for a in range(0, len(windows_T), batch_size):
-        yield torch.stack(windows_T[a : a + batch_size])
+def _batches(windows_T: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack a (lazy) stream of windows into [S, T] batches; only one batch is held at a time."""
+    it = iter(windows_T)
+    while chunk := list(islice(it, batch_size)):
+        yield torch.stack(chunk)
+
+
+def heldout_windows(lm, data_cfg: DataConfig) -> Iterator[torch.Tensor]:
+    """A fresh lazy stream of held-out windows; packing is deterministic, so every call yields the same ones."""
+    from saeforge.data import iter_documents, pack_windows, split_documents
+
+    docs = split_documents(iter_documents(data_cfg), data_cfg, "heldout")
+    return pack_windows(docs, lm.tokenizer, data_cfg)
+
+
+@dataclass
+class ReconstructionPass:
+    stats: ReconstructionStats
+    positions: PositionStats
+    n_windows: int
+    sample_ND: torch.Tensor | None  # the first activation rows (float32), kept for MDL; None when not asked
 
 
 @torch.inference_mode()
 def reconstruction_stats(
-    lm, hook, sae, windows_T: list[torch.Tensor], data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = False
-) -> ReconstructionStats:
-    """ReconstructionStats over the windows' non-excluded positions (SAE in float32 on float32 activations)."""
+    lm, hook, sae, windows_T: Iterable[torch.Tensor], data_cfg: DataConfig, eval_cfg: EvalConfig,
+    progress: bool = False, total_windows: int | None = None, keep_rows: int = 0,
+) -> ReconstructionPass:
+    """Stream windows through the LM and the SAE: whole-set and per-position float64 sums (SAE in float32).
+
+    Memory is one batch plus O(T * d_in + d_sae) sums, plus ``keep_rows`` activation rows when asked.
+    """
     from tqdm.auto import tqdm
 
     from saeforge.data import excluded_mask
     from saeforge.models.hooks import capture
 
     stats: ReconstructionStats | None = None
-    n_batches = math.ceil(len(windows_T) / eval_cfg.batch_size)
-    for tokens_ST in tqdm(_batches(windows_T, eval_cfg.batch_size), total=n_batches, desc="reconstruction",
+    pos: PositionStats | None = None
+    kept: list[torch.Tensor] = []
+    n_kept = n_windows = 0
+    total = None if total_windows is None else math.ceil(total_windows / eval_cfg.batch_size)
+    for tokens_ST in tqdm(_batches(windows_T, eval_cfg.batch_size), total=total, desc="reconstruction",
                           unit="batch", disable=None if progress else True):
         x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
-        excluded_ST = excluded_mask(tokens_ST, lm.tokenizer, data_cfg).to(x_STD.device)
+        keep_ST = ~excluded_mask(tokens_ST, lm.tokenizer, data_cfg).to(x_STD.device)
         if stats is None:
             check_width(sae, x_STD.shape[-1], hook.name, lm.name)
-        x_ND = x_STD[~excluded_ST].float()
+        x_ND = x_STD[keep_ST].float()
         f_NF, x_hat_ND = run_sae(sae, x_ND)
         if stats is None:
             stats = ReconstructionStats(x_ND.shape[-1], f_NF.shape[-1], eval_cfg.dense_threshold)
+            pos = PositionStats(x_STD.shape[1], x_STD.shape[-1])
         stats.update(x_ND, x_hat_ND, f_NF)
-    assert stats is not None  # evaluate() never passes an empty window list
-    return stats
+        x_hat_STD = torch.zeros(x_STD.shape, dtype=torch.float32)
+        x_hat_STD[keep_ST.cpu()] = x_hat_ND.detach().to("cpu", torch.float32)
+        pos.update(x_STD.float(), x_hat_STD, keep_ST)
+        if n_kept < keep_rows:
+            kept.append(x_ND[: keep_rows - n_kept].to("cpu", torch.float32))
+            n_kept += len(kept[-1])
+        n_windows += tokens_ST.shape[0]
+    if stats is None:
+        raise ValueError("reconstruction_stats: no windows to evaluate")
+    return ReconstructionPass(stats, pos, n_windows, torch.cat(kept) if kept else None)
 
 
 def evaluate(
-    lm, hook_point, sae, data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = True, mean_ablation: bool = True
+    lm, hook_point, sae, data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = True, mean_ablation: bool = True,
+    mdl_tokens: int = 0, position_buckets: int = 16,
 ) -> dict[str, Any]:
     """All eval metrics for ``sae`` at ``hook_point`` (a name or HookPoint) of ``lm`` (a LoadedModel).
 
-    Returns plain numbers plus ``feature_freq`` (float64 tensor [d_sae], e.g. for a sparsity file).
+    Returns plain numbers plus ``feature_freq`` (float64 tensor [d_sae], e.g. for a sparsity file)
+    and ``by_position`` (EV and CE score per bucket of context positions, see ``positions``).
     ``mean_ablation`` adds a mean-activation baseline to the CE/KL pass (one more forward per batch).
+    ``mdl_tokens`` > 0 adds MDL description length (``evals.mdl``) over the first that many rows.
+    Windows stream twice from the packer (reconstruction, then CE on the first ``ce_tokens``), so
+    memory does not grow with the token budget.
     """
-    from saeforge.data import iter_documents, pack_windows, split_documents
     from saeforge.models.hooks import resolve_hook
 
     hook = resolve_hook(lm.model, hook_point)
     T = data_cfg.context_size
     n_recon, n_ce = math.ceil(eval_cfg.tokens / T), math.ceil(eval_cfg.ce_tokens / T)
-    docs = split_documents(iter_documents(data_cfg), data_cfg, "heldout")
-    windows_T = list(islice(pack_windows(docs, lm.tokenizer, data_cfg), max(n_recon, n_ce)))
-    if not windows_T:
+    first_T = next(iter(heldout_windows(lm, data_cfg)), None)
+    if first_T is None:
         raise ValueError(
             f"the held-out part of {data_cfg.corpus!r} holds no complete window of {T} tokens; use a larger "
             "corpus, a larger data.holdout_fraction, or a smaller data.context_size"
         )
-    if len(windows_T) < max(n_recon, n_ce):
-        warnings.warn(
-            f"held-out text of {data_cfg.corpus!r} ran out after {len(windows_T)} windows ({len(windows_T) * T} "
-            f"tokens); asked for {eval_cfg.tokens} reconstruction and {eval_cfg.ce_tokens} CE tokens. Metrics "
-            "cover what exists; raise data.holdout_fraction or use a larger corpus for more.",
-            stacklevel=2,
-        )
 
-    stats = reconstruction_stats(lm, hook, sae, windows_T[:n_recon], data_cfg, eval_cfg, progress)
-    recon = stats.result()
+    rp = reconstruction_stats(lm, hook, sae, islice(heldout_windows(lm, data_cfg), n_recon), data_cfg, eval_cfg,
+                              progress, total_windows=n_recon, keep_rows=mdl_tokens)
+    recon = rp.stats.result()
     metrics: dict[str, Any] = {
         "model": lm.name,
         "hook": hook.name,
@@ -112,20 +146,36 @@ def evaluate(
         "context_size": T,
         "tokens_requested": eval_cfg.tokens,
         "ce_tokens_requested": eval_cfg.ce_tokens,
-        "n_windows": len(windows_T[:n_recon]),
+        "n_windows": rp.n_windows,
     }
     metrics.update({k: v for k, v in recon.items() if k != "mean_x"})
 
+    ce_sums = None
+    n_available = rp.n_windows
     if n_ce > 0:
         from saeforge.data import excluded_mask
 
-        ce_windows = windows_T[:n_ce]
         pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg))
-                 for tok_ST in _batches(ce_windows, eval_cfg.batch_size))
+                 for tok_ST in _batches(islice(heldout_windows(lm, data_cfg), n_ce), eval_cfg.batch_size))
         # The mean over the scored eval tokens: the standard "mean ablation" baseline.
         mean_x_D = recon["mean_x"].float() if mean_ablation else None
-        metrics.update(spliced_ce_kl(lm.model, hook, sae, pairs, mean_x_D=mean_x_D, progress=progress,
-                                     total=math.ceil(len(ce_windows) / eval_cfg.batch_size)))
+        ce = spliced_ce_kl(lm.model, hook, sae, pairs, mean_x_D=mean_x_D, progress=progress,
+                           total=math.ceil(n_ce / eval_cfg.batch_size), by_position=True)
+        ce_sums = ce.pop("ce_by_position")
+        metrics.update(ce)
+        n_available = max(n_available, ce["ce_n_sequences"])
+    if n_available < max(n_recon, n_ce):
+        warnings.warn(
+            f"held-out text of {data_cfg.corpus!r} ran out after {n_available} windows ({n_available * T} "
+            f"tokens); asked for {eval_cfg.tokens} reconstruction and {eval_cfg.ce_tokens} CE tokens. Metrics "
+            "cover what exists; raise data.holdout_fraction or use a larger corpus for more.",
+            stacklevel=2,
+        )
+    metrics["by_position"] = by_position(rp.positions, ce_sums, position_buckets)
+    if mdl_tokens > 0 and rp.sample_ND is not None:
+        from saeforge.evals.mdl import description_length
+
+        metrics["mdl"] = description_length(sae, rp.sample_ND)
     return metrics
 
 

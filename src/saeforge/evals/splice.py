@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -105,17 +105,28 @@ def _ce_kl_sums(
     s_idx: torch.Tensor,
     t_idx: torch.Tensor,
     targets_N: torch.Tensor,
+    ce_clean_T: torch.Tensor | None = None,
+    ce_new_T: torch.Tensor | None = None,
 ) -> tuple[float, float, float]:
-    """Sums over the scored rows of (CE clean, CE new, KL(clean || new)), float32 per chunk."""
+    """Sums over the scored rows of (CE clean, CE new, KL(clean || new)), float32 per chunk.
+
+    Given float64 [T] tensors ``ce_clean_T`` / ``ce_new_T``, also adds each row's CE at its source position.
+    """
     rows = max(1, CHUNK_ELEMENTS // logits_clean_STV.shape[-1])
     ce_clean = ce_new = kl = 0.0
     for a in range(0, len(s_idx), rows):
         s, t, y = s_idx[a : a + rows], t_idx[a : a + rows], targets_N[a : a + rows, None]
         lp_clean_NV = torch.log_softmax(logits_clean_STV[s, t].float(), dim=-1)
         lp_new_NV = torch.log_softmax(logits_new_STV[s, t].float(), dim=-1)
-        ce_clean -= float(lp_clean_NV.gather(1, y).double().sum())
-        ce_new -= float(lp_new_NV.gather(1, y).double().sum())
+        nll_clean_N = -lp_clean_NV.gather(1, y)[:, 0].double()
+        nll_new_N = -lp_new_NV.gather(1, y)[:, 0].double()
+        ce_clean += float(nll_clean_N.sum())
+        ce_new += float(nll_new_N.sum())
         kl += float((lp_clean_NV.exp() * (lp_clean_NV - lp_new_NV)).sum(-1).double().sum())
+        if ce_new_T is not None:
+            t_cpu = t.cpu()
+            ce_clean_T.index_add_(0, t_cpu, nll_clean_N.cpu())
+            ce_new_T.index_add_(0, t_cpu, nll_new_N.cpu())
     return ce_clean, ce_new, kl
 
 
@@ -133,13 +144,16 @@ def spliced_ce_kl(
     mean_x_D: torch.Tensor | None = None,
     progress: bool = False,
     total: int | None = None,
-) -> dict[str, float]:
+    by_position: bool = False,
+) -> dict[str, Any]:
     """CE/KL clean vs SAE-spliced vs zero- (and, given ``mean_x_D``, mean-) ablated.
 
     ``batches`` yields (tokens_ST, excluded_ST) pairs of full windows (no padding). ``hook`` is a
     ``models.hooks.HookPoint``. Returns plain floats: ce_clean, ce_sae, ce_zero, kl_sae, kl_zero,
     ce_score, kl_score (+ ce_mean, kl_mean, ce_score_mean, kl_score_mean), ce_n_predictions,
-    ce_n_sequences, ce_n_tokens.
+    ce_n_sequences, ce_n_tokens. ``by_position`` adds ``ce_by_position``: lists over source positions
+    t of summed CE per variant (``ce_clean``, ``ce_sae``, ...) and prediction counts ``ce_n`` (float64 sums,
+    bucket them with ``positions.ce_by_bucket``).
     """
     from tqdm.auto import tqdm
 
@@ -149,6 +163,7 @@ def spliced_ce_kl(
     device = next(model.parameters()).device
     sums = {f"{m}_{k}": 0.0 for m in ("ce", "kl") for k in ["clean", *variants]}
     n_pred = n_seq = n_tok = 0
+    pos: dict[str, torch.Tensor] = {}
     # disable=None hides the bar when stderr is not a terminal (logs, CI) and shows it otherwise.
     bar = tqdm(batches, total=total, desc="CE/KL", unit="batch", disable=None if progress else True)
     for tokens_ST, excluded_ST in bar:
@@ -158,11 +173,21 @@ def spliced_ce_kl(
         n_seq, n_tok, n_pred = n_seq + tokens_ST.shape[0], n_tok + tokens_ST.numel(), n_pred + len(s_idx)
         if len(s_idx) == 0:
             continue
+        if by_position and not pos:
+            pos = {k: torch.zeros(tokens_ST.shape[1], dtype=torch.float64) for k in ["n", "clean", *variants]}
+        if by_position:
+            if pos["n"].shape[0] != tokens_ST.shape[1]:
+                raise ValueError("spliced_ce_kl(by_position=True) needs windows of one length; got "
+                                 f"{pos['n'].shape[0]} then {tokens_ST.shape[1]}")
+            pos["n"].index_add_(0, t_idx.cpu(), torch.ones(len(t_idx), dtype=torch.float64))
         logits_clean_STV = model(input_ids=tokens_ST, use_cache=False).logits
-        for name, replacement in variants.items():
+        for i, (name, replacement) in enumerate(variants.items()):
             with spliced(hook, replacement, excluded_ST):
                 logits_new_STV = model(input_ids=tokens_ST, use_cache=False).logits
-            ce_clean, ce_new, kl = _ce_kl_sums(logits_clean_STV, logits_new_STV, s_idx, t_idx, targets_N)
+            # The clean per-position sum is the same for every variant: collect it with the first only.
+            clean_T = (pos["clean"] if i == 0 else torch.zeros_like(pos["clean"])) if by_position else None
+            ce_clean, ce_new, kl = _ce_kl_sums(logits_clean_STV, logits_new_STV, s_idx, t_idx, targets_N,
+                                               clean_T, pos.get(name))
             del logits_new_STV  # free before the next variant's forward: peak stays at two logits tensors
             sums[f"ce_{name}"] += ce_new
             sums[f"kl_{name}"] += kl
@@ -179,4 +204,6 @@ def spliced_ce_kl(
         out["ce_score_mean"] = _ratio(out["ce_mean"] - out["ce_sae"], out["ce_mean"] - out["ce_clean"])
         out["kl_score_mean"] = _ratio(out["kl_mean"] - out["kl_sae"], out["kl_mean"])
     out.update(ce_n_predictions=n_pred, ce_n_sequences=n_seq, ce_n_tokens=n_tok)
+    if by_position:
+        out["ce_by_position"] = {("ce_n" if k == "n" else f"ce_{k}"): v.tolist() for k, v in pos.items()}
     return out
