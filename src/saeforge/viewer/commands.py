@@ -1,0 +1,72 @@
+"""CLI: ``saeforge index``, ``saeforge serve``, ``saeforge export-neuronpedia`` (listed in cli.COMMAND_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from saeforge.viewer.config import IndexConfig
+
+
+def _index_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index options")
+    for f in dataclasses.fields(IndexConfig):
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"index_{f.name}", type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
+
+
+def cmd_index(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.cli import overrides
+    from saeforge.viewer.index import build_index
+
+    cfg = IndexConfig(**{f.name: getattr(ns, f"index_{f.name}") for f in dataclasses.fields(IndexConfig)})
+    out = Path(ns.out) if ns.out else Path(ns.sae_dir) / "features.db"
+    build_index(ns.sae_dir, out, cfg, overrides(ns), progress=not ns.quiet, restart=ns.restart)
+    print(f"feature database written to {out}; view it with `saeforge serve {out}`")
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.viewer.server import serve
+
+    if ns.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"saeforge serve: listening on {ns.host}: anyone who can reach it can run text through the model")
+    serve(ns.db, host=ns.host, port=ns.port, live=not ns.no_live)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.viewer.export import export_neuronpedia
+
+    files = export_neuronpedia(ns.db, ns.out, batch_size=ns.batch_size, progress=not ns.quiet)
+    print(f"wrote {len(files)} files to {ns.out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
+    from saeforge.cli import add_config_options
+
+    i = sub.add_parser("index", help="build a feature database (SQLite) for an SAE: contexts, histograms, logit lens",
+                       description="Streams --tokens corpus tokens through the SAE's model and SAE. Resumable: run the "
+                                   "same command again after an interruption. Model, hook and corpus default to the "
+                                   "SAE's own (cfg.json metadata); --model.* / --data.* override them.")
+    i.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    i.add_argument("--out", help="database file (default: SAE_DIR/features.db)")
+    i.add_argument("--restart", action="store_true", help="discard a partial build instead of resuming it")
+    _index_options(i)
+    add_config_options(i, ["model", "data"], None)
+    i.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("serve", help="serve feature pages, a JSON API and the live box over HTTP")
+    s.add_argument("db", nargs="+", help="feature database files (from `saeforge index`); several SAEs side by side")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--no-live", action="store_true", help="do not load models: no live box / activation endpoints")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("export-neuronpedia", help="write a feature database as Neuronpedia upload batches (JSON)")
+    e.add_argument("db", help="feature database file")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--batch-size", type=int, default=128, help="features per batch file")
+    e.set_defaults(func=cmd_export)

@@ -1,0 +1,33 @@
+"""Typed configs for building a feature database (``saeforge index``) and serving it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saeforge.config import F, _check
+
+
+@dataclass
+class IndexConfig:
+    tokens: int = F(1_000_000, "Corpus tokens to run through the LM and SAE (whole windows; BOS positions are not counted as firings).")
+    part: str = F("train", "Corpus part to read: train or heldout (the SAE's own document split).")
+    top_k: int = F(16, "Max-activating contexts kept per feature (at most one per window, centred on its maximum).")
+    quantile_intervals: int = F(4, "Activation-quantile intervals to sample contexts from.")
+    per_interval: int = F(5, "Contexts per quantile interval (a uniform sample of firing windows, split by activation).")
+    left: int = F(24, "Tokens kept before each context's maximum.")
+    right: int = F(8, "Tokens kept after each context's maximum.")
+    hist_bins: int = F(64, "Activation-histogram bins (power-of-two widths, doubled as larger activations arrive).")
+    n_logits: int = F(10, "Logit-lens tokens kept per feature on each side (top and bottom).")
+    n_neighbours: int = F(10, "Nearest features by decoder cosine kept per feature.")
+    lm_batch_size: int = F(16, "Windows per LM forward pass (one accumulator update per pass).")
+    checkpoint_every: int = F(64, "LM passes between resumable checkpoints of the accumulators.")
+    seed: int = F(0, "Seed for the uniform context sample (quantile intervals).")
+    name: str = F("", "SAE id in URLs and the API (default: the run folder's name).")
+
+    def __post_init__(self) -> None:
+        _check(self.tokens > 0, "index.tokens must be positive")
+        _check(self.part in ("train", "heldout"), f"index.part={self.part!r}: expected train or heldout")
+        for f in ("top_k", "quantile_intervals", "per_interval", "hist_bins", "lm_batch_size", "checkpoint_every"):
+            _check(getattr(self, f) > 0, f"index.{f} must be positive")
+        _check(self.hist_bins % 2 == 0, "index.hist_bins must be even (bins merge in pairs)")
+        _check(self.left >= 0 and self.right >= 0, "index.left/right must be >= 0")

@@ -1,0 +1,167 @@
+"""The feature database: one SQLite file per SAE. Schema (also in the README):
+
+    meta(key TEXT PRIMARY KEY, value TEXT)           JSON values: format_version, model, model_id, sae_id,
+                                                     sae_dir, hook, d_in, d_sae, n_tokens, n_windows, ...
+    vocab(id INTEGER PRIMARY KEY, text TEXT)         display text of every token id
+    features(idx INTEGER PRIMARY KEY, fire_count, density, max_act, mean_act,
+             hist_width REAL, hist TEXT)             hist: JSON counts of bins [i*w, (i+1)*w)
+    contexts(feature, kind TEXT, rank, interval, window, max_act, max_pos, max_token,
+             tokens TEXT, acts TEXT)                 kind 'top' (interval -1) or 'quantile' (interval 0 =
+                                                     lowest); tokens/acts JSON lists; max_pos indexes them
+    logits(feature, sign, rank, token, value)        sign 1 = promoted, -1 = suppressed
+    neighbours(feature, rank, other, cosine)
+
+The writer fills a temporary file and renames it into place when whole, so a file at the final name
+is always complete. The reader opens it read-only, one connection per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+FORMAT_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE features (idx INTEGER PRIMARY KEY, fire_count INTEGER NOT NULL, density REAL NOT NULL,
+    max_act REAL NOT NULL, mean_act REAL NOT NULL, hist_width REAL NOT NULL, hist TEXT NOT NULL);
+CREATE TABLE contexts (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    interval INTEGER NOT NULL, window INTEGER NOT NULL, max_act REAL NOT NULL, max_pos INTEGER NOT NULL,
+    max_token INTEGER NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, PRIMARY KEY (feature, kind, rank));
+CREATE TABLE logits (feature INTEGER NOT NULL, sign INTEGER NOT NULL, rank INTEGER NOT NULL,
+    token INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (feature, sign, rank));
+CREATE TABLE neighbours (feature INTEGER NOT NULL, rank INTEGER NOT NULL, other INTEGER NOT NULL,
+    cosine REAL NOT NULL, PRIMARY KEY (feature, rank));
+"""
+INDEXES = """
+CREATE INDEX features_density ON features(density);
+CREATE INDEX contexts_token ON contexts(max_token, kind);
+CREATE INDEX vocab_text ON vocab(text);
+"""
+
+
+class DBError(ValueError):
+    """A file that is not a whole saeforge feature database; the message says how to rebuild it."""
+
+
+def create(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    # Journal off while building: the file is a temporary until renamed, so a crash just discards it.
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.executescript(SCHEMA)
+    return con
+
+
+def write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
+    con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+
+
+def insert(con: sqlite3.Connection, table: str, rows: Iterable[tuple]) -> None:
+    rows = list(rows)
+    if rows:
+        con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+
+
+def finish(con: sqlite3.Connection) -> None:
+    con.executescript(INDEXES)
+    write_meta(con, {"complete": True})
+    con.commit()
+    con.close()
+
+
+def _like(q: str) -> str:
+    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class FeatureDB:
+    """Read-only access to one database file (safe to share between server threads)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DBError(f"{self.path} does not exist; build it with `saeforge index SAE_DIR --out {self.path}`")
+        self._local = threading.local()
+        try:
+            self.meta = {k: json.loads(v) for k, v in self._con().execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as e:
+            raise DBError(f"{self.path} is not a saeforge feature database ({e}); rebuild it with `saeforge index`") from e
+        if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
+            raise DBError(f"{self.path} is incomplete or of another format version; rebuild it with `saeforge index`")
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.con = con
+        return con
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._con().execute(sql, args).fetchall()
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.meta["d_sae"])
+
+    def texts(self, ids: Iterable[int]) -> list[str]:
+        ids = list(ids)
+        found = dict(self.query(f"SELECT id, text FROM vocab WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))) if ids else {}
+        return [found.get(i, "") for i in ids]
+
+    def feature(self, idx: int) -> dict[str, Any] | None:
+        row = self.query("SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,))
+        if not row:
+            return None
+        fire_count, density, max_act, mean_act, width, hist = row[0]
+        contexts = []
+        for kind, rank, interval, window, mact, pos, tokens, acts in self.query(
+                "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts WHERE feature = ? "
+                "ORDER BY kind = 'quantile', interval DESC, rank", (idx,)):
+            ids = json.loads(tokens)
+            contexts.append({"kind": kind, "rank": rank, "interval": interval, "window": window, "max_act": mact,
+                             "max_pos": pos, "token_ids": ids, "tokens": self.texts(ids), "acts": json.loads(acts)})
+        logits = {1: [], -1: []}
+        for sign, token, value in self.query("SELECT sign, token, value FROM logits WHERE feature = ? ORDER BY sign DESC, rank", (idx,)):
+            logits[sign].append((token, value))
+        nbrs = self.query("SELECT other, cosine FROM neighbours WHERE feature = ? ORDER BY rank", (idx,))
+        return {"index": idx, "fire_count": fire_count, "density": density, "max_act": max_act, "mean_act": mean_act,
+                "hist_width": width, "hist": json.loads(hist), "contexts": contexts,
+                "pos": [(t, s, v) for (t, v), s in zip(logits[1], self.texts(t for t, _ in logits[1]))],
+                "neg": [(t, s, v) for (t, v), s in zip(logits[-1], self.texts(t for t, _ in logits[-1]))],
+                "neighbours": [{"index": o, "cosine": c} for o, c in nbrs]}
+
+    def list_features(self, sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50,
+                      alive_only: bool = False) -> list[dict[str, Any]]:
+        col = {"density": "density", "max_act": "max_act", "index": "idx"}[sort]
+        where = "WHERE fire_count > 0" if alive_only else ""
+        rows = self.query(f"SELECT idx, density, max_act, fire_count FROM features {where} "
+                          f"ORDER BY {col} {'DESC' if desc else 'ASC'}, idx LIMIT ? OFFSET ?", (limit, offset))
+        return self._summaries(rows)
+
+    def search(self, q: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Features whose top contexts peak on a token containing ``q`` (case-insensitive), most such contexts first."""
+        rows = self.query(
+            "SELECT c.feature, COUNT(*) AS hits, MAX(c.max_act) FROM contexts c JOIN vocab v ON v.id = c.max_token "
+            "WHERE c.kind = 'top' AND v.text LIKE ? ESCAPE '\\' GROUP BY c.feature ORDER BY hits DESC, 3 DESC LIMIT ?",
+            (_like(q), limit))
+        hits = {f: h for f, h, _ in rows}
+        found = self.query(f"SELECT idx, density, max_act, fire_count FROM features WHERE idx IN ({','.join('?' * len(hits))})",
+                           tuple(hits)) if hits else []
+        out = self._summaries(found)
+        for s in out:
+            s["matching_contexts"] = hits[s["index"]]
+        return sorted(out, key=lambda s: (-s["matching_contexts"], -s["max_act"]))
+
+    def _summaries(self, rows: list[tuple]) -> list[dict[str, Any]]:
+        """Index, density, max and the token each feature's strongest context peaks on."""
+        idxs = [r[0] for r in rows]
+        peak = dict(self.query(f"SELECT feature, max_token FROM contexts WHERE kind = 'top' AND rank = 0 AND feature IN "
+                               f"({','.join('?' * len(idxs))})", tuple(idxs))) if idxs else {}
+        texts = dict(zip(peak.values(), self.texts(peak.values())))
+        return [{"index": i, "density": d, "max_act": m, "fire_count": c,
+                 "peak_token": texts.get(peak[i]) if i in peak else None} for i, d, m, c in rows]

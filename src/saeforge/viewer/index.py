@@ -1,0 +1,203 @@
+"""``saeforge index``: stream corpus windows through the LM and SAE into a feature database.
+
+Memory is bounded by the number of features (FeatureStats), never by the token count. Every
+``checkpoint_every`` LM passes the accumulators are written to ``OUT.index-state/`` (safetensors +
+JSON, each file written atomically); a killed build started again with the same arguments resumes
+there. The SQLite file is built under a temporary name and renamed when whole, then the state goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeforge.viewer import db
+from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.stats import FeatureStats
+
+STATE_SUFFIX = ".index-state"
+
+
+def slug(text: str) -> str:
+    """URL-safe id: the last path component, characters outside [A-Za-z0-9._-] replaced by '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(text).rstrip("/")).name).strip("-") or "x"
+
+
+def default_sae_id(sae_dir: Path) -> str:
+    sae_dir = sae_dir.resolve()
+    # runs/NAME/sae -> NAME: the run's name says more than "sae"
+    return slug(sae_dir.parent.name if sae_dir.name == "sae" else sae_dir.name)
+
+
+def state_dir(out: Path) -> Path:
+    return out.with_name(out.name + STATE_SUFFIX)
+
+
+def _fingerprint(sae_dir: Path, cfg: IndexConfig, run_cfg: Any) -> dict[str, Any]:
+    w = sae_dir / "sae_weights.safetensors"
+    return {"sae_dir": str(sae_dir.resolve()), "weights_size": w.stat().st_size, "weights_mtime": w.stat().st_mtime_ns,
+            "index": asdict(cfg), "model": asdict(run_cfg.model), "data": asdict(run_cfg.data)}
+
+
+def _save_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from saeforge.io import atomic_path, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, counters = stats.state()
+    with atomic_path(folder / "stats.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    # JSON last and naming the counters the tensors belong to: a crash between the two writes leaves an
+    # older JSON whose n_updates does not match the tensors' file, caught below.
+    atomic_write_text(folder / "state.json", json.dumps({"fingerprint": fingerprint, "counters": counters,
+                                                         "tensor_bytes": (folder / "stats.safetensors").stat().st_size}))
+
+
+def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) -> bool:
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").exists():
+        return False
+    state = json.loads((folder / "state.json").read_text())
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{folder} holds a partial index built with other settings or another SAE; "
+                         "delete it (or pass --restart) to start over, or rerun with the same options to resume")
+    tensors = load_file(str(folder / "stats.safetensors"))
+    if (folder / "stats.safetensors").stat().st_size != state["tensor_bytes"]:
+        return False  # tensors newer than the JSON: start over rather than mix two points in time
+    stats.load(tensors, state["counters"])
+    return True
+
+
+def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, overrides: dict | None = None,
+                progress: bool = True, restart: bool = False, lm=None) -> Path:
+    """Build the feature database for ``sae_dir`` at ``out``; returns ``out``. See the module docstring."""
+    from tqdm import tqdm
+
+    from saeforge.activations.stream import train_windows, window_activations
+    from saeforge.evals.saved import run_config_for
+    from saeforge.models import load_model, resolve_hook
+    from saeforge.saes.formats import load_sae, read_cfg
+
+    sae_dir, out = Path(sae_dir), Path(out)
+    run_cfg = run_config_for(sae_dir, overrides)
+    if lm is None:
+        lm = load_model(run_cfg.model.name, dtype=run_cfg.model.dtype, device=run_cfg.model.device)
+    sae = load_sae(sae_dir, device=str(lm.device))
+    hook = resolve_hook(lm.model, run_cfg.model.hook)
+    data_cfg = run_cfg.data
+    T = data_cfg.context_size
+    n_windows = max(1, cfg.tokens // T)
+
+    stats = FeatureStats(sae.d_sae, cfg.top_k, cfg.quantile_intervals * cfg.per_interval, cfg.left, cfg.right,
+                         cfg.hist_bins, cfg.seed)
+    sdir = state_dir(out)
+    if restart:
+        shutil.rmtree(sdir, ignore_errors=True)
+    fingerprint = _fingerprint(sae_dir, cfg, run_cfg)
+    resumed = _load_state(sdir, stats, fingerprint)
+
+    windows = train_windows(lm.tokenizer, data_cfg, cfg.part)
+    windows = itertools.islice(windows, stats.n_windows, n_windows)  # skip what the checkpoint holds
+    bar = tqdm(total=n_windows * T, initial=stats.n_windows * T, unit="tok", disable=not progress,
+               desc=f"index {default_sae_id(sae_dir)}" + (" (resumed)" if resumed else ""))
+    t0 = time.perf_counter()
+    while True:
+        batch = list(itertools.islice(windows, cfg.lm_batch_size))
+        if not batch:
+            break
+        for wa in window_activations(lm, hook, torch.stack(batch), data_cfg, cfg.lm_batch_size):
+            with torch.no_grad():
+                S, Tw, D = wa.acts_STD.shape
+                f_STF = sae.encode(wa.acts_STD.to(sae.W_enc.device).reshape(-1, D)).float().cpu().reshape(S, Tw, -1)
+            stats.update(wa.tokens_ST, f_STF, wa.keep_ST)
+        bar.update(len(batch) * T)
+        if stats.n_updates % cfg.checkpoint_every == 0:
+            _save_state(sdir, stats, fingerprint)
+    bar.close()
+    if stats.n_windows == 0:
+        raise ValueError(f"the {cfg.part} part of corpus {data_cfg.corpus!r} gave no windows of {T} tokens; "
+                         "use a larger corpus or a smaller --data.context_size")
+
+    meta = {"format_version": db.FORMAT_VERSION, "model": run_cfg.model.name, "model_id": slug(run_cfg.model.name),
+            "sae_id": cfg.name or default_sae_id(sae_dir), "sae_dir": str(sae_dir.resolve()), "hook": run_cfg.model.hook,
+            "architecture": read_cfg(sae_dir).get("architecture"), "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "corpus": data_cfg.corpus, "part": cfg.part, "context_size": T, "n_tokens": stats.n_tokens,
+            "n_windows": stats.n_windows, "index_config": asdict(cfg), "data_config": asdict(data_cfg),
+            "model_dtype": str(lm.dtype).replace("torch.", ""), "build_seconds": round(time.perf_counter() - t0, 1)}
+    write_database(out, stats, lm, sae, meta, cfg)
+    shutil.rmtree(sdir, ignore_errors=True)
+    return out
+
+
+def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any], cfg: IndexConfig) -> None:
+    from saeforge.viewer import lens
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    con = db.create(tmp)
+    try:
+        db.write_meta(con, meta)
+        db.insert(con, "vocab", enumerate(lens.token_texts(lm.tokenizer)))
+        db.insert(con, "features", _feature_rows(stats))
+        db.insert(con, "contexts", _context_rows(stats, cfg))
+        W_dec = sae.W_dec.detach()
+        lensed = lens.logit_lens(lm.model, W_dec, cfg.n_logits)
+        if lensed is not None:
+            tv, ti, bv, bi = (t.tolist() for t in lensed)
+            db.insert(con, "logits", ((f, sign, r, idx[f][r], val[f][r]) for sign, val, idx in ((1, tv, ti), (-1, bv, bi))
+                                      for f in range(len(idx)) for r in range(len(idx[f]))))
+        if cfg.n_neighbours > 0 and sae.d_sae > 1:
+            cos, idx = (t.tolist() for t in lens.neighbours(W_dec.cpu(), cfg.n_neighbours))
+            db.insert(con, "neighbours", ((f, r, idx[f][r], cos[f][r]) for f in range(len(idx)) for r in range(len(idx[f]))))
+        db.write_meta(con, {"logit_lens": lensed is not None})
+        db.finish(con)
+        os.replace(tmp, out)
+    finally:
+        con.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _feature_rows(stats: FeatureStats):
+    n = max(stats.n_tokens, 1)
+    count, total, mx = stats.fire_count_F.tolist(), stats.act_sum_F.tolist(), stats.max_F.tolist()
+    width, hist = stats.hist_width_F.tolist(), stats.hist_FH
+    for f in range(stats.F):
+        h = hist[f]
+        last = int(h.nonzero().max()) + 1 if count[f] else 0  # trailing empty bins carry nothing
+        yield (f, count[f], count[f] / n, mx[f], total[f] / count[f] if count[f] else 0.0, width[f], json.dumps(h[:last].tolist()))
+
+
+def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int], list[float], int]:
+    """Drop the -1 padding outside the window; returns the kept tokens, acts and the max's new index."""
+    keep = [i for i, t in enumerate(tokens) if t >= 0]
+    return [tokens[i] for i in keep], [float(f"{acts[i]:.6g}") for i in keep], keep.index(centre)
+
+
+def _context_rows(stats: FeatureStats, cfg: IndexConfig):
+    centre = cfg.left
+    for kind, kept in (("top", stats.top), ("quantile", stats.sample)):
+        score, value, window = kept.score_FK.tolist(), kept.value_FK.tolist(), kept.window_FK.tolist()
+        toks, acts = kept.tokens_FKL.tolist(), kept.acts_FKL.tolist()
+        for f in range(stats.F):
+            slots = [k for k in range(len(score[f])) if score[f][k] != float("-inf")]
+            if kind == "top":
+                order, interval = slots, [-1] * len(slots)  # already best first
+            else:
+                # split the uniform sample by activation into equal-count intervals, 0 = weakest
+                order = sorted(slots, key=lambda k: value[f][k])
+                q = cfg.quantile_intervals
+                interval = [min(q - 1, i * q // max(len(order), 1)) for i in range(len(order))]
+            for rank, (k, iv) in enumerate(zip(order, interval)):
+                t, a, pos = _trim(toks[f][k], acts[f][k], centre)
+                yield (f, kind, rank, iv, window[f][k], value[f][k], pos, t[pos], json.dumps(t), json.dumps(a))

@@ -1,0 +1,221 @@
+"""``saeforge serve``: the feature viewer's HTTP app (FastAPI), pages and a JSON API.
+
+Pages are static HTML + one script that fetches the API and builds the DOM with textContent only,
+so token text (untrusted corpus content) is never parsed as HTML. Databases are the ones named on the
+command line, looked up by (model id, SAE id); a request can name only those, never a file.
+Errors are JSON ``{"error": ...}`` with a 4xx code; anything unexpected is a 500 with no traceback.
+
+Issue 7 (steering) adds ``POST /api/steer`` in its own router and fills the feature page's
+``#steer-slot`` section; nothing here needs to change for it beyond ``include_router``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the request models (classes local to
+# create_app) from real annotations.
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from saeforge.viewer.db import FeatureDB
+from saeforge.viewer.live import LiveError, LiveRunner
+
+log = logging.getLogger(__name__)
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGES = ("index.html", "feature.html", "live.html")
+
+
+def _read_assets() -> dict[str, str]:
+    root = resources.files("saeforge.viewer") / "static"
+    return {name: (root / name).read_text(encoding="utf-8") for name in (*ASSETS, *PAGES)}
+
+
+def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
+    """One feature in the shape of Neuronpedia's /api/feature/{model}/{sae}/{index}, plus a saeforge block."""
+    m, width = dbx.meta, f["hist_width"]
+    acts = []
+    by_interval: dict[int, list[float]] = {}
+    for c in f["contexts"]:
+        if c["kind"] == "quantile":
+            by_interval.setdefault(c["interval"], []).append(c["max_act"])
+    n_sample = sum(len(v) for v in by_interval.values()) or 1
+    for c in f["contexts"]:
+        quant = c["kind"] == "quantile"
+        iv = by_interval.get(c["interval"], [])
+        acts.append({"tokens": c["tokens"], "values": c["acts"], "maxValue": c["max_act"],
+                     "maxValueTokenIndex": c["max_pos"], "minValue": min(c["acts"]) if c["acts"] else 0.0,
+                     "binMin": min(iv) if quant else None, "binMax": max(iv) if quant else None,
+                     "binContains": len(iv) / n_sample if quant else None,
+                     "kind": c["kind"], "interval": c["interval"], "window": c["window"]})
+    return {
+        "modelId": m["model_id"], "layer": m["sae_id"], "index": str(f["index"]),
+        "maxActApprox": f["max_act"], "frac_nonzero": f["density"],
+        "pos_str": [s for _, s, _ in f["pos"]], "pos_values": [v for _, _, v in f["pos"]],
+        "neg_str": [s for _, s, _ in f["neg"]], "neg_values": [v for _, _, v in f["neg"]],
+        "freq_hist_data_bar_heights": f["hist"],
+        "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(f["hist"]))],
+        "topkCosSimIndices": [n["index"] for n in f["neighbours"]],
+        "topkCosSimValues": [n["cosine"] for n in f["neighbours"]],
+        "activations": acts, "explanations": [],
+        "saeforge": {"hook": m["hook"], "density": f["density"], "fire_count": f["fire_count"], "mean_act": f["mean_act"],
+                     "hist_bin_width": width, "n_tokens": m["n_tokens"], "d_sae": m["d_sae"],
+                     "pos_token_ids": [t for t, _, _ in f["pos"]], "neg_token_ids": [t for t, _, _ in f["neg"]]},
+    }
+
+
+def create_app(db_paths: list[str | Path], live: bool = True):
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    dbs: dict[tuple[str, str], FeatureDB] = {}
+    for p in db_paths:
+        d = FeatureDB(p)
+        key = (d.meta["model_id"], d.meta["sae_id"])
+        if key in dbs:
+            raise ValueError(f"{p} and {dbs[key].path} both hold {key[0]}/{key[1]}; rebuild one with --name")
+        dbs[key] = d
+    assets = _read_assets()
+    runner = LiveRunner() if live else None
+
+    app = FastAPI(title="saeforge feature viewer", version="1",
+                  description="Feature dashboards, search and live activations for sparse autoencoders.",
+                  docs_url=None, redoc_url=None)  # the Swagger/ReDoc pages load scripts from a CDN; /openapi.json stays
+
+    class NotFound(Exception):
+        def __init__(self, msg: str):
+            self.msg = msg
+
+    @app.exception_handler(NotFound)
+    async def _nf(request: Request, e: NotFound):
+        return JSONResponse({"error": e.msg}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        msgs = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(msgs)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):
+        log.exception("viewer: %s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "internal error (see the server log)"}, status_code=500)
+
+    def get_db(model: str, sae: str) -> FeatureDB:
+        d = dbs.get((model, sae))
+        if d is None:
+            raise NotFound(f"no SAE {model}/{sae} here; GET /api/saes lists the loaded ones")
+        return d
+
+    def get_feature(model: str, sae: str, index: int) -> tuple[FeatureDB, dict[str, Any]]:
+        d = get_db(model, sae)
+        f = d.feature(index) if 0 <= index < d.d_sae else None
+        if f is None:
+            raise NotFound(f"{model}/{sae} has features 0..{d.d_sae - 1}; there is no feature {index}")
+        return d, f
+
+    # ---- pages -------------------------------------------------------------------------
+    def page(name: str) -> HTMLResponse:
+        return HTMLResponse(assets[name], headers={"Content-Security-Policy": "default-src 'self'; style-src 'self'"})
+
+    @app.get("/", include_in_schema=False)
+    def home():
+        return page("index.html")
+
+    @app.get("/feature/{model}/{sae}/{index}", include_in_schema=False)
+    def feature_page(model: str, sae: str, index: int):
+        get_feature(model, sae, index)
+        return page("feature.html")
+
+    @app.get("/live", include_in_schema=False)
+    def live_page():
+        return page("live.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in ASSETS:  # a fixed set of in-memory assets: no path from the request reaches the disk
+            raise NotFound(f"no asset {name!r}")
+        return Response(assets[name], media_type=ASSETS[name], headers={"Cache-Control": "max-age=300"})
+
+    # ---- API ---------------------------------------------------------------------------
+    @app.get("/api/saes", summary="The SAEs this server holds")
+    def saes():
+        keys = ("model", "model_id", "sae_id", "hook", "architecture", "d_in", "d_sae", "n_tokens", "corpus", "logit_lens")
+        return {"saes": [{k: d.meta.get(k) for k in keys} | {"live": live} for d in dbs.values()]}
+
+    @app.get("/api/features/{model}/{sae}", summary="Feature list, sorted")
+    def features(model: str, sae: str, sort: str = "density", order: str = "desc", offset: int = 0, limit: int = 50,
+                 alive_only: bool = False):
+        d = get_db(model, sae)
+        if sort not in ("density", "max_act", "index") or order not in ("asc", "desc"):
+            raise HTTPException(400, "sort must be density, max_act or index; order asc or desc")
+        limit = max(1, min(limit, 500))
+        return {"total": d.d_sae, "offset": offset,
+                "features": d.list_features(sort, order == "desc", max(offset, 0), limit, alive_only)}
+
+    @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
+    def feature(model: str, sae: str, index: int):
+        d, f = get_feature(model, sae, index)
+        return neuronpedia_feature(d, f)
+
+    @app.get("/api/search", summary="Features whose top contexts peak on a token containing q")
+    def search(q: str, model: str | None = None, sae: str | None = None, limit: int = 50):
+        if not q.strip():
+            raise HTTPException(400, "q must not be empty")
+        targets = [get_db(model, sae)] if model and sae else list(dbs.values())
+        limit = max(1, min(limit, 500))
+        return {"q": q, "results": [{"model": d.meta["model_id"], "sae": d.meta["sae_id"], **r}
+                                    for d in targets for r in d.search(q, limit)]}
+
+    class ActivationsRequest(BaseModel):
+        text: str = Field(..., min_length=1, max_length=4000, description="Text to run (at most 256 tokens are used).")
+        saes: list[str] | None = Field(None, description="'model/sae' ids; all loaded SAEs when omitted.")
+        top: int = Field(5, ge=1, le=50, description="Features listed per token.")
+
+    class FeatureActivationRequest(BaseModel):
+        text: str = Field(..., min_length=1, max_length=4000)
+
+    def need_live():
+        if runner is None:
+            raise HTTPException(503, "live activations are off (server started with --no-live)")
+        return runner
+
+    def run_live(fn, *args):
+        try:
+            return fn(*args)
+        except LiveError as e:
+            raise HTTPException(503, str(e)) from e
+
+    @app.post("/api/activations", summary="Live: top features per token for each SAE")
+    def activations(req: ActivationsRequest):
+        r = need_live()
+        chosen = [tuple(s.split("/", 1)) for s in req.saes] if req.saes else list(dbs)
+        out = []
+        for key in chosen:
+            d = get_db(*key) if len(key) == 2 else get_db(key[0], "")
+            res = run_live(r.top_features, "/".join(key), d.meta, req.text, req.top)
+            out.append({"model": key[0], "sae": key[1], "tokens": d.texts(res["token_ids"]), **res})
+        return {"results": out}
+
+    @app.post("/api/activation/{model}/{sae}/{index}", summary="Live: one feature's activation on each token")
+    def activation(model: str, sae: str, index: int, req: FeatureActivationRequest):
+        r = need_live()
+        d, _ = get_feature(model, sae, index)
+        ids, f_TF, _ = run_live(r.latents, f"{model}/{sae}", d.meta, req.text)
+        values = f_TF[:, index].tolist()
+        top = max(range(len(values)), key=values.__getitem__)
+        return {"tokens": d.texts(ids), "values": values, "maxValue": values[top], "maxValueTokenIndex": top,
+                "minValue": min(values)}
+
+    return app
+
+
+def serve(db_paths: list[str | Path], host: str = "127.0.0.1", port: int = 8000, live: bool = True) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(db_paths, live=live), host=host, port=port, log_level="info")
