@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 COMMAND_MODULES: list[str] = []
+COMMAND_MODULES.append("saeforge.analysis.commands")  # steer, attribute
 
 SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
               "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
@@ -60,7 +61,7 @@ def overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def _architecture(argv: Sequence[str]) -> tuple[str, dict]:
     """Pre-parse --config and --arch so the SAE options of that architecture can be offered."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # else `--sae DIR` reads as --sae.architecture
     pre.add_argument("--config")
     pre.add_argument("--arch", "--sae.architecture", dest="arch")
     ns, _ = pre.parse_known_args(argv)
