@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 SAELENS_LAYOUT_VERSION = "6.0.0"
 
 # our architecture name <-> SAELens's; an architecture missing here is saved under its own name
-TO_SAELENS = {"relu": "standard", "topk": "topk"}
+TO_SAELENS = {"relu": "standard", "topk": "topk", "gated": "gated", "jumprelu": "jumprelu"}
 FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
 
 # SAELens's standard metadata keys, always written (None when the caller did not say)
@@ -82,8 +82,15 @@ def build_cfg(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any], sparsity_F: torch.Tensor | None = None) -> Path:
-    """Write ``sae`` as a SAELens v6 folder, replacing an earlier SAE folder there; returns the folder."""
+    """Write ``sae`` as a SAELens v6 folder, replacing an earlier SAE folder there; returns the folder.
+
+    An SAE with an ``inference_sae()`` method (BatchTopK, Matryoshka) is saved as what that returns
+    (a JumpReLU with identical outputs); its training config goes to ``metadata.saeforge_trained_as``.
+    """
     folder = Path(folder)
+    if hasattr(sae, "inference_sae"):
+        metadata = {**metadata, "saeforge_trained_as": dataclasses.asdict(sae.cfg)}
+        sae = sae.inference_sae()
     cfg = build_cfg(sae, metadata)
     if sparsity_F is not None and tuple(sparsity_F.shape) != (sae.d_sae,):
         raise ValueError(f"sparsity_F has shape {list(sparsity_F.shape)}; expected [{sae.d_sae}] (one value per latent)")

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 _BUILTIN: dict[str, tuple[str, str, str]] = {
     "relu": ("saeforge.saes.relu", "ReLUSAE", "ReLUConfig"),
     "topk": ("saeforge.saes.topk", "TopKSAE", "TopKConfig"),
+    "gated": ("saeforge.saes.gated", "GatedSAE", "GatedConfig"),
+    "jumprelu": ("saeforge.saes.jumprelu", "JumpReLUSAE", "JumpReLUConfig"),
+    "batchtopk": ("saeforge.saes.batchtopk", "BatchTopKSAE", "BatchTopKConfig"),
+    "matryoshka": ("saeforge.saes.matryoshka", "MatryoshkaSAE", "MatryoshkaConfig"),
 }
 
 _REGISTERED: dict[str, tuple[type, type]] = {}

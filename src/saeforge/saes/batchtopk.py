@@ -1,0 +1,163 @@
+"""BatchTopK SAE (Bussmann et al. 2024), trained as BatchTopK and saved as a JumpReLU for inference.
+
+Training: z = ReLU(W_enc^T (x - b_dec) + b_enc); keep the B * k largest entries of z across the
+whole [B, F] batch (rows may keep more or fewer than k); x_hat = W_dec^T f + b_dec;
+L = FVU(x, x_hat) + aux_coefficient * AuxK, with FVU and AuxK exactly as in topk.py.
+
+Inference cannot depend on the rest of the batch, so a single threshold theta is learned on the
+side: after training step t (counting from 1) theta <- b_t * theta + (1 - b_t) * (smallest kept
+positive z) with b_t = min(beta, 1 - 1/t): the plain mean of the first 1/(1 - beta) steps, an EMA
+after (a bare EMA started at the first value would stay anchored to the untrained SAE's first
+batch in runs shorter than ~1/(1 - beta) steps). ``encode`` is then the JumpReLU ReLU(z) * 1[z > theta], and
+``inference_sae()`` returns that JumpReLU (threshold theta for every latent) with identical
+outputs: ``formats.save_sae`` saves that one, so SAELens and saeforge load a plain "jumprelu".
+theta is a buffer (checkpointed with the weights). Before the first training step (theta < 0)
+``encode`` falls back to the batch top-k of its own input.
+
+Decoder rows are unit norm, maintained as in TopK (remove_parallel_grads / after_step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saeforge.config import ConfigError, F
+from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, random_directions, sum_sq_BD
+
+
+@dataclass
+class BatchTopKConfig(SAEConfig):
+    architecture: str = F("batchtopk", "Architecture name from the registry (set by the config class; not chosen freely).")
+    k: int = F(32, "Mean active latents per token: the batch keeps its B * k largest activations.")
+    aux_k: int = F(0, "Dead latents per token used by the AuxK loss; 0 = d_in // 2.")
+    aux_coefficient: float = F(1 / 32, "Weight of the AuxK dead-latent loss.")
+    threshold_beta: float = F(0.999, "EMA decay of the inference threshold (smallest kept activation per batch).")
+
+    def __post_init__(self) -> None:
+        SAEConfig.__post_init__(self)
+        if not 0 < self.k <= self.d_sae:
+            raise ConfigError(f"sae.k={self.k}: expected 1 <= k <= d_sae ({self.d_sae})")
+        if self.aux_k < 0 or self.aux_coefficient < 0:
+            raise ConfigError(f"sae.aux_k={self.aux_k}, sae.aux_coefficient={self.aux_coefficient}: expected >= 0")
+        if not 0 <= self.threshold_beta < 1:
+            raise ConfigError(f"sae.threshold_beta={self.threshold_beta}: expected 0 <= beta < 1")
+
+
+def batch_topk_mask(z_BF: Tensor, k: int) -> Tensor:
+    """Bool [B, F]: True at the B * k largest entries of z across the whole batch."""
+    flat = z_BF.reshape(-1)
+    idx = flat.topk(min(k * z_BF.shape[0], flat.numel()), sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(z_BF)
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> tuple[Tensor, Tensor]:
+    """(FVU, per-row squared error): sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2."""
+    x_BD = x_BD.float()
+    err_B = sum_sq_BD(x_BD - x_hat_BD)
+    return err_B.sum() / sum_sq_BD(x_BD - x_BD.mean(dim=0)).sum().clamp_min(1e-12), err_B
+
+
+def auxk_loss(z_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int) -> Tensor:
+    """TopK's AuxK (dense form): the residual e (detached) rebuilt from each row's top aux_k dead latents,
+    normalised by e's own variance; 0 without dead latents."""
+    n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
+    if n_dead == 0:
+        return e_BD.new_zeros(())
+    masked_BF = z_BF.masked_fill(~dead_mask_F.to(z_BF.device), float("-inf"))
+    vals_BA, idx_BA = masked_BF.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    e_hat_BD = torch.zeros_like(z_BF).scatter(-1, idx_BA, torch.relu(vals_BA)) @ W_dec_FD
+    e_BD = e_BD.detach().float()
+    return sum_sq_BD(e_BD - e_hat_BD).sum() / sum_sq_BD(e_BD - e_BD.mean(dim=0)).sum().clamp_min(1e-12)
+
+
+class BatchTopKSAE(SAE):
+    cfg: BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig) -> None:
+        SAE.__init__(self, cfg)
+        self.register_buffer("threshold", self.b_dec.new_full((), -1.0))  # < 0: not estimated yet
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=self.b_dec.device))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=1.0)
+        self.W_dec.copy_(W_dec_FD)
+        self.W_enc.copy_(W_dec_FD.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if hasattr(self, "threshold"):
+            self.threshold.fill_(-1.0)
+            self.threshold_updates.zero_()
+
+    @property
+    def aux_k(self) -> int:
+        return self.cfg.aux_k or max(1, self.d_in // 2)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        z_BF = self.pre_acts(x_BD)
+        if self.threshold < 0:
+            return torch.relu(z_BF) * batch_topk_mask(z_BF, self.cfg.k)
+        return torch.relu(z_BF) * (z_BF > self.threshold)
+
+    def train_latents(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_BF, f_BF) as in training, updating theta when the module is in training mode."""
+        z_BF = torch.relu(self.pre_acts(x_BD))
+        f_BF = z_BF * batch_topk_mask(z_BF, self.cfg.k)
+        if self.training:
+            self.update_threshold(f_BF.detach())
+        return z_BF, f_BF
+
+    @torch.no_grad()
+    def update_threshold(self, f_BF: Tensor) -> None:
+        kept = f_BF[f_BF > 0]
+        if kept.numel() == 0:
+            return
+        self.threshold_updates += 1
+        b = min(self.cfg.threshold_beta, 1 - 1 / int(self.threshold_updates))  # 0 on the first update
+        self.threshold.copy_(b * self.threshold + (1 - b) * kept.min().float())
+
+    def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
+        B = x_BD.shape[0]
+        if B < 2:
+            raise ValueError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+        z_BF, f_BF = self.train_latents(x_BD)
+        x_hat_BD = self.decode(f_BF)
+        loss_fvu, err_B = fvu(x_BD, x_hat_BD)
+        auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD.float(), self.W_dec, self.aux_k)
+        loss = loss_fvu + self.cfg.aux_coefficient * auxk
+        with torch.no_grad():
+            parts = {"fvu": loss_fvu.detach(), "mse": err_B.mean(), "auxk": auxk.detach(),
+                     "l0": torch.count_nonzero(f_BF).float() / B}
+        return StepOutput(loss, x_hat_BD, f_BF, parts)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        g_FD = self.W_dec.grad
+        if g_FD is not None:
+            u_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            g_FD.sub_((g_FD * u_FD).sum(dim=1, keepdim=True) * u_FD)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def inference_sae(self):
+        """The JumpReLU with theta for every latent and the same weights: identical ``encode``/``forward``.
+
+        Needs a trained theta (>= 0); folding the input scale first is fine (it keeps pre-activations).
+        """
+        from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
+
+        if self.threshold < 0:
+            raise ValueError("this BatchTopK SAE has no inference threshold yet (train at least one step first)")
+        cfg = self.cfg
+        jr = JumpReLUSAE(JumpReLUConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device=cfg.device,
+                                        apply_b_dec_to_input=cfg.apply_b_dec_to_input))
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(jr, name).copy_(getattr(self, name))
+        jr.threshold.fill_(float(self.threshold))
+        return jr
