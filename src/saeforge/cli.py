@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 COMMAND_MODULES: list[str] = []
 COMMAND_MODULES.append("saeforge.analysis.commands")  # steer, attribute
+COMMAND_MODULES.append("saeforge.evals.commands")  # compare
 
 SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
               "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
@@ -97,9 +98,10 @@ def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.evals.saved import evaluate_saved
 
-    metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet)
+    metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
+                                      compare=ns.compare)
     print(format_table(metrics))
-    print(f"wrote {Path(sae_dir) / 'eval.json'}")
+    print(f"wrote {Path(sae_dir) / 'eval.json'}" + (f" and {Path(sae_dir) / 'report.html'}" if ns.report else ""))
     return 0
 
 
@@ -177,6 +179,9 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json")
     e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    e.add_argument("--report", action="store_true", help="also write SAE_DIR/report.html (self-contained page with plots)")
+    e.add_argument("--compare", nargs="+", default=None, metavar="OTHER_SAE_DIR",
+                   help="score these SAEs on the same tokens and show where this one sits among them")
     add_config_options(e, ["model", "data", "eval"], None)
     e.set_defaults(func=cmd_eval)
 

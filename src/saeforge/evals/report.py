@@ -201,6 +201,12 @@ _ROWS: list[tuple[str, str, Any]] = [
     ("dense latents (> threshold)", "dense_fraction",
      lambda m: f"{m['dense_fraction']:.2%} (fire on > {m['dense_threshold']:.0%} of tokens)"),
     ("dense latents (> 1%)", "dense_fraction_1pct", lambda m: _pct(m, "dense_fraction_1pct")),
+    ("latent counts", "rare_count",
+     lambda m: f"dead {m['dead_count']}, rare (< 1e-5, fired) {m['rare_count']}"
+               + ("" if m["rare_resolvable"] else " [needs > 1e5 tokens]")
+               + f", dense > 1% {m['dense_count_1pct']}, dense > {m['dense_threshold']:.0%} {m['dense_count']}"),
+    ("MDL description length", "mdl",
+     lambda m: f"{m['mdl']['dl_bits']:.4g} bits/token ({m['mdl']['n_bins']} bins, {m['mdl']['n_tokens']:,} tokens)"),
     ("predictions scored (CE/KL)", "ce_n_predictions",
      lambda m: f"{m['ce_n_predictions']:,} in {m['ce_n_sequences']} windows"),
     ("CE clean", "ce_clean", lambda m: f"{m['ce_clean']:.4f}"),

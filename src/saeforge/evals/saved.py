@@ -35,8 +35,14 @@ def run_config_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None
 
 
 def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None, progress: bool = True,
-                   lm=None) -> tuple[dict, Path]:
-    """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder."""
+                   lm=None, report: bool = False, compare: list[str | Path] | None = None,
+                   mdl_tokens: int = 8192) -> tuple[dict, Path]:
+    """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder.
+
+    ``report`` also writes ``report.html`` there (self-contained: metrics, density, per-position
+    curves). ``compare`` folders are scored on the same tokens and placed beside it on the page
+    (and MMCS / stitching against each that reads the same hook).
+    """
     from saeforge.evals.report import evaluate, write_eval_json
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import load_sae
@@ -44,9 +50,23 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     cfg = run_config_for(sae_dir, overrides)
     if lm is None:
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
-    sae = load_sae(sae_dir, device=str(lm.device))
-    hook_point = resolve_hook(lm.model, cfg.model.hook)
-    metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
-                           mean_ablation=cfg.eval.mean_ablation)
+    others: list = []
+    if compare:
+        from saeforge.evals.compare import compare_saved
+
+        entries, pairs = compare_saved([sae_dir, *compare], overrides, progress=progress, lm=lm, mdl_tokens=mdl_tokens)
+        (_, metrics), others = entries[0], entries[1:]
+        metrics["dictionaries"] = [p for p in pairs if entries[0][0] in (p["a"], p["b"])]
+    else:
+        sae = load_sae(sae_dir, device=str(lm.device))
+        hook_point = resolve_hook(lm.model, cfg.model.hook)
+        metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
+                           mean_ablation=cfg.eval.mean_ablation, mdl_tokens=mdl_tokens)
     write_eval_json(metrics, sae_dir)
+    if report:
+        from saeforge.evals.compare import sae_label, trained_context
+        from saeforge.evals.html import render_report, write_html
+
+        write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir)),
+                   Path(sae_dir) / "report.html")
     return metrics, Path(sae_dir)

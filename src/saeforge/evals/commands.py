@@ -1,0 +1,47 @@
+"""``saeforge compare SAE_A SAE_B ...``: the evals package's own subcommand (see cli.COMMAND_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub, arch: str) -> None:
+    from saeforge.cli import add_config_options
+
+    c = sub.add_parser("compare", help="score several SAEs on the same held-out tokens; table + Pareto plots (HTML)",
+                       description="The first SAE's run config picks model, corpus and token budgets; every SAE is "
+                                   "scored on the same windows. Pairs on one hook also get MMCS, and pairs of "
+                                   "different widths the stitching split of the wider one.")
+    c.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="SAE folders (cfg.json + sae_weights.safetensors)")
+    c.add_argument("--out", default="compare.html", help="HTML file to write; a .json with the numbers goes beside it")
+    c.add_argument("--threshold", type=float, default=0.7,
+                   help="max decoder cosine at or above which a wider SAE's latent counts as reconstruction-like")
+    add_config_options(c, ["model", "data", "eval"], None)
+    c.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.cli import overrides
+    from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
+    from saeforge.evals.html import render_compare, write_html
+    from saeforge.evals.report import _json_safe
+    from saeforge.io import atomic_write_text
+
+    entries, pairs = compare_saved(ns.sae_dirs, overrides(ns), progress=not ns.quiet, threshold=ns.threshold)
+    print(format_compare_table(entries))
+    for p in pairs:
+        line = f"MMCS {p['a']} -> {p['b']}: {p['mmcs_a_to_b']:.4f}, back: {p['mmcs_b_to_a']:.4f}"
+        if "stitching" in p:
+            s = p["stitching"]
+            line += (f"; {s['wide']}: {s['n_reconstruction']} reconstruction-like / {s['n_novel']} novel latents, "
+                     f"MSE {s['mse_narrow']:.4g} -> +recon {s['mse_plus_reconstruction']:.4g}, "
+                     f"+novel {s['mse_plus_novel']:.4g}")
+        print(line)
+    out = write_html(render_compare(entries, pairs, trained_context(ns.sae_dirs[0])), ns.out)
+    numbers = {"saes": [{"label": n, "dir": str(d), **{k: _json_safe(v) for k, v in m.items() if k != "feature_freq"}}
+                        for (n, m), d in zip(entries, ns.sae_dirs)], "pairs": _json_safe(pairs)}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(numbers, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
