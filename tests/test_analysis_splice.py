@@ -20,7 +20,6 @@ def make_sae(arch: str = "topk", d_sae: int = 96, seed: int = 0, scale: float = 
     sae.init_weights(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.W_dec.mul_(scale / sae.W_dec.norm(dim=1, keepdim=True))
-        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
     return sae.requires_grad_(False)
 
 
