@@ -136,6 +136,10 @@ def create_app(db_paths: list[str | Path], live: bool = True):
     def live_page():
         return page("live.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it on every page; "no content" keeps their consoles clean
+        return Response(status_code=204)
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
         if name not in ASSETS:  # a fixed set of in-memory assets: no path from the request reaches the disk
