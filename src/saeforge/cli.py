@@ -23,6 +23,7 @@ from typing import Any, Sequence
 COMMAND_MODULES: list[str] = []
 COMMAND_MODULES.append("saeforge.analysis.commands")  # steer, attribute
 COMMAND_MODULES.append("saeforge.evals.commands")  # compare
+COMMAND_MODULES.append("saeforge.viewer.commands")  # index, serve, export-neuronpedia
 
 SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
               "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
