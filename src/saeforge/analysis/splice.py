@@ -59,6 +59,10 @@ class SpliceState:
     extras: dict[str, Any] = field(default_factory=dict)  # per-forward scratch for edits
 
 
+class FeatureIndexError(IndexError, ValueError):
+    """A feature index outside 0..d_sae-1 (a ValueError too, so the CLI reports it as a user error)."""
+
+
 def sae_hook_name(sae: Any) -> str | None:
     """The hook an SAE was trained on, when it knows (``sae.hook_name``, set by ``load_for_analysis``)."""
     return getattr(sae, "hook_name", None)
@@ -71,7 +75,7 @@ def check_feature(sae: Any, feature: int) -> int:
         raise TypeError(f"feature must be an int index, got {type(feature).__name__}")
     feature = int(feature)
     if not 0 <= feature < d_sae:
-        raise IndexError(f"feature {feature} is out of range: this SAE has {d_sae} latents (0..{d_sae - 1})")
+        raise FeatureIndexError(f"feature {feature} is out of range: this SAE has {d_sae} latents (0..{d_sae - 1})")
     return feature
 
 
