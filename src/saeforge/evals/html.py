@@ -103,8 +103,9 @@ COMPARE_KEYS = [("d_sae", "latents"), ("l0", "L0"), ("explained_variance", "expl
 def compare_table(entries: Sequence[tuple[str, dict[str, Any]]]) -> str:
     head = "".join(f"<th>{escape(n)}</th>" for n, _ in entries)
     rows = []
-    for key, label in COMPARE_KEYS + [("mdl_bits", "MDL (bits/token)")]:
-        vals = [(m.get("mdl") or {}).get("dl_bits") if key == "mdl_bits" else m.get(key) for _, m in entries]
+    nested = {"mdl_bits": ("mdl", "dl_bits"), "absorption_rate": ("absorption", "absorption_rate")}
+    for key, label in COMPARE_KEYS + [("mdl_bits", "MDL (bits/token)"), ("absorption_rate", "absorption rate")]:
+        vals = [(m.get(nested[key][0]) or {}).get(nested[key][1]) if key in nested else m.get(key) for _, m in entries]
         if all(v is None for v in vals):
             continue
         rows.append(f"<tr><td>{escape(label)}</td>" + "".join(f'<td class="num">{_num(v)}</td>' for v in vals) + "</tr>")

@@ -205,6 +205,10 @@ _ROWS: list[tuple[str, str, Any]] = [
      lambda m: f"dead {m['dead_count']}, rare (< 1e-5, fired) {m['rare_count']}"
                + ("" if m["rare_resolvable"] else " [needs > 1e5 tokens]")
                + f", dense > 1% {m['dense_count_1pct']}, dense > {m['dense_threshold']:.0%} {m['dense_count']}"),
+    ("first-letter absorption", "absorption",
+     lambda m: m["absorption"].get("error") or (
+         f"{m['absorption']['absorption_rate']:.4f} (miss rate {m['absorption']['miss_rate']:.4f}, probe accuracy "
+         f"{m['absorption']['probe_test_accuracy']:.3f}, {m['absorption']['n_tokens']} tokens)")),
     ("MDL description length", "mdl",
      lambda m: f"{m['mdl']['dl_bits']:.4g} bits/token ({m['mdl']['n_bins']} bins, {m['mdl']['n_tokens']:,} tokens)"),
     ("predictions scored (CE/KL)", "ce_n_predictions",

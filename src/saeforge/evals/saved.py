@@ -39,8 +39,8 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
                    mdl_tokens: int = 8192) -> tuple[dict, Path]:
     """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder.
 
-    ``report`` also writes ``report.html`` there (self-contained: metrics, density, per-position
-    curves). ``compare`` folders are scored on the same tokens and placed beside it on the page
+    ``report`` also runs first-letter absorption and writes ``report.html`` there (self-contained:
+    metrics, density, per-position curves). ``compare`` folders are scored on the same tokens and placed beside it on the page
     (and MMCS / stitching against each that reads the same hook).
     """
     from saeforge.evals.report import evaluate, write_eval_json
@@ -62,6 +62,8 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
         hook_point = resolve_hook(lm.model, cfg.model.hook)
         metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
                            mean_ablation=cfg.eval.mean_ablation, mdl_tokens=mdl_tokens)
+    if report:
+        metrics["absorption"] = _absorption(lm, cfg, sae_dir)
     write_eval_json(metrics, sae_dir)
     if report:
         from saeforge.evals.compare import sae_label, trained_context
@@ -70,3 +72,15 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
         write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir)),
                    Path(sae_dir) / "report.html")
     return metrics, Path(sae_dir)
+
+
+def _absorption(lm, cfg: RunConfig, sae_dir: str | Path) -> dict:
+    """First-letter absorption, or {"error": why} when the vocabulary has too few single-word tokens."""
+    from saeforge.evals.absorption import first_letter_absorption
+    from saeforge.models import resolve_hook
+    from saeforge.saes.formats import load_sae
+
+    try:
+        return first_letter_absorption(lm, resolve_hook(lm.model, cfg.model.hook), load_sae(sae_dir, device=str(lm.device)))
+    except ValueError as e:
+        return {"error": str(e)}
