@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = []
 COMMAND_MODULES.append("saeforge.analysis.commands")  # steer, attribute
 COMMAND_MODULES.append("saeforge.evals.commands")  # compare
 COMMAND_MODULES.append("saeforge.viewer.commands")  # index, serve, export-neuronpedia
+COMMAND_MODULES.append("saeforge.toy")  # toy
 
 SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
               "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
@@ -85,6 +86,10 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.training.run import train
 
+    if ns.sweep:
+        from saeforge.training.sweep import cmd_sweep
+
+        return cmd_sweep(ns, base)
     cfg = run_config(base, ns)
     if ns.resume and (overrides(ns) or ns.config):
         raise SystemExit("--resume continues a run with its saved config.json; drop the other options")
@@ -175,6 +180,8 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON config file (same shape as a run's config.json)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    t.add_argument("--sweep", action="append", metavar="FIELD=V1,V2", help="train one SAE per value from the same "
+                   "batches, e.g. sae.k=16,32,64 (repeat for a grid; '|' separates values that hold commas)")
     add_config_options(t, ["model", "data", "activations", "train", "eval"], sae_cls)
     t.set_defaults(func=cmd_train)
 
