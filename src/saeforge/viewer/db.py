@@ -87,6 +87,7 @@ class FeatureDB:
         if not self.path.is_file():
             raise DBError(f"{self.path} does not exist; build it with `saeforge index SAE_DIR --out {self.path}`")
         self._local = threading.local()
+        self._vocab: dict[int, str] | None = None
         try:
             self.meta = {k: json.loads(v) for k, v in self._con().execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
@@ -109,9 +110,11 @@ class FeatureDB:
         return int(self.meta["d_sae"])
 
     def texts(self, ids: Iterable[int]) -> list[str]:
-        ids = list(ids)
-        found = dict(self.query(f"SELECT id, text FROM vocab WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))) if ids else {}
-        return [found.get(i, "") for i in ids]
+        # The vocabulary is read once (~50k short strings): a feature page needs ~1000 token texts, and one
+        # SQL query per context made each page cost dozens of round trips.
+        if self._vocab is None:
+            self._vocab = dict(self.query("SELECT id, text FROM vocab"))
+        return [self._vocab.get(i, "") for i in ids]
 
     def feature(self, idx: int) -> dict[str, Any] | None:
         row = self.query("SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,))

@@ -187,10 +187,10 @@ def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int],
 def _context_rows(stats: FeatureStats, cfg: IndexConfig):
     centre = cfg.left
     for kind, kept in (("top", stats.top), ("quantile", stats.sample)):
-        score, value, window = kept.score_FK.tolist(), kept.value_FK.tolist(), kept.window_FK.tolist()
+        value, window = kept.value_FK.tolist(), kept.window_FK.tolist()
         toks, acts = kept.tokens_FKL.tolist(), kept.acts_FKL.tolist()
         for f in range(stats.F):
-            slots = [k for k in range(len(score[f])) if score[f][k] != float("-inf")]
+            slots = kept.ordered(f)
             if kind == "top":
                 order, interval = slots, [-1] * len(slots)  # already best first
             else:

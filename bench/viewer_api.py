@@ -1,0 +1,92 @@
+"""API latency under load and page weight of the feature viewer (not a test).
+
+    python bench/viewer_api.py DB [--clients 32] [--seconds 10]
+
+Starts `saeforge serve DB --no-live` on a free loopback port (a separate process, as users run it),
+then 32 concurrent clients (one asyncio loop, httpx, keep-alive) request random features'
+/api/feature JSON for 10 s; reports requests/s and latency p50/p99. The load generator runs on the
+same machine and competes with the server for its cores: the figures are a floor, not a ceiling.
+Page weight: the bytes a browser fetches to show one feature page (HTML, script, stylesheet, JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(base: str, model: str, sae: str, d_sae: int, clients: int, seconds: float) -> tuple[list[float], int]:
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    rng = random.Random(0)
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await c.get(f"/api/feature/{model}/{sae}/{rng.randrange(d_sae)}")
+            lat.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as c:
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+    return lat, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("db")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10)
+    args = ap.parse_args()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "saeforge.cli", "serve", args.db, "--no-live", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                saes = httpx.get(f"{base}/api/saes").json()["saes"]
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit("server did not start")
+        s = saes[0]
+        model, sae, d_sae = s["model_id"], s["sae_id"], s["d_sae"]
+        lat, errors = asyncio.run(load(base, model, sae, d_sae, args.clients, args.seconds))
+        lat.sort()
+        q = statistics.quantiles(lat, n=100)
+        print(f"{len(lat)} requests in {args.seconds:.0f} s from {args.clients} clients: {len(lat) / args.seconds:,.0f} req/s, "
+              f"errors {errors}; latency p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms")
+
+        idx = httpx.get(f"{base}/api/features/{model}/{sae}?limit=1").json()["features"][0]["index"]
+        parts = {"feature page HTML": f"/feature/{model}/{sae}/{idx}", "app.js": "/static/app.js",
+                 "style.css": "/static/style.css", "feature JSON": f"/api/feature/{model}/{sae}/{idx}"}
+        sizes = {k: len(httpx.get(base + u).content) for k, u in parts.items()}
+        print("page weight (densest feature, uncompressed): " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items())
+              + f"; total {sum(sizes.values()) / 1024:.1f} KiB in {len(sizes)} requests")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
