@@ -86,6 +86,10 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.training.run import train
 
+    from saeforge.training import distributed
+
+    if ns.nproc > 1:
+        return distributed.launch(ns.nproc, ns.argv)
     if ns.sweep:
         from saeforge.training.sweep import cmd_sweep
 
@@ -94,6 +98,8 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
     if ns.resume and (overrides(ns) or ns.config):
         raise SystemExit("--resume continues a run with its saved config.json; drop the other options")
     result = train(cfg, resume=ns.resume, evaluate=not ns.no_eval, progress=not ns.quiet)
+    if not distributed.is_main_process():
+        return 0  # rank 0 prints
     if result.metrics is not None:
         print(format_table(result.metrics))
     print(f"SAE saved to {result.sae_dir}")
@@ -115,10 +121,26 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.activations import write_cache
     from saeforge.models import load_model, resolve_hook
 
+    from saeforge.training import distributed
+
+    if ns.nproc > 1:
+        return distributed.launch(ns.nproc, ns.argv)
     cfg = run_config(base, ns)
-    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    ctx = distributed.init()  # None in one process
+    device = str(ctx.comm_device) if ctx and ctx.comm_device.type == "cuda" else cfg.model.device
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
     hook_point = resolve_hook(lm.model, cfg.model.hook)
-    m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part, progress=not ns.quiet)
+    if ctx is None:
+        m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part,
+                        progress=not ns.quiet)
+    else:
+        from saeforge.activations.sharding import write_cache_parallel
+
+        m = write_cache_parallel(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, ctx, part=ns.part,
+                                 progress=not ns.quiet)
+        distributed.shutdown()
+        if not ctx.is_main:
+            return 0
     print(f"cache {ns.out}: {m['n_rows']} rows of width {m['d_in']} in {len(m['shards'])} shards "
           f"({cfg.model.name} at {cfg.model.hook})")
     return 0
@@ -182,6 +204,7 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     t.add_argument("--sweep", action="append", metavar="FIELD=V1,V2", help="train one SAE per value from the same "
                    "batches, e.g. sae.k=16,32,64 (repeat for a grid; '|' separates values that hold commas)")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     add_config_options(t, ["model", "data", "activations", "train", "eval"], sae_cls)
     t.set_defaults(func=cmd_train)
 
@@ -198,6 +221,7 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="cache folder")
     c.add_argument("--tokens", type=int, default=1_000_000, help="activation rows to cache")
     c.add_argument("--part", choices=["train", "heldout"], default="train", help="corpus part to cache")
+    c.add_argument("--nproc", type=int, default=1, help="processes that write the cache together (runs torchrun)")
     add_config_options(c, ["model", "data", "activations"], None)
     c.set_defaults(func=cmd_cache)
 
@@ -227,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         arch, base = _architecture(argv)
         ns = build_parser(arch).parse_args(argv)
+        ns.argv = argv  # --nproc re-runs the same command under torchrun
         if getattr(ns, "quiet", False):
             import transformers
 

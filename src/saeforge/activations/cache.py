@@ -62,8 +62,13 @@ def _shard_ok(folder: Path, shard: dict) -> bool:
 
 
 def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig, folder: str | Path,
-                n_tokens: int, part: str = "train", progress: bool = True) -> dict:
-    """Cache at least ``n_tokens`` activation rows (whole windows) into ``folder``; resumes a partial cache."""
+                n_tokens: int, part: str = "train", progress: bool = True,
+                window_range: tuple[int, int] | None = None) -> dict:
+    """Cache at least ``n_tokens`` activation rows (whole windows) into ``folder``; resumes a partial cache.
+
+    ``window_range=(lo, hi)``: cache exactly windows lo..hi-1 instead (one rank's part of a parallel
+    cache, see sharding.py); ``n_tokens`` is then only recorded.
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -72,6 +77,8 @@ def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig
     for stale in folder.glob("*.tmp-*"):
         stale.unlink()  # left by a killed writer; never part of the cache
     ident = _identity(lm, hook_point, data_cfg, part)
+    if window_range is not None:
+        ident["window_range"] = list(window_range)  # a part resumed with another process count is refused
     if (folder / MANIFEST).exists():
         manifest = read_manifest(folder)
         theirs = {k: manifest.get(k) for k in ident}
@@ -96,9 +103,12 @@ def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig
         manifest["n_windows"] = manifest["shards"][-1]["windows"][1] if manifest["shards"] else 0
         atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
-    start = manifest["shards"][-1]["windows"][1] if manifest["shards"] else 0
-    windows = itertools.islice(train_windows(lm.tokenizer, data_cfg, part), start, None)
-    bar = tqdm(total=n_tokens, initial=min(n_rows(), n_tokens), unit="tok", desc="cache", disable=not progress)
+    lo, hi = window_range or (0, None)
+    start = manifest["shards"][-1]["windows"][1] if manifest["shards"] else lo
+    windows = itertools.islice(train_windows(lm.tokenizer, data_cfg, part), start, hi)
+    if window_range is not None:
+        n_tokens = 1 << 62  # write the whole range: stop when the windows run out
+    bar = tqdm(total=None if window_range else n_tokens, initial=min(n_rows(), n_tokens), unit="tok", desc="cache", disable=not progress)
     pending: list = []
     next_window = start
     while n_rows() < n_tokens:
@@ -119,7 +129,7 @@ def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig
             commit()
             pending = []
         if not block:
-            if n_rows() < n_tokens:
+            if n_rows() < n_tokens and window_range is None:
                 log.warning("corpus part %r ran out after %d rows (asked for %d)", part, n_rows(), n_tokens)
             break
     bar.close()

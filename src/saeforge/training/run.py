@@ -101,22 +101,40 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import save_sae
 
+    from saeforge.training import distributed
+
+    ctx = distributed.init()  # None in one process: no process group at all
     cfg, run_dir = _prepare_dir(cfg, resume)
     if evaluate:
         _check_heldout(cfg)
     if lm is None:
-        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+        device = cfg.model.device
+        if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
+            device = str(ctx.comm_device)  # one GPU per rank, not all of them on cuda:0
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
     hook_point = resolve_hook(lm.model, cfg.model.hook)
-    source = build_source(cfg, lm, hook_point)
+    if ctx is not None:
+        from saeforge.activations.sharding import build_sharded_source
+
+        source = build_sharded_source(cfg, lm, hook_point, ctx)
+    else:
+        source = build_source(cfg, lm, hook_point)
     sae, sae_cfg = build_sae(cfg, source.d_in, lm.device)
     cfg = dataclasses.replace(cfg, sae=sae_cfg)
-    if resume is None:
+    if resume is None and (ctx is None or ctx.is_main):
         cfg.save(run_dir / CONFIG)
 
-    trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
+    if ctx is not None:
+        trainer = distributed.DataParallelTrainer(sae, cfg.train, cfg.activations.batch_size, run_dir, ctx, progress)
+    else:
+        trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
     if trainer.resume(source):
         log.info("resumed %s at step %d of %d", run_dir, trainer.step, trainer.n_steps)
     trainer.fit(source)
+    if ctx is not None:
+        distributed.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
+        if not ctx.is_main:
+            return RunResult(run_dir, run_dir / SAE_DIR, None)
     if trainer.step < trainer.n_steps:
         log.warning("the activation source ran out after %d of %d steps", trainer.step, trainer.n_steps)
 

@@ -123,7 +123,7 @@ class Trainer:
         self.scale = self._estimate_scale([x for x, _ in head])
         init = getattr(self.sae, "init_from_data", None)
         if init is not None:
-            init(head[0][0].to(self.device) * self.scale)
+            init(self._gather_rows(head[0][0]).to(self.device) * self.scale)
         return head
 
     def start_clock(self) -> None:
@@ -178,26 +178,37 @@ class Trainer:
             out = self.sae.training_loss(x_BD, ctx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        self._sync_grads()
         self.sae.remove_parallel_grads()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.opt.step()
         self.sae.after_step()
         with torch.no_grad():
-            fires_F = out.fire_count_F()
-            self.tokens_since_fired_F += len(x_BD)
+            fires_F, n_rows = self._sum_over_ranks(out.fire_count_F(), len(x_BD))
+            self.tokens_since_fired_F += n_rows
             self.tokens_since_fired_F[fires_F > 0] = 0
             if self.step >= int(0.9 * self.n_steps):
                 self.late_fired_F += fires_F
-                self.late_tokens += len(x_BD)
+                self.late_tokens += n_rows
             parts = dict(out.parts)
             parts["loss"] = out.loss.detach()
             if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
                 resid = (x_BD - out.x_hat_BD.float()).pow(2).sum()
                 total = (x_BD - x_BD.mean(0)).pow(2).sum()
                 parts["explained_variance"] = 1 - resid / total
-                parts["l0"] = fires_F.sum() / len(x_BD)
+                parts["l0"] = fires_F.sum() / n_rows
         return parts
+
+    # ---- data-parallel hooks: training/distributed.py overrides them; one process: identity --
+    def _gather_rows(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD  # all ranks' rows of a batch (for data-dependent init)
+
+    def _sync_grads(self) -> None:
+        pass  # average gradients over ranks
+
+    def _sum_over_ranks(self, fires_F: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+        return fires_F, n_rows  # firing counts and rows of the whole global batch
 
     def _log(self, parts: dict[str, torch.Tensor]) -> dict:
         rec = {"step": self.step, "tokens": self.step * self.batch_size,
