@@ -99,8 +99,8 @@ def mmcs(A_ND: Tensor, B_MD: Tensor) -> float:
 # Sparsity settings that work on the default toy data (inputs normalised to E||x|| = sqrt(d)).
 TOY_SAE_DEFAULTS: dict[str, dict] = {
     "relu": {"l1_coefficient": 2.0},
-    "gated": {"l1_coefficient": 0.5},
-    "jumprelu": {"l0_coefficient": 0.5},
+    "gated": {"l1_coefficient": 2.0},
+    "jumprelu": {"l0_coefficient": 1.0, "threshold_init": 0.5},  # from 0.001 theta needs thousands of steps to rise
     "topk": {"k": 8},
     "batchtopk": {"k": 6},
     "matryoshka": {"k": 6},
