@@ -164,7 +164,9 @@ def test_two_process_cache_reads_back_whole_in_one_process(tiny_model_dirs, text
     model = tiny_model_dirs["llama"]
     common = ["--model", model, "--hook", HOOK, "--corpus", text_corpus, "--data.context_size", 64,
               "--data.holdout_fraction", 0.2, "--activations.shard_rows", 1500, "--quiet"]
-    out = finish(torchrun("-m", "saeforge.cli", "cache", "--out", tmp_path / "par", "--tokens", 6000, *common))
+    # `--nproc 2` re-runs the command under torchrun --standalone (what a user types)
+    cmd = [sys.executable, "-m", "saeforge.cli", "cache", "--nproc", 2, "--out", tmp_path / "par", "--tokens", 6000, *common]
+    out = finish(subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     assert out.count("cache ") == 1  # rank 0 reports
     lm = load_model(str(model), device="cpu")
     hook = resolve_hook(lm.model, HOOK)
