@@ -2,14 +2,16 @@
 
 Models and SAEs are loaded on first use (a model is shared by the SAEs that read it) from what the
 database's meta says (model name, SAE folder, hook): nothing a request sends names a file. Forward
-passes are serialised by one lock: two CPU cores gain nothing from running them in parallel.
+passes are serialised by one lock: two CPU cores gain nothing from running them in parallel, and
+hook-based splices (steering) must not see another request's forward on the same shared model.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,11 +23,13 @@ class LiveError(RuntimeError):
 
 
 @dataclass
-class _Loaded:
-    lm: Any
+class Loaded:
+    """One database's model (shared with other SAEs on it), SAE, resolved hook point and data config."""
+
+    lm: Any  # saeforge.models.LoadedModel
     sae: Any
-    hook: Any
-    data_cfg: Any
+    hook: Any  # saeforge.models.hooks.HookPoint
+    data_cfg: Any  # saeforge.config.DataConfig the index was built with (BOS, excluded tokens)
 
 
 class LiveRunner:
@@ -33,9 +37,19 @@ class LiveRunner:
         self.max_tokens = max_tokens
         self._lock = threading.Lock()
         self._models: dict[str, Any] = {}
-        self._saes: dict[str, _Loaded] = {}
+        self._saes: dict[str, Loaded] = {}
 
-    def _load(self, key: str, meta: dict[str, Any]) -> _Loaded:
+    @contextmanager
+    def loaded(self, key: str, meta: dict[str, Any]) -> Iterator[Loaded]:
+        """The model and SAE of database ``key`` (loaded on first use), with the runner's lock held.
+
+        Use them only inside the ``with``: the lock is what keeps two requests' forward passes (and a
+        steering splice's hooks) off the shared model at once. Raises ``LiveError`` if loading fails.
+        """
+        with self._lock:
+            yield self._load(key, meta)
+
+    def _load(self, key: str, meta: dict[str, Any]) -> Loaded:
         from saeforge.config import from_dict, DataConfig
         from saeforge.models import load_model, resolve_hook
         from saeforge.saes.formats import load_sae
@@ -51,10 +65,10 @@ class LiveRunner:
             except (OSError, ValueError, KeyError) as e:
                 raise LiveError(f"cannot load the model/SAE of {key} ({e}); the database points at "
                                 f"{meta.get('model')!r} and {meta.get('sae_dir')!r}") from e
-            self._saes[key] = _Loaded(lm, sae, hook, from_dict(DataConfig, meta["data_config"], "data"))
+            self._saes[key] = Loaded(lm, sae, hook, from_dict(DataConfig, meta["data_config"], "data"))
         return self._saes[key]
 
-    def tokenize(self, loaded: _Loaded, text: str) -> torch.Tensor:
+    def tokenize(self, loaded: Loaded, text: str) -> torch.Tensor:
         from saeforge.data.packing import _bos_id
 
         ids = loaded.lm.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_tokens - 1]
@@ -67,8 +81,7 @@ class LiveRunner:
         from saeforge.data import excluded_mask
         from saeforge.models.hooks import capture
 
-        with self._lock:
-            loaded = self._load(key, meta)
+        with self.loaded(key, meta) as loaded:
             tokens_ST = self.tokenize(loaded, text)
             acts = capture(loaded.lm.model, [loaded.hook], tokens_ST.to(loaded.lm.device))[loaded.hook.name][0]
             f_TF = loaded.sae.encode(acts.to(loaded.sae.W_enc.dtype)).float().cpu()

@@ -5,8 +5,8 @@ so token text (untrusted corpus content) is never parsed as HTML. Databases are 
 command line, looked up by (model id, SAE id); a request can name only those, never a file.
 Errors are JSON ``{"error": ...}`` with a 4xx code; anything unexpected is a 500 with no traceback.
 
-Issue 7 (steering) adds ``POST /api/steer`` in its own router and fills the feature page's
-``#steer-slot`` section; nothing here needs to change for it beyond ``include_router``.
+Steering (issue 7) lives in ``steer.py``: ``POST /api/steer/...`` as its own router, and the feature
+page's ``#steer-slot`` panel.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models (classes local to
@@ -19,6 +19,7 @@ from typing import Any
 
 from saeforge.viewer.db import FeatureDB
 from saeforge.viewer.live import LiveError, LiveRunner
+from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -216,6 +217,7 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         return {"tokens": d.texts(ids), "values": values, "maxValue": values[top], "maxValueTokenIndex": top,
                 "minValue": min(values)}
 
+    app.include_router(steer_router(get_feature, runner))
     return app
 
 

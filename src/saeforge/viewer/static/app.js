@@ -108,6 +108,29 @@ async function featurePage() {
       out.appendChild(el("p", `max ${fmt(r.maxValue)} at token ${r.maxValueTokenIndex}`, "note"));
     } catch (e) { fail(out, e); }
   });
+  steerPanel(model, sae, index);
+}
+
+// The prompt and the generations are untrusted text too: both go in through textContent.
+function steerPanel(model, sae, index) {
+  $("srun").addEventListener("click", async () => {
+    const outs = [$("sclean"), $("ssteered")];
+    outs.forEach((o) => { o.textContent = ""; });
+    $("sstatus").textContent = "generating (the first run loads the model)…";
+    const prompt = $("sprompt").value;  // shown as sent, even if the box is edited while we wait
+    try {
+      const r = await api(`/api/steer/${encodeURIComponent(model)}/${encodeURIComponent(sae)}/${index}`, {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ prompt, alpha: Number($("salpha").value),
+          positions: $("spos").value, max_new_tokens: Number($("snew").value) || 24 }),
+      });
+      [r.clean, r.steered].forEach((text, i) => {
+        outs[i].appendChild(el("span", prompt, "prompt"));
+        outs[i].appendChild(el("span", text, "cont"));
+      });
+      $("sstatus").textContent = r.clean === r.steered ? "same text: try a larger alpha" : "";
+    } catch (e) { $("sstatus").textContent = `error: ${e.message}`; }
+  });
 }
 
 function drawHistogram(heights, width) {
