@@ -272,7 +272,8 @@ def test_browser_feature_list_and_search(page, server, built):
     page.select_option("#sae", "llama/b")
     page.fill("#q", q)
     page.click("#go")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('peak on tokens')")
+    # a selector wait, not wait_for_function: that polls with eval, which the page's CSP refuses
+    page.locator("#status", has_text="peak on tokens").wait_for()
     rows = page.locator("#features tbody tr")
     assert rows.count() > 0 and all(t.startswith("llama/b") for t in rows.locator("td:first-child").all_text_contents())
     assert page.errors == []
