@@ -31,6 +31,9 @@ def make_sae(arch, seed=0):
     cfg = config_class(arch)(d_in=D, d_sae=F_, **extra)
     sae = sae_class(arch)(cfg)
     sae.init_weights(torch.Generator().manual_seed(seed))
+    if arch == "gated":
+        with torch.no_grad():
+            sae.b_gate[:8] = -3.0  # dead from the start, so ghost grads have work to do
     return sae
 
 
@@ -77,9 +80,27 @@ def interrupted(source, after):
         yield x
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_resume_equals_uninterrupted(tmp_path, arch):
-    cfg = train_cfg()
+RESUME_CASES = [
+    ("relu", {}),
+    ("topk", {}),
+    # resampling (Adam moments, firing counters) and p-annealing (lambda rescale, probe sums) state
+    ("relu", {"dead_latents": "resample", "resample_every_steps": 30, "dead_after_tokens": 128 * 4,
+              "p_end": 0.5, "p_anneal_updates": 6, "p_anneal_start_fraction": 0.1}),
+    ("gated", {"dead_latents": "ghost"}),
+]
+
+
+@pytest.mark.parametrize("arch, extra", RESUME_CASES, ids=["relu", "topk", "relu-resample-panneal", "gated-ghost"])
+def test_resume_equals_uninterrupted(tmp_path, arch, extra):
+    cfg = train_cfg(**extra)
+
+    def make_sae(arch, seed=0):
+        sae = globals()["make_sae"](arch, seed)
+        if extra.get("dead_latents") == "resample":
+            with torch.no_grad():
+                sae.b_enc[:8] = -1e6  # dead until resampled at step 30, by the resumed run
+        return sae
+
     full = Trainer(make_sae(arch), cfg, 128, tmp_path / "full", progress=False)
     (tmp_path / "full").mkdir()
     full.fit(synthetic_source())
@@ -99,6 +120,9 @@ def test_resume_equals_uninterrupted(tmp_path, arch):
     for name, p in full.sae.state_dict().items():
         torch.testing.assert_close(second.sae.state_dict()[name], p, rtol=0, atol=0, msg=name)
     assert torch.equal(full.tokens_since_fired_F, second.tokens_since_fired_F)
+    assert second.anneal.lambda_scale == full.anneal.lambda_scale
+    if extra.get("p_end"):  # the annealing really rescaled lambda before and after the cut at 28
+        assert full.anneal.lambda_scale != 1.0 and [s for s in full.anneal.change_steps if s > 28]
     # the metrics log of the resumed run has no duplicate or lost steps
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / METRICS).read_text().splitlines()]
     assert steps == list(range(5, 61, 5))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEAD_LATENTS = ("auto", "none", "resample", "ghost")
 
 
 def F(default: Any, help: str, **kwargs: Any) -> Any:
@@ -86,7 +87,18 @@ class TrainConfig:
     grad_clip: float = F(1.0, "Max gradient norm (0 disables clipping).")
     normalize_activations: bool = F(True, "Scale inputs so E||x|| = sqrt(d_in) while training; folded back on save.")
     norm_estimate_batches: int = F(4, "Batches used to estimate the normalisation scale.")
-    dead_after_tokens: int = F(200_000, "A latent counts as dead after this many training tokens without firing (AuxK revives those).")
+    dead_after_tokens: int = F(200_000, "A latent counts as dead after this many training tokens without firing (dead-latent handling acts on those).")
+    dead_latents: str = F(
+        "auto",
+        "Dead-latent handling: auto (the architecture's own: AuxK for topk/batchtopk/matryoshka, none otherwise), "
+        "none, resample (2023 recipe; not with sae.tied), ghost (ghost grads; relu and gated).",
+    )
+    resample_every_steps: int = F(
+        0, "dead_latents=resample: steps between resamplings; 0 = one dead window (dead_after_tokens / batch size).")
+    p_end: float = F(1.0, "p-annealing (relu, gated): the penalty sum |f_i|^p anneals p linearly from 1 to this; 1 = off.")
+    p_anneal_start_fraction: float = F(0.2, "p-annealing starts after this fraction of the steps.")
+    p_anneal_end_fraction: float = F(0.8, "p reaches p_end at this fraction of the steps (before the LR decay).")
+    p_anneal_updates: int = F(10, "Times p changes in the window; each change rescales lambda to keep the penalty's size.")
     autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast), on, off.")
     checkpoint_every_steps: int = F(100, "Steps between atomic checkpoints.")
     log_every_steps: int = F(10, "Steps between metric lines in metrics.jsonl.")
@@ -101,6 +113,16 @@ class TrainConfig:
         _check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
         _check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
         _check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
+        _check(self.dead_latents in DEAD_LATENTS,
+               f"train.dead_latents={self.dead_latents!r}: expected one of {DEAD_LATENTS}")
+        _check(self.resample_every_steps >= 0,
+               f"train.resample_every_steps={self.resample_every_steps}: expected >= 0 (0 = one dead window)")
+        _check(0 < self.p_end <= 1, f"train.p_end={self.p_end}: expected 0 < p_end <= 1 (1 = no p-annealing; "
+               "p = 0 would be L0, which has no gradient)")
+        _check(0 <= self.p_anneal_start_fraction < self.p_anneal_end_fraction <= 1,
+               f"train.p_anneal_start_fraction={self.p_anneal_start_fraction}, p_anneal_end_fraction="
+               f"{self.p_anneal_end_fraction}: expected 0 <= start < end <= 1")
+        _check(self.p_anneal_updates >= 1, f"train.p_anneal_updates={self.p_anneal_updates}: expected >= 1")
 
 
 @dataclass
@@ -131,6 +153,14 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval")
+
+    def __post_init__(self) -> None:
+        # train options that only some architectures support: fail before any model is loaded
+        from saeforge.training.anneal import check_p_anneal
+        from saeforge.training.dead import check_dead_latents
+
+        check_dead_latents(self.train, self.sae)
+        check_p_anneal(self.train, self.sae)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: to_dict(getattr(self, name)) for name in self.SECTIONS}

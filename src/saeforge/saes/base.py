@@ -9,6 +9,7 @@ An architecture is one final subclass in its own file that defines ``init_weight
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
@@ -52,12 +53,17 @@ class SAEConfig:
 class LossContext:
     """Per-step inputs to ``training_loss`` that come from the trainer, not the batch.
 
-    sparsity_scale multiplies the sparsity penalty (the trainer's warm-up schedule);
-    dead_mask_F marks latents that have not fired for a while (TopK's AuxK uses it).
+    sparsity_scale multiplies the sparsity penalty (the trainer's warm-up schedule and p-annealing's
+    lambda rescale); dead_mask_F marks latents that have not fired for a while (AuxK uses it; the trainer
+    passes None when train.dead_latents turns AuxK off). p is the exponent of the penalty sum_i |f_i|^p
+    (relu, gated; 1 = their plain L1). When p_probe is set, those SAEs also log parts["lp_probe"], the
+    penalty at p = p_probe on this batch (detached), so the trainer can rescale lambda when p changes.
     """
 
     sparsity_scale: float = 1.0
     dead_mask_F: Tensor | None = None
+    p: float = 1.0
+    p_probe: float | None = None
 
 
 class StepOutput:
@@ -130,11 +136,33 @@ class SAE(nn.Module, abc.ABC):
         self.cfg = cfg
         D, F_ = cfg.d_in, cfg.d_sae
         kw = dict(dtype=getattr(torch, cfg.dtype), device=torch.device(cfg.device))
-        self.W_enc = nn.Parameter(torch.empty(D, F_, **kw))
+        # Tied (cfg.tied, relu/topk): no W_enc parameter; __getattr__ hands out W_dec.T, a view, so every
+        # encoder use (and its gradient) goes through the one [F, D] matrix.
+        self._tied = bool(getattr(cfg, "tied", False))
+        if not self._tied:
+            self.W_enc = nn.Parameter(torch.empty(D, F_, **kw))
         self.b_enc = nn.Parameter(torch.empty(F_, **kw))
         self.W_dec = nn.Parameter(torch.empty(F_, D, **kw))
         self.b_dec = nn.Parameter(torch.empty(D, **kw))
         self.init_weights(torch.Generator().manual_seed(0))
+
+    def __getattr__(self, name: str):
+        if name == "W_enc" and self.__dict__.get("_tied", False):
+            return self._parameters["W_dec"].T
+        return nn.Module.__getattr__(self, name)
+
+    @property
+    def tied(self) -> bool:
+        return self._tied
+
+    @torch.no_grad()
+    def untie(self) -> None:
+        """Give a tied SAE its own W_enc (a copy of W_dec.T); cfg.tied becomes False. A no-op when untied."""
+        if not self._tied:
+            return
+        self._tied = False
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
+        self.cfg = dataclasses.replace(self.cfg, tied=False)
 
     @property
     def d_in(self) -> int:
@@ -184,6 +212,13 @@ class SAE(nn.Module, abc.ABC):
         b_dec = self.b_dec.detach()
         return x_BD - b_dec, self.b_enc + (b_dec - self.b_dec) @ self.W_enc.detach()
 
+    def pre_acts_of(self, x_BD: Tensor, idx_N: Tensor) -> Tensor:
+        """Pre-activations [B, N] of latents idx_N only, with b_dec detached (ghost grads: only those latents learn)."""
+        x_BD = x_BD.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x_BD = x_BD - self.b_dec.detach()
+        return x_BD @ self.W_enc[:, idx_N] + self.b_enc[idx_N]
+
     def pre_acts_reference(self, x_BD: Tensor) -> Tensor:
         """The plain formula for ``pre_acts`` (tests compare the two)."""
         x_BD = x_BD.to(self.W_enc.dtype)
@@ -204,9 +239,13 @@ class SAE(nn.Module, abc.ABC):
         W_enc^T (x - b_dec/c) * c = W_enc^T (c x - b_dec), so scaling W_enc by c and b_dec by 1/c keeps
         every pre-activation; dividing W_dec by c scales the reconstruction back. Call it once, after
         training: TopK's unit-norm decoder constraint no longer holds afterwards (rows have norm 1/c).
+        A tied SAE cannot hold c * W and W / c in one matrix: for c != 1 it is untied first (cfg.tied False).
         """
         if not c > 0:
             raise ValueError(f"fold_input_scale(c={c}): the input scale must be a positive number")
+        if self._tied and c == 1.0:
+            return
+        self.untie()
         self.W_enc.mul_(c)
         self.W_dec.div_(c)
         self.b_dec.div_(c)

@@ -8,6 +8,8 @@ A folder holds:
 Choices, so SAELens reads the folder as its own:
 - ``architecture`` holds SAELens's name ("standard" for our "relu", "topk" for "topk"); our name is
   in ``metadata.saeforge_architecture``, which our loader prefers.
+- A tied SAE (``tied: true``) writes W_enc = W_dec^T as its own tensor (SAELens has no tied layout);
+  loading checks the two are equal and keeps one parameter.
 - ``normalize_activations`` is "none": the trainer folds its input scale into the weights first.
 - ``metadata.sae_lens_version`` is "6.0.0". SAELens uses it only to pick its config parser: without
   it, SAELens treats the folder as pre-v6 and drops the metadata dict. It declares the layout we
@@ -97,6 +99,8 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any], sparsity_F:
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CFG_FILE).exists())):
         raise FileExistsError(f"{folder} exists and is not an SAE folder (no {CFG_FILE}); refusing to replace it. Pick another path.")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
+    if sae.tied:  # SAELens has no tied layout: write the encoder out as its own tensor
+        tensors["W_enc"] = sae.W_enc.detach().to("cpu").contiguous()
 
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +202,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     weights_path = folder / WEIGHTS_FILE
     _require(weights_path, "the SAE weights")
     tensors = load_file(str(weights_path), device=str(device))
+    if sae.tied and "W_enc" in tensors and "W_dec" in tensors:
+        W_enc_DF = tensors.pop("W_enc")
+        if W_enc_DF.shape != tensors["W_dec"].T.shape or not torch.equal(W_enc_DF, tensors["W_dec"].T):
+            raise ValueError(f"{weights_path}: cfg.json says tied=true but W_enc is not W_dec^T; "
+                             "set \"tied\": false in cfg.json to load the two matrices separately")
     expected = sae.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:

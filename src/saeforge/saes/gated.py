@@ -3,7 +3,7 @@
     x_c = x - b_dec                       (when apply_b_dec_to_input)
     pi_gate = W_enc^T x_c + b_gate         pi_mag = exp(r_mag) * (W_enc^T x_c) + b_mag
     f = 1[pi_gate > 0] * ReLU(pi_mag)      x_hat = W_dec^T f + b_dec
-    L = mean_B ||x - x_hat||^2 + lambda * sparsity_scale * mean_B ||ReLU(pi_gate)||_1
+    L = mean_B ||x - x_hat||^2 + lambda * sparsity_scale * mean_B sum_i ReLU(pi_gate)_i^p
         + mean_B ||x - (sg(W_dec)^T ReLU(pi_gate) + sg(b_dec))||^2            (the auxiliary loss)
 
 The gate decides which latents fire and the magnitude path how much; they share W_enc (rescaled
@@ -14,6 +14,7 @@ Decoder rows are kept unit norm (gradient component along each row removed befor
 re-normalised after), so the L1 needs no decoder-norm weighting. The paper trains with Adam betas
 (0, 0.999): pass --train.adam_beta1 0.
 
+p = ctx.p is 1 (the paper's L1) unless the trainer anneals it (train.p_end).
 Parameters follow SAELens's gated layout: W_enc, b_gate, b_mag, r_mag, W_dec, b_dec (no b_enc).
 """
 
@@ -84,13 +85,29 @@ class GatedSAE(SAE):
         x_hat_BD = self.decode(f_BF)
         mse = sum_sq_BD(x_BD - x_hat_BD).mean()
         gate_act_BF = torch.relu(gate_BF)
-        l1 = gate_act_BF.sum(dim=-1, dtype=torch.float32).mean()
+        l1 = self.penalty(gate_act_BF, ctx.p)
         aux = sum_sq_BD(x_BD - (gate_act_BF @ self.W_dec.detach() + self.b_dec.detach())).mean()
         loss = mse + (self.cfg.l1_coefficient * ctx.sparsity_scale) * l1 + aux
         with torch.no_grad():
             l0 = torch.count_nonzero(f_BF).float() / B
-        parts = {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach(), "l0": l0}
+            parts = {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach(), "l0": l0}
+            if ctx.p_probe is not None:
+                parts["lp_probe"] = self.penalty(gate_act_BF, ctx.p_probe)
         return StepOutput(loss, x_hat_BD, f_BF, parts)
+
+    @staticmethod
+    def penalty(gate_act_BF: Tensor, p: float) -> Tensor:
+        """mean_B sum_i ReLU(pi_gate)_i^p; p = 1 skips the pow (exactly the L1). ReLU's backward zeroes
+        the infinite pow gradient at 0 for p < 1."""
+        a_BF = gate_act_BF if p == 1 else gate_act_BF.float().pow(p)
+        return a_BF.sum(dim=-1, dtype=torch.float32).mean()
+
+    def pre_acts_of(self, x_BD: Tensor, idx_N: Tensor) -> Tensor:
+        """Gate pre-activations [B, N] of latents idx_N, b_dec detached (what ghost grads revive)."""
+        x_BD = x_BD.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x_BD = x_BD - self.b_dec.detach()
+        return x_BD @ self.W_enc[:, idx_N] + self.b_gate[idx_N]
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:

@@ -1,7 +1,10 @@
 """ReLU SAE with the decoder-norm-weighted L1 penalty (Anthropic's April 2024 recipe; SAELens "standard").
 
     f = ReLU(W_enc^T (x - b_dec) + b_enc)        x_hat = W_dec^T f + b_dec
-    L = mean_B ||x - x_hat||^2  +  lambda * sparsity_scale * mean_B sum_i f_i ||W_dec[i]||
+    L = mean_B ||x - x_hat||^2  +  lambda * sparsity_scale * mean_B sum_i f_i^p ||W_dec[i]||
+
+p = ctx.p is 1 (the plain decoder-norm-weighted L1) unless the trainer anneals it (train.p_end).
+With ``tied`` the encoder is W_dec^T itself (one [F, D] parameter; see SAE.__getattr__).
 
 No unit-norm constraint: weighting each f_i by its decoder row norm makes the penalty
 invariant to moving scale between a latent's encoder and decoder, so the norm constraint is
@@ -33,6 +36,7 @@ class ReLUConfig(SAEConfig):
     # is the value Anthropic report for this normalisation and SAELens's suggestion for the
     # standard SAE; it gives L0 in the tens on small LMs. Sweep it: it is the sparsity knob.
     init_decoder_norm: float = F(0.1, "Norm of each decoder row at initialisation (the 2024 recipe uses 0.1).")
+    tied: bool = F(False, "Tie the encoder to the decoder: W_enc is W_dec^T, one parameter (saved as both tensors).")
 
     def __post_init__(self) -> None:
         SAEConfig.__post_init__(self)
@@ -61,12 +65,21 @@ class ReLUSAE(SAE):
         f_BF = torch.relu(self.pre_acts(x_BD))
         x_hat_BD = self.decode(f_BF)
         mse = sum_sq_BD(x_BD - x_hat_BD).mean()
-        # sum_b f_bi first (an [F] vector accumulated in fp32), then weight by the row norms:
-        # the same number as mean_b sum_i f_bi ||W_dec[i]|| without a second [B, F] tensor.
         dec_norm_F = self.W_dec.norm(dim=1)
-        l1 = (f_BF.sum(dim=0, dtype=torch.float32) * dec_norm_F.float()).sum() / B
+        l1 = self.penalty(f_BF, dec_norm_F, ctx.p)
         loss = mse + (self.cfg.l1_coefficient * ctx.sparsity_scale) * l1
         with torch.no_grad():
             l0 = torch.count_nonzero(f_BF).float() / B
-        parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": l0}
+            parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": l0}
+            if ctx.p_probe is not None:
+                parts["lp_probe"] = self.penalty(f_BF, dec_norm_F, ctx.p_probe)
         return StepOutput(loss, x_hat_BD, f_BF, parts)
+
+    @staticmethod
+    def penalty(f_BF: Tensor, dec_norm_F: Tensor, p: float) -> Tensor:
+        """mean_B sum_i f_i^p ||W_dec[i]|| (f >= 0). p = 1 skips the pow: the loss is exactly the L1 one."""
+        # sum_b first (an [F] vector accumulated in fp32), then weight by the row norms: the same
+        # number as mean_b sum_i f_bi^p ||W_dec[i]|| without a second [B, F] tensor. For p < 1 the
+        # pow's gradient is infinite at f = 0, but ReLU's backward selects 0 there (no NaN).
+        f_BF = f_BF if p == 1 else f_BF.float().pow(p)
+        return (f_BF.sum(dim=0, dtype=torch.float32) * dec_norm_F.float()).sum() / f_BF.shape[0]

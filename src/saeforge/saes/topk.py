@@ -13,6 +13,9 @@ ones already are. It is 0 (no graph) when no latent is dead. Its gradient reache
 selected dead latents' W_enc columns, b_enc entries and W_dec rows -- and b_dec, which every
 latent shares through the input centring x - b_dec (as in the reference implementations).
 
+With ``tied`` the encoder is W_dec^T itself (one [F, D] parameter; see SAE.__getattr__): the fast
+encoder backward's W_enc gradient flows through the transpose into W_dec.
+
 Decoder rows are kept unit norm: the trainer calls ``remove_parallel_grads()`` after backward
 (drops the gradient component along each row, which would only change its norm) and
 ``after_step()`` after the optimiser step (re-projects rows to norm 1).
@@ -46,6 +49,7 @@ class TopKConfig(SAEConfig):
     aux_coefficient: float = F(1 / 32, "Weight of the AuxK dead-latent loss (the paper uses 1/32).")
     sparse_decode: bool = F(True, "Training decodes with embedding_bag over the k active rows (False = dense reference).")
     sparse_encoder_grad: bool = F(True, "Training computes W_enc's gradient from the selected entries only (False = dense reference).")
+    tied: bool = F(False, "Tie the encoder to the decoder: W_enc is W_dec^T, one parameter (saved as both tensors).")
 
     def __post_init__(self) -> None:
         SAEConfig.__post_init__(self)

@@ -1,7 +1,7 @@
 """The training loop: an SAE, an optimiser and an iterator of activation batches.
 
-All mutable state (SAE, Adam, step, normalisation scale, dead-latent counters, the source's
-position) lives in this one object, and ``state_dict()`` holds all of it: a checkpoint is that
+All mutable state (SAE, Adam, step, normalisation scale, dead-latent counters, p-annealing's lambda
+scale, the source's position) lives in this one object, and ``state_dict()`` holds all of it: a checkpoint is that
 dict saved atomically, and a resumed run continues bit-for-bit where the interrupted one was.
 The source only has to be an iterable of float32 ``x_BD`` batches; if it also has
 ``state_dict``/``load_state_dict`` its position is checkpointed too (live LM stream or cache).
@@ -21,6 +21,8 @@ import torch
 from saeforge.config import TrainConfig
 from saeforge.models.loading import bf16_is_fast
 from saeforge.io import atomic_path, atomic_write_text
+from saeforge.training.anneal import PAnneal, check_p_anneal
+from saeforge.training.dead import make_handler
 from saeforge.training.schedules import lr_factor, sparsity_factor
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +49,9 @@ class Trainer:
         self.late_tokens = 0
         self.elapsed = 0.0
         self.source_state: dict | None = None
+        self.dead = make_handler(cfg, sae, batch_size)  # train.dead_latents (training/dead.py); stateless
+        check_p_anneal(cfg, sae.cfg)
+        self.anneal = PAnneal(cfg, self.n_steps)
         self._t0 = time.perf_counter()
 
     # ---- state -----------------------------------------------------------------------
@@ -54,7 +59,8 @@ class Trainer:
         return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale,
                 "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired_F, "late_fired": self.late_fired_F,
-                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source": self.source_state}
+                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source": self.source_state,
+                "anneal": self.anneal.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != CHECKPOINT_VERSION:
@@ -66,6 +72,8 @@ class Trainer:
         self.late_fired_F = d["late_fired"].to(self.device)
         self.late_tokens, self.elapsed = int(d["late_tokens"]), float(d["elapsed"])
         self.source_state = d["source"]
+        if "anneal" in d:  # checkpoints from before p-annealing have none (and never annealed)
+            self.anneal.load_state_dict(d["anneal"], self.device)
 
     def save_checkpoint(self) -> None:
         assert self.run_dir is not None
@@ -172,12 +180,19 @@ class Trainer:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(self.step, self.n_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
-        ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction),
-                          dead_mask_F=self.dead_mask_F)
+        p, p_probe = self.anneal.begin_step(self.step, self._gather_rows)
+        dead_mask_F = self.dead_mask_F
+        ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction)
+                          * self.anneal.lambda_scale, dead_mask_F=self.dead.loss_dead_mask(dead_mask_F),
+                          p=p, p_probe=p_probe)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.sae.training_loss(x_BD, ctx)
+        loss = out.loss
+        extra = self.dead.extra_loss(self.sae, x_BD, out, dead_mask_F)  # ghost grads
+        if extra is not None:
+            loss = loss + extra
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         self._sync_grads()
         self.sae.remove_parallel_grads()
         if cfg.grad_clip > 0:
@@ -191,13 +206,19 @@ class Trainer:
             if self.step >= int(0.9 * self.n_steps):
                 self.late_fired_F += fires_F
                 self.late_tokens += n_rows
-            parts = dict(out.parts)
-            parts["loss"] = out.loss.detach()
+            self.anneal.observe(out.parts)
+            parts = {k: v for k, v in out.parts.items() if k != "lp_probe"}
+            parts["loss"] = loss.detach()
+            if extra is not None:
+                parts["ghost"] = extra.detach()
+            if self.anneal.on:
+                parts["p"], parts["lambda_scale"] = torch.tensor(p), torch.tensor(self.anneal.lambda_scale)
             if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
                 resid = (x_BD - out.x_hat_BD.float()).pow(2).sum()
                 total = (x_BD - x_BD.mean(0)).pow(2).sum()
                 parts["explained_variance"] = 1 - resid / total
                 parts["l0"] = fires_F.sum() / n_rows
+        self.dead.after_step(self, x_BD, out)  # resampling (after the firing counts it reads)
         return parts
 
     # ---- data-parallel hooks: training/distributed.py overrides them; one process: identity --
