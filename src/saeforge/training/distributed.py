@@ -68,6 +68,9 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while a peer is still mid-collective (likely on a
+        # loaded machine) can abort at exit with "terminate called without an active exception".
+        dist.barrier()
         dist.destroy_process_group()
 
 
