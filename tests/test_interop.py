@@ -142,3 +142,23 @@ def test_saelens_legacy_flat_cfg_topk_and_errors(tmp_path):
     assert isinstance(load_foreign(v6), TopKSAE)
     with pytest.raises(FileNotFoundError, match="no ae.pt"):
         load_foreign(tmp_path)
+
+
+def test_saelens_topk_with_decoder_norm_rescaling(tmp_path):
+    """SAELens's default TopK training config saves rescale_acts_by_decoder_norm=true; we fold it exactly."""
+    t = {"W_enc": rnd(D, F_), "b_enc": rnd(F_), "W_dec": rnd(F_, D) * 3, "b_dec": rnd(D)}  # rows far from unit norm
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": F_, "k": K, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "rescale_acts_by_decoder_norm": True, "metadata": {"sae_lens_version": "6.54.12", "hook_name": "h"}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    n_F = t["W_dec"].norm(dim=-1)
+    # SAELens: scale pre-activations by the decoder norms, keep the top k, divide them out again to decode
+    f_ref = topk_ref(((X - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * n_F, K)
+    x_hat_ref = (f_ref / n_F) @ t["W_dec"] + t["b_dec"]
+    sae = load_foreign(tmp_path)
+    assert isinstance(sae, TopKSAE)
+    check(sae, f_ref, x_hat_ref)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "standard"}))
+    with pytest.raises(ValueError, match="only understood for topk"):
+        load_foreign(tmp_path)

@@ -191,8 +191,12 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"{folder / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r}; saeforge loads only "
             "'none' (input scaling folded into the weights). Fold it in SAELens first (fold_activation_norm_scaling_factor)."
         )
-    if cfg.get("rescale_acts_by_decoder_norm") or cfg.get("reshape_activations", "none") != "none":
-        raise ValueError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm / reshape_activations are not supported by saeforge")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise ValueError(f"{folder / CFG_FILE}: reshape_activations={cfg['reshape_activations']!r} (attention heads) "
+                         "is not supported by saeforge")
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm"))
+    if rescale and name != "topk":
+        raise ValueError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm is only understood for topk SAEs")
     cfg_cls = registry.config_class(name)
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     fields = {k: v for k, v in cfg.items() if k in known}
@@ -221,8 +225,24 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
                 f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}) "
                 f"implies {list(want.shape)}; the weights and cfg.json come from different SAEs"
             )
+    if rescale:
+        _fold_decoder_norm(tensors)
     sae.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return sae
+
+
+def _fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> None:
+    """SAELens TopK with rescale_acts_by_decoder_norm -> plain TopK with the same x_hat and selections.
+
+    SAELens computes pre_i = (W_enc^T x' + b_enc)_i * n_i with n_i = ||W_dec[i]||, keeps the top k, and
+    decodes sum_i (f_i / n_i) W_dec[i]. Scaling encoder column i and b_enc_i by n_i and decoder row i by
+    1 / n_i gives the same pre-activations (so the same top-k) and the same reconstruction; the latents
+    are then SAELens's (rescaled) values.
+    """
+    n_F = tensors["W_dec"].norm(dim=-1)
+    tensors["W_enc"] = tensors["W_enc"] * n_F
+    tensors["b_enc"] = tensors["b_enc"] * n_F
+    tensors["W_dec"] = tensors["W_dec"] / n_F[:, None]
 
 
 def load_sparsity(folder: str | Path, device: str | torch.device = "cpu") -> torch.Tensor | None:
