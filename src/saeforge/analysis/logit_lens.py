@@ -16,19 +16,7 @@ from torch import Tensor, nn
 
 from saeforge.analysis.common import hf_model
 from saeforge.analysis.splice import check_feature
-
-_FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm")
-
-
-def final_norm(model: Any) -> nn.Module | None:
-    model = hf_model(model)
-    for path in _FINAL_NORMS:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    return None
-
+from saeforge.models.hooks import final_norm
 
 @torch.no_grad()
 def direction_logits_V(model: Any, direction_D: Tensor) -> Tensor:

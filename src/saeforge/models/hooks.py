@@ -282,3 +282,19 @@ def capture(
     if missing:
         raise HookError(f"hook points {sorted(missing)} never fired during the forward; is the module on the forward path?")
     return {p.name: got[p.name] for p in points}
+
+
+# Module paths of the norm applied before the unembedding (llama-style, OPT/Phi, GPT-2, NeoX, OPT decoder).
+FINAL_NORMS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+               "model.decoder.final_layer_norm")
+
+
+def final_norm(model: Any) -> nn.Module | None:
+    """The model's final norm module (what the logit lens passes a residual direction through), or None."""
+    model = model if isinstance(model, nn.Module) else model.model  # a LoadedModel
+    for path in FINAL_NORMS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return None

@@ -14,22 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# family -> module path of the final norm before the unembedding
-FINAL_NORM = {"llama": "model.norm", "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
-CANDIDATES = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
-
-
-def final_norm(model: nn.Module) -> nn.Module | None:
-    from saeforge.models.hooks import family_of
-
-    paths = [FINAL_NORM[f] for f in [family_of(model.config)] if f in FINAL_NORM] + list(CANDIDATES)
-    for path in paths:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    return None
-
+from saeforge.models.hooks import final_norm
 
 @torch.no_grad()
 def logit_lens(model: nn.Module, W_dec_FD: Tensor, n: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
