@@ -251,6 +251,25 @@ class SAE(nn.Module, abc.ABC):
         self.b_dec.div_(c)
 
 
+@torch.no_grad()
+def remove_parallel_grad_(W_FD: Tensor) -> None:
+    """Drop the part of each row's gradient that points along the row.
+
+    Under a unit-norm row constraint that part would only change the norm, which ``unit_norm_rows_``
+    undoes after the step; removing it first keeps Adam's moments for what can actually change.
+    """
+    g_FD = W_FD.grad
+    if g_FD is not None:
+        u_FD = W_FD / W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g_FD.sub_((g_FD * u_FD).sum(dim=1, keepdim=True) * u_FD)
+
+
+@torch.no_grad()
+def unit_norm_rows_(W_FD: Tensor) -> None:
+    """Re-project every row to unit norm, in place (after the optimiser step)."""
+    W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
 def sum_sq_BD(r_BD: Tensor) -> Tensor:
     """sum over D of r^2, per row, in float32 (bf16 residuals would lose the small errors)."""
     r_BD = r_BD.float()

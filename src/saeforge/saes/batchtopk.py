@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, random_directions, sum_sq_BD
+from saeforge.saes.base import (
+    LossContext, random_directions, remove_parallel_grad_, SAE, SAEConfig,
+    StepOutput, sum_sq_BD, unit_norm_rows_,
+)
 
 
 @dataclass
@@ -133,16 +136,11 @@ class BatchTopKSAE(SAE):
                      "l0": torch.count_nonzero(f_BF).float() / B}
         return StepOutput(loss, x_hat_BD, f_BF, parts)
 
-    @torch.no_grad()
     def remove_parallel_grads(self) -> None:
-        g_FD = self.W_dec.grad
-        if g_FD is not None:
-            u_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            g_FD.sub_((g_FD * u_FD).sum(dim=1, keepdim=True) * u_FD)
+        remove_parallel_grad_(self.W_dec)  # unit-norm decoder rows
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        unit_norm_rows_(self.W_dec)
 
     @torch.no_grad()
     def inference_sae(self):

@@ -38,7 +38,10 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, random_directions, sum_sq_BD
+from saeforge.saes.base import (
+    LossContext, random_directions, remove_parallel_grad_, SAE, SAEConfig,
+    StepOutput, sum_sq_BD, unit_norm_rows_,
+)
 
 
 @dataclass
@@ -167,19 +170,11 @@ class TopKSAE(SAE):
         z_BF = vals_BK.new_zeros(vals_BK.shape[0], self.d_sae).scatter(-1, idx_BK, vals_BK)
         return self.decode(z_BF) if bias else z_BF @ self.W_dec
 
-    @torch.no_grad()
     def remove_parallel_grads(self) -> None:
-        """Drop the part of each decoder row's gradient that points along the row (it only changes the norm)."""
-        g_FD = self.W_dec.grad
-        if g_FD is None:
-            return
-        u_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        g_FD.sub_((g_FD * u_FD).sum(dim=1, keepdim=True) * u_FD)
+        remove_parallel_grad_(self.W_dec)  # unit-norm decoder rows
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """Re-project decoder rows to unit norm after the optimiser step."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        unit_norm_rows_(self.W_dec)
 
 
 class _TopKEncoder(torch.autograd.Function):
