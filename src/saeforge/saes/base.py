@@ -176,6 +176,15 @@ class SAE(nn.Module, abc.ABC):
     def init_weights(self, generator: torch.Generator) -> None:
         """(Re)initialise all parameters in place from ``generator`` (a CPU generator)."""
 
+    @torch.no_grad()
+    def init_decoder_and_transpose(self, generator: torch.Generator, decoder_norm: float) -> None:
+        """The init every architecture here shares: decoder rows are random directions of norm
+        ``decoder_norm``, W_enc = W_dec^T, b_dec = 0. Architectures then set their own biases."""
+        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=decoder_norm)
+        self.W_dec.copy_(W_dec_FD)
+        self.W_enc.copy_(W_dec_FD.T)
+        self.b_dec.zero_()
+
     @abc.abstractmethod
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense latents f_BF for inference."""

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, random_directions, remove_parallel_grad_, SAE, SAEConfig,
+    LossContext, remove_parallel_grad_, SAE, SAEConfig,
     StepOutput, sum_sq_BD, unit_norm_rows_,
 )
 
@@ -86,11 +86,8 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=1.0)
-        self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
+        self.init_decoder_and_transpose(generator, 1.0)
         self.b_enc.zero_()
-        self.b_dec.zero_()
         if hasattr(self, "threshold"):
             self.threshold.fill_(-1.0)
             self.threshold_updates.zero_()

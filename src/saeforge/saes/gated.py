@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, random_directions, remove_parallel_grad_, SAE, SAEConfig,
+    LossContext, remove_parallel_grad_, SAE, SAEConfig,
     StepOutput, sum_sq_BD, unit_norm_rows_,
 )
 
@@ -57,10 +57,7 @@ class GatedSAE(SAE):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=1.0)
-        self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
-        self.b_dec.zero_()
+        self.init_decoder_and_transpose(generator, 1.0)
         for name in ("b_enc", "b_gate", "b_mag", "r_mag"):  # b_enc only during SAE.__init__
             if hasattr(self, name):
                 getattr(self, name).zero_()

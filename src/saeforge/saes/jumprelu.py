@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, random_directions, sum_sq_BD
+from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, sum_sq_BD
 
 
 @dataclass
@@ -91,11 +91,8 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=self.cfg.init_decoder_norm)
-        self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
+        self.init_decoder_and_transpose(generator, self.cfg.init_decoder_norm)
         self.b_enc.zero_()
-        self.b_dec.zero_()
         if hasattr(self, "threshold"):  # SAE.__init__ calls this before threshold exists
             self.threshold.fill_(self.cfg.threshold_init)
 

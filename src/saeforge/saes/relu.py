@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, random_directions, sum_sq_BD
+from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, sum_sq_BD
 
 
 @dataclass
@@ -51,11 +51,8 @@ class ReLUSAE(SAE):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=self.cfg.init_decoder_norm)
-        self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
+        self.init_decoder_and_transpose(generator, self.cfg.init_decoder_norm)
         self.b_enc.zero_()
-        self.b_dec.zero_()
 
     def encode(self, x_BD: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x_BD))

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, random_directions, remove_parallel_grad_, SAE, SAEConfig,
+    LossContext, remove_parallel_grad_, SAE, SAEConfig,
     StepOutput, sum_sq_BD, unit_norm_rows_,
 )
 
@@ -84,11 +84,8 @@ class TopKSAE(SAE):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=1.0)
-        self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
+        self.init_decoder_and_transpose(generator, 1.0)  # b_dec: init_from_data sets the geometric median
         self.b_enc.zero_()
-        self.b_dec.zero_()  # init_from_data sets it to the data's geometric median
 
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
