@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
@@ -58,12 +60,32 @@ class LossContext:
     passes None when train.dead_latents turns AuxK off). p is the exponent of the penalty sum_i |f_i|^p
     (relu, gated; 1 = their plain L1). When p_probe is set, those SAEs also log parts["lp_probe"], the
     penalty at p = p_probe on this batch (detached), so the trainer can rescale lambda when p changes.
+    ranks is set when the batch is one rank's rows of a data-parallel global batch (see ``Ranks``).
     """
 
     sparsity_scale: float = 1.0
     dead_mask_F: Tensor | None = None
     p: float = 1.0
     p_probe: float | None = None
+    ranks: Ranks | None = None
+
+
+class Ranks(Protocol):
+    """The data-parallel ranks that split one global batch (training/distributed.py); None in one process.
+
+    A loss that needs a statistic of the whole batch (FVU's total variance, BatchTopK's selection)
+    asks for it through these two collectives. Every rank then returns N times its share of the
+    global loss (N = ``world``), on the one-process scale, so the trainer's gradient average over
+    ranks is the one-process gradient.
+    """
+
+    world: int
+
+    def sum(self, t: Tensor) -> Tensor:
+        """t summed elementwise over ranks (every rank gets the result)."""
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's t (same shape on all ranks) concatenated along dim 0 in rank order."""
 
 
 class StepOutput:
@@ -284,3 +306,19 @@ def sum_sq_BD(r_BD: Tensor) -> Tensor:
     r_BD = r_BD.float()
     return (r_BD * r_BD).sum(dim=-1)
 
+
+
+def total_variance(x_BD: Tensor, ranks: Ranks | None = None) -> Tensor:
+    """sum_B ||x - mean_B x||^2 in float32, clamped above 0: FVU's denominator (no gradient flows into it).
+
+    With ``ranks`` the sum is over the global batch (one all-reduce of [sum x, sum ||x||^2, rows] in
+    float64), divided by the rank count: this rank's share, so err_local / share, averaged over the
+    ranks, is sum err / total variance, the one-process FVU.
+    """
+    if ranks is None:
+        x_BD = x_BD.float()
+        return sum_sq_BD(x_BD - x_BD.mean(dim=0)).sum().clamp_min(1e-12)
+    x_BD = x_BD.detach().double()
+    s = ranks.sum(torch.cat([x_BD.sum(dim=0), (x_BD * x_BD).sum().reshape(1), x_BD.new_tensor([len(x_BD)])]))
+    total = s[-2] - s[:-2].pow(2).sum() / s[-1]
+    return (total / ranks.world).float().clamp_min(1e-12 / ranks.world)

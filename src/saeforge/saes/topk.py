@@ -40,7 +40,7 @@ from torch import Tensor
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, unit_norm_rows_,
+    StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
 )
 
 
@@ -143,13 +143,13 @@ class TopKSAE(SAE):
         x_hat_BD = self._decode(vals_BK, idx_BK, bias=True)
         x_BD = x_BD.float()
         err_B = sum_sq_BD(x_BD - x_hat_BD)
-        total_var = sum_sq_BD(x_BD - x_BD.mean(dim=0)).sum().clamp_min(1e-12)
+        total_var = total_variance(x_BD, ctx.ranks)  # over the global batch under data parallelism
         fvu = err_B.sum() / total_var
         if aux_idx_BA.shape[1] == 0:
             auxk = x_BD.new_zeros(())
         else:
             e_BD = (x_BD - x_hat_BD).detach()
-            e_var = sum_sq_BD(e_BD - e_BD.mean(dim=0)).sum().clamp_min(1e-12)
+            e_var = total_variance(e_BD, ctx.ranks)
             auxk = sum_sq_BD(e_BD - self._decode(aux_vals_BA, aux_idx_BA, bias=False)).sum() / e_var
         loss = fvu + self.cfg.aux_coefficient * auxk
         with torch.no_grad():
