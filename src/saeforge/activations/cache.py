@@ -6,6 +6,10 @@ Layout of a cache folder::
     shard_00000.safetensors    acts [N, D] (model dtype), token [N] int32, window [N] int64,
                                position [N] int16, windows [W, T] int32 (the shard's whole windows)
 
+Several hook points: ``acts`` rows are their concatenation (see stream.py); the manifest lists
+``"hooks"`` and ``"widths"`` in column order and ``"d_in"`` is the total width. A single-hook
+manifest also keeps ``"hook"``; manifests written before "hooks" existed read as single-hook.
+
 Every row knows its token id, its window (global index in the packed corpus part) and its
 position, and each shard keeps its windows' token ids, so analysis can find the text again.
 
@@ -27,7 +31,7 @@ from typing import Iterator
 import torch
 
 from saeforge.activations.batcher import ShuffledBatcher
-from saeforge.activations.stream import hook_width, train_windows, window_activations
+from saeforge.activations.stream import as_points, columns_of, hook_widths, train_windows, window_activations
 from saeforge.config import ActivationsConfig, DataConfig, to_dict
 from saeforge.io import atomic_path, atomic_write_text
 
@@ -40,10 +44,25 @@ class CacheError(RuntimeError):
     """A cache folder that cannot be used as asked; the message says what to do."""
 
 
-def _identity(lm, hook_point, data_cfg: DataConfig, part: str) -> dict:
+def _identity(lm, hook_points, data_cfg: DataConfig, part: str) -> dict:
     # The fields that must match for a resumed cache to be one consistent cache.
-    return {"model": lm.name, "hook": hook_point.name, "dtype": str(lm.dtype).removeprefix("torch."),
-            "d_in": hook_width(lm, hook_point), "context_size": data_cfg.context_size, "part": part, "corpus": to_dict(data_cfg)}
+    points = as_points(hook_points)
+    names, widths = [p.name for p in points], hook_widths(lm, points)
+    hook = {"hook": names[0]} if len(points) == 1 else {}
+    return {"model": lm.name, **hook, "hooks": names, "widths": widths, "dtype": str(lm.dtype).removeprefix("torch."),
+            "d_in": sum(widths), "context_size": data_cfg.context_size, "part": part, "corpus": to_dict(data_cfg)}
+
+
+def manifest_hooks(manifest: dict) -> tuple[list[str], list[int]]:
+    """(hook names, widths) in column order; a manifest without "hooks" (older saeforge) is single-hook."""
+    if "hooks" in manifest:
+        return list(manifest["hooks"]), [int(w) for w in manifest["widths"]]
+    return [manifest["hook"]], [int(manifest["d_in"])]
+
+
+def _with_hooks(manifest: dict) -> dict:
+    names, widths = manifest_hooks(manifest)
+    return {**manifest, "hooks": names, "widths": widths}
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -61,10 +80,12 @@ def _shard_ok(folder: Path, shard: dict) -> bool:
     return path.exists() and path.stat().st_size == shard["bytes"]
 
 
-def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig, folder: str | Path,
+def write_cache(lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfig, folder: str | Path,
                 n_tokens: int, part: str = "train", progress: bool = True,
                 window_range: tuple[int, int] | None = None) -> dict:
     """Cache at least ``n_tokens`` activation rows (whole windows) into ``folder``; resumes a partial cache.
+
+    ``hook_points``: one HookPoint, or a list whose activations are concatenated into each row.
 
     ``window_range=(lo, hi)``: cache exactly windows lo..hi-1 instead (one rank's part of a parallel
     cache, see sharding.py); ``n_tokens`` is then only recorded.
@@ -76,11 +97,11 @@ def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp-*"):
         stale.unlink()  # left by a killed writer; never part of the cache
-    ident = _identity(lm, hook_point, data_cfg, part)
+    ident = _identity(lm, hook_points, data_cfg, part)
     if window_range is not None:
         ident["window_range"] = list(window_range)  # a part resumed with another process count is refused
     if (folder / MANIFEST).exists():
-        manifest = read_manifest(folder)
+        manifest = _with_hooks(read_manifest(folder))  # an older single-hook cache resumes too
         theirs = {k: manifest.get(k) for k in ident}
         if theirs != ident:
             diff = {k: (theirs[k], ident[k]) for k in ident if theirs[k] != ident[k]}
@@ -114,7 +135,7 @@ def write_cache(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig
     while n_rows() < n_tokens:
         block = list(itertools.islice(windows, act_cfg.lm_batch_size))
         if block:
-            (wa,) = window_activations(lm, hook_point, torch.stack(block), data_cfg, len(block))
+            (wa,) = window_activations(lm, hook_points, torch.stack(block), data_cfg, len(block))
             pending.append((next_window, wa))
             next_window += len(block)
             bar.update(int(wa.keep_ST.sum()))
@@ -154,7 +175,10 @@ def _shard_tensors(pending: list) -> dict[str, torch.Tensor]:
 
 
 class CacheReader:
-    """Shuffled float32 batches from a finished cache; cycles through the shards as epochs."""
+    """Shuffled float32 batches from a finished cache; cycles through the shards as epochs.
+
+    ``columns`` (hook name -> slice of a row) and ``d_in`` (total width) describe the rows.
+    """
 
     def __init__(self, folder: str | Path, batch_size: int, seed: int = 0):
         self.folder = Path(folder)
@@ -170,6 +194,14 @@ class CacheReader:
     @property
     def d_in(self) -> int:
         return int(self.manifest["d_in"])
+
+    @property
+    def hooks(self) -> list[str]:
+        return manifest_hooks(self.manifest)[0]
+
+    @property
+    def columns(self) -> dict[str, slice]:
+        return columns_of(*manifest_hooks(self.manifest))
 
     @property
     def n_rows(self) -> int:

@@ -1,15 +1,20 @@
-"""Live activations: corpus windows -> LM forward (stopped at the hook) -> shuffled batches.
+"""Live activations: corpus windows -> LM forward (stopped at the last hook) -> shuffled batches.
 
 The LM runs chunk by chunk (``shuffle_sequences`` windows at a time); rows at excluded
 positions (BOS, padding, special tokens) are dropped before shuffling. The position in the
 stream is a small state dict (see batcher.py), so training resumes without replaying the LM.
+
+Several hook points: a row is the concatenation, along the last dim, of the activations at an
+ordered list of hook points (e.g. ``[x_mlp_in | x_mlp_out]`` for a transcoder), all from one LM
+pass and shuffled together. ``hook_columns`` says which columns hold which hook. One hook point
+gives exactly the single-hook rows.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -33,22 +38,55 @@ def train_windows(tokenizer, data_cfg: DataConfig, part: str = "train") -> Itera
     return pack_windows(split_documents(iter_documents(data_cfg), data_cfg, part), tokenizer, data_cfg)
 
 
-def hook_width(lm, hook_point) -> int:
-    """Width at the hook (not always d_model: a raw module path may point inside the MLP)."""
+def as_points(hook_points) -> list:
+    """One HookPoint or a sequence of them -> a list; names must be distinct (they key the columns)."""
+    points = list(hook_points) if isinstance(hook_points, (list, tuple)) else [hook_points]
+    names = [p.name for p in points]
+    if not points or len(set(names)) != len(names):
+        raise ValueError(f"hook points {names}: expected at least one, each named once")
+    return points
+
+
+def hook_widths(lm, hook_points) -> list[int]:
+    """Width at each hook (not always d_model: a raw module path may point inside the MLP); one probe forward."""
     from saeforge.models.hooks import capture
 
+    points = as_points(hook_points)
     probe_ST = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
-    return capture(lm.model, [hook_point], probe_ST)[hook_point.name].shape[-1]
+    acts = capture(lm.model, points, probe_ST)
+    return [acts[p.name].shape[-1] for p in points]
 
 
-def window_activations(lm, hook_point, windows_ST: torch.Tensor, data_cfg: DataConfig, lm_batch_size: int
+def hook_width(lm, hook_points) -> int:
+    """Width of a row: the hook's width, or the sum over several hooks."""
+    return sum(hook_widths(lm, hook_points))
+
+
+def columns_of(names: Sequence[str], widths: Sequence[int]) -> dict[str, slice]:
+    """name -> the slice of a row holding that hook's activations, in order."""
+    out, lo = {}, 0
+    for name, width in zip(names, widths, strict=True):
+        out[name] = slice(lo, lo + int(width))
+        lo += int(width)
+    return out
+
+
+def hook_columns(lm, hook_points) -> dict[str, slice]:
+    """name -> the columns of a row (see the module docstring) that hold that hook point's activations."""
+    points = as_points(hook_points)
+    return columns_of([p.name for p in points], hook_widths(lm, points))
+
+
+def window_activations(lm, hook_points, windows_ST: torch.Tensor, data_cfg: DataConfig, lm_batch_size: int
                        ) -> Iterator[WindowActivations]:
-    """Run the LM over ``windows_ST`` in batches and yield the activations at ``hook_point``."""
+    """Run the LM over ``windows_ST`` in batches and yield the activations at the hook point(s), concatenated."""
     from saeforge.data import excluded_mask
     from saeforge.models.hooks import capture
 
+    points = as_points(hook_points)
     for tokens_ST in windows_ST.split(lm_batch_size):
-        acts_STD = capture(lm.model, [hook_point], tokens_ST.to(lm.device))[hook_point.name]
+        acts = capture(lm.model, points, tokens_ST.to(lm.device))
+        acts_STD = acts[points[0].name] if len(points) == 1 else torch.cat([acts[p.name] for p in points], dim=-1)
         keep_ST = ~excluded_mask(tokens_ST, lm.tokenizer, data_cfg)
         yield WindowActivations(tokens_ST, acts_STD.to("cpu"), keep_ST)
 
@@ -56,21 +94,30 @@ def window_activations(lm, hook_point, windows_ST: torch.Tensor, data_cfg: DataC
 class ActivationStream:
     """Iterates float32 activation batches ``x_BD`` read live from the LM.
 
-    ``state_dict()`` / ``load_state_dict()`` capture the position; the iterator stops when the
-    corpus part is exhausted (``tokens_out`` says how many rows were produced).
+    ``hook_points``: one HookPoint, or a list of them (rows are their concatenation; ``columns``
+    says where each one is, ``d_in`` is the total width). ``state_dict()`` / ``load_state_dict()``
+    capture the position; the iterator stops when the corpus part is exhausted.
     """
 
-    def __init__(self, lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig, part: str = "train",
+    def __init__(self, lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfig, part: str = "train",
                  seed: int = 0):
-        self.lm, self.hook_point = lm, hook_point
+        # .hook_point is what was passed (one point or the list): window_activations/hook_width take either
+        self.lm, self.hook_point, self.hook_points = lm, hook_points, as_points(hook_points)
         self.data_cfg, self.act_cfg, self.part = data_cfg, act_cfg, part
         self.batcher = ShuffledBatcher(self._load_chunk, act_cfg.batch_size, seed)
         self._windows: Iterator[torch.Tensor] | None = None
         self._next_window = 0
+        self._columns: dict[str, slice] | None = None
+
+    @property
+    def columns(self) -> dict[str, slice]:
+        if self._columns is None:
+            self._columns = hook_columns(self.lm, self.hook_points)
+        return self._columns
 
     @property
     def d_in(self) -> int:
-        return hook_width(self.lm, self.hook_point)
+        return max(s.stop for s in self.columns.values())
 
     def _seek_windows(self, index: int) -> None:
         # Tokenising is cheap next to the LM, so a seek re-packs the corpus and skips ahead.
@@ -90,7 +137,7 @@ class ActivationStream:
         if not windows:
             return None
         rows = [wa.acts_STD[wa.keep_ST] for wa in window_activations(
-            self.lm, self.hook_point, torch.stack(windows), self.data_cfg, self.act_cfg.lm_batch_size)]
+            self.lm, self.hook_points, torch.stack(windows), self.data_cfg, self.act_cfg.lm_batch_size)]
         return torch.cat(rows)
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -72,13 +72,15 @@ def _check_heldout(cfg: RunConfig) -> None:
 def build_source(cfg: RunConfig, lm, hook_point):
     """The training batches: a finished cache if ``activations.cache`` is set, else the live LM."""
     from saeforge.activations import ActivationStream, CacheReader
+    from saeforge.activations.stream import as_points
 
     if cfg.activations.cache:
         reader = CacheReader(cfg.activations.cache, cfg.activations.batch_size, seed=cfg.train.seed)
-        m = reader.manifest
-        if (m["model"], m["hook"]) != (cfg.model.name, cfg.model.hook):
-            raise ConfigError(f"cache {cfg.activations.cache} holds {m['model']} at {m['hook']}, but the config asks "
-                              f"for {cfg.model.name} at {cfg.model.hook}: pass --model {m['model']} --hook {m['hook']}")
+        m, names = reader.manifest, [p.name for p in as_points(hook_point)]
+        if (m["model"], reader.hooks) != (cfg.model.name, names):
+            raise ConfigError(f"cache {cfg.activations.cache} holds {m['model']} at {reader.hooks}, but the config asks "
+                              f"for {cfg.model.name} at {names}: pass the cache's --model.name and hooks, "
+                              "or cache the hooks this run needs with `saeforge cache`")
         return reader
     return ActivationStream(lm, hook_point, cfg.data, cfg.activations, part="train", seed=cfg.train.seed)
 
