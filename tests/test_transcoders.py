@@ -96,3 +96,93 @@ def test_cache_without_hooks_field_reads_and_resumes_as_single_hook(tmp_path, lm
     assert reader.hooks == [HOOK_OUT] and reader.columns == {HOOK_OUT: slice(0, 64)}
     more = write_cache(lm, p, corpus, ACT, tmp_path, n_tokens=600, progress=False)  # resumes, not "different"
     assert more["n_rows"] >= 600 and more["shards"][: len(m["shards"])] == m["shards"]
+
+
+# ---- the SAE side: shapes, hand-computed forward, loss against the target, folding ------------
+def make(arch, d_in=3, d_out=2, d_sae=4, skip=False, **kw):
+    from saeforge.saes.registry import config_class, sae_class
+
+    cfg = config_class(arch)(d_in=d_in, d_out=d_out, d_sae=d_sae, skip=skip, apply_b_dec_to_input=False, **kw)
+    return sae_class(arch)(cfg)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_transcoder_shapes_follow_saelens_layout(arch):
+    kw = {"k": 2} if arch == "topk" else {}
+    sae = make(arch, d_in=5, d_out=3, d_sae=7, skip=True, **kw)
+    shapes = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    assert shapes["W_enc"] == (5, 7) and shapes["W_dec"] == (7, 3) and shapes["b_dec"] == (3,)
+    assert shapes["W_skip"] == (3, 5) and not sae.W_skip.any()  # zero-initialised
+    assert (sae.d_in, sae.d_out, sae.d_sae, sae.is_transcoder) == (5, 3, 7, True)
+    assert sae(torch.randn(4, 5)).shape == (4, 3)
+
+
+def test_skip_transcoder_forward_by_hand():
+    sae = make("relu", d_in=3, d_out=2, d_sae=2, skip=True)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, -1.0]))
+        sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+        sae.b_dec.copy_(torch.tensor([0.5, -0.5]))
+        sae.W_skip.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    # pre = [1 + 3, 2 - 3 - 1] = [4, -2] -> f = [4, 0]; W_dec^T f = [8, 0]; + b_dec = [8.5, -0.5];
+    # W_skip x = [1, 6] -> y_hat = [9.5, 5.5]   (b_dec is NOT subtracted from x: it lives in y's space)
+    assert torch.equal(sae.encode(x), torch.tensor([[4.0, 0.0]]))
+    assert torch.equal(sae(x), torch.tensor([[9.5, 5.5]]))
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_transcoder_loss_is_against_the_output_columns(arch):
+    from saeforge.saes.base import LossContext
+
+    kw = {"k": 2} if arch == "topk" else {}
+    sae = make(arch, d_in=5, d_out=3, d_sae=8, skip=True, **kw)
+    with torch.no_grad():
+        sae.W_skip.normal_()
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    out = sae.training_loss(torch.cat([x, y], dim=1), LossContext())
+    torch.testing.assert_close(out.x_hat_BD, sae(x))
+    torch.testing.assert_close(out.parts["mse"], (y - sae(x)).pow(2).sum(1).mean())
+    out.loss.backward()
+    assert sae.W_skip.grad is not None and sae.W_skip.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\[input \| output\] of width 5 \+ 3"):
+        sae.training_loss(x, LossContext())
+
+
+@pytest.mark.parametrize("arch", ["gated", "batchtopk", "matryoshka"])
+def test_unsupported_architectures_say_which_can_transcode(arch):
+    from saeforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot be a transcoder.*\['jumprelu', 'relu', 'topk'\]"):
+        make(arch, d_sae=64)
+
+
+def test_transcoder_config_refuses_b_dec_on_input_and_tying():
+    from saeforge.config import ConfigError
+    from saeforge.saes.registry import config_class
+
+    with pytest.raises(ConfigError, match="b_dec lives in the output space"):
+        config_class("relu")(d_in=3, d_out=2)
+    with pytest.raises(ConfigError, match="cannot be W_dec"):
+        config_class("relu")(d_in=3, d_out=2, apply_b_dec_to_input=False, tied=True)
+    with pytest.raises(ConfigError, match="skip=True needs a transcoder"):
+        make("relu", d_out=0, skip=True)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_fold_with_separate_input_and_output_scales_is_exact(arch):
+    kw = {"k": 3} if arch == "topk" else {}
+    sae = make(arch, d_in=6, d_out=4, d_sae=10, skip=True, **kw)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0.1, 0.5)
+    import copy
+
+    folded, c_in, c_out = copy.deepcopy(sae), 3.0, 0.25
+    folded.fold_input_scale(c_in, c_out)
+    x = torch.randn(32, 6, dtype=torch.float32)
+    torch.testing.assert_close(folded.encode(x), sae.encode(c_in * x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded(x), sae(c_in * x) / c_out, rtol=1e-5, atol=1e-5)

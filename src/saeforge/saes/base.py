@@ -4,6 +4,14 @@ Parameters use the SAELens layout so saving is a plain state dict:
 W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]  (D = d_in, F = d_sae).
 An architecture is one final subclass in its own file that defines ``init_weights``,
 ``encode`` and ``training_loss``; see relu.py and topk.py.
+
+Transcoders (cfg.d_out > 0) are the same classes with the decoder in another space: the encoder
+reads hook A (width D = d_in), the decoder predicts hook B (width O = d_out): W_dec [F, O],
+b_dec [O], and with cfg.skip a linear skip W_skip [O, D] (SAELens's SkipTranscoder layout):
+    y_hat = W_dec^T f(x) + b_dec (+ W_skip x)
+``training_loss`` then receives rows [x | y] (see activations/stream.py) and takes them apart with
+``split_io``; ``forward`` and ``encode`` take x alone. Architectures that support it set
+``transcoder_ok`` and use ``split_io`` / ``add_skip`` in their loss (two lines each).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +36,9 @@ class SAEConfig:
     d_sae: int = F(4608, "Number of latents (dictionary size).")
     dtype: str = F("float32", "dtype of the SAE parameters: float32, bfloat16 or float16 (use train.autocast for bf16 speed).")
     device: str = F("cpu", "Device of the SAE parameters: cpu, cuda, cuda:N.")
-    apply_b_dec_to_input: bool = F(True, "Subtract b_dec from the input before encoding (SAELens default).")
+    apply_b_dec_to_input: bool = F(True, "Subtract b_dec from the input before encoding (SAELens default; always off for transcoders, whose b_dec lives in the output space).")
+    d_out: int = F(0, "Transcoder output width (the width at model.hook_out); 0 = an ordinary SAE, or take it from the model when model.hook_out is set.")
+    skip: bool = F(False, "Transcoder only: add a linear skip W_skip x (W_skip [d_out, d_in], zero-initialised, SAELens's skip_transcoder).")
 
     def __post_init__(self) -> None:
         # The architecture string selects this class in the registry; a config class carrying
@@ -43,6 +53,14 @@ class SAEConfig:
             raise ConfigError(f"sae.d_in={self.d_in}: expected a positive width, or 0 to take it from the model")
         if self.d_sae <= 0:
             raise ConfigError(f"sae.d_sae={self.d_sae}: expected a positive number of latents")
+        if self.d_out < 0:
+            raise ConfigError(f"sae.d_out={self.d_out}: expected a positive width, or 0")
+        if self.d_out > 0 and self.apply_b_dec_to_input:
+            raise ConfigError("sae.apply_b_dec_to_input=True with sae.d_out > 0: a transcoder's b_dec lives in the "
+                              "output space and cannot be subtracted from its input; set apply_b_dec_to_input False")
+        if self.d_out > 0 and getattr(self, "tied", False):
+            raise ConfigError("sae.tied=True with a transcoder (sae.d_out > 0): the encoder reads another space than "
+                              "the decoder writes, so W_enc cannot be W_dec^T; leave tied False")
         if self.dtype not in DTYPES:
             raise ConfigError(f"sae.dtype={self.dtype!r}: expected one of {DTYPES}")
         try:
@@ -147,6 +165,7 @@ class SAE(nn.Module, abc.ABC):
     """
 
     cfg: SAEConfig
+    transcoder_ok: ClassVar[bool] = False  # True where training_loss uses split_io and add_skip
 
     def __init__(self, cfg: SAEConfig) -> None:
         nn.Module.__init__(self)
@@ -155,8 +174,13 @@ class SAE(nn.Module, abc.ABC):
                 f"{type(self).__name__} needs cfg.d_in > 0 (got {cfg.d_in}); set it to the hooked model's d_model "
                 "(the trainer does this when d_in is 0)"
             )
+        if cfg.d_out > 0 and not self.transcoder_ok:
+            raise ConfigError(f"sae.architecture={cfg.architecture!r} cannot be a transcoder (sae.d_out / model.hook_out); "
+                              f"architectures that can: {transcoder_architectures()}")
+        if cfg.skip and cfg.d_out <= 0:
+            raise ConfigError("sae.skip=True needs a transcoder: set model.hook_out (or sae.d_out), or leave skip False")
         self.cfg = cfg
-        D, F_ = cfg.d_in, cfg.d_sae
+        D, F_, O = cfg.d_in, cfg.d_sae, cfg.d_out or cfg.d_in
         kw = dict(dtype=getattr(torch, cfg.dtype), device=torch.device(cfg.device))
         # Tied (cfg.tied, relu/topk): no W_enc parameter; __getattr__ hands out W_dec.T, a view, so every
         # encoder use (and its gradient) goes through the one [F, D] matrix.
@@ -164,8 +188,10 @@ class SAE(nn.Module, abc.ABC):
         if not self._tied:
             self.W_enc = nn.Parameter(torch.empty(D, F_, **kw))
         self.b_enc = nn.Parameter(torch.empty(F_, **kw))
-        self.W_dec = nn.Parameter(torch.empty(F_, D, **kw))
-        self.b_dec = nn.Parameter(torch.empty(D, **kw))
+        self.W_dec = nn.Parameter(torch.empty(F_, O, **kw))
+        self.b_dec = nn.Parameter(torch.empty(O, **kw))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(O, D, **kw))
         self.init_weights(torch.Generator().manual_seed(0))
 
     def __getattr__(self, name: str):
@@ -194,6 +220,31 @@ class SAE(nn.Module, abc.ABC):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction: d_in for an SAE, the output hook's width for a transcoder."""
+        return self.W_dec.shape[1]
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.cfg.d_out > 0
+
+    def split_io(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoder input, target) of a training row: (x, x) for an SAE; a transcoder's row is [x | y]."""
+        if not self.is_transcoder:
+            return x_BD, x_BD
+        D, O = self.d_in, self.d_out
+        if x_BD.shape[-1] != D + O:
+            raise ValueError(f"transcoder rows must be [input | output] of width {D} + {O} = {D + O}; got width "
+                             f"{x_BD.shape[-1]} (read them from a stream or cache of both hooks, input first)")
+        return x_BD[..., :D], x_BD[..., D:]
+
+    def add_skip(self, y_hat_BO: Tensor, x_BD: Tensor) -> Tensor:
+        """y_hat + W_skip x for a skip transcoder; y_hat itself (no extra op) otherwise."""
+        if not self.cfg.skip:
+            return y_hat_BO
+        return y_hat_BO + x_BD.to(self.W_skip.dtype) @ self.W_skip.T
+
     @abc.abstractmethod
     def init_weights(self, generator: torch.Generator) -> None:
         """(Re)initialise all parameters in place from ``generator`` (a CPU generator)."""
@@ -202,9 +253,14 @@ class SAE(nn.Module, abc.ABC):
     def init_decoder_and_transpose(self, generator: torch.Generator, decoder_norm: float) -> None:
         """The init every architecture here shares: decoder rows are random directions of norm
         ``decoder_norm``, W_enc = W_dec^T, b_dec = 0. Architectures then set their own biases."""
-        W_dec_FD = random_directions(self.d_sae, self.d_in, generator, norm=decoder_norm)
+        W_dec_FD = random_directions(self.d_sae, self.d_out, generator, norm=decoder_norm)
         self.W_dec.copy_(W_dec_FD)
-        self.W_enc.copy_(W_dec_FD.T)
+        if self.is_transcoder:  # input and output are different spaces: an encoder of its own, W_skip = 0
+            self.W_enc.copy_(random_directions(self.d_sae, self.d_in, generator, norm=decoder_norm).T)
+            if self.cfg.skip:
+                self.W_skip.zero_()
+        else:
+            self.W_enc.copy_(W_dec_FD.T)
         self.b_dec.zero_()
 
     @abc.abstractmethod
@@ -221,7 +277,8 @@ class SAE(nn.Module, abc.ABC):
         return f_BF @ self.W_dec + self.b_dec
 
     def forward(self, x_BD: Tensor) -> Tensor:
-        return self.decode(self.encode(x_BD))
+        """The reconstruction of x; a transcoder's prediction of its output hook from x (its input hook)."""
+        return self.add_skip(self.decode(self.encode(x_BD)), x_BD)
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         """Encoder pre-activations W_enc^T (x - b_dec) + b_enc, shape [B, F]."""
@@ -264,22 +321,39 @@ class SAE(nn.Module, abc.ABC):
         """Called by the trainer after the optimiser step (parameter constraints). Default: nothing."""
 
     @torch.no_grad()
-    def fold_input_scale(self, c: float) -> None:
+    def fold_input_scale(self, c: float, c_out: float | None = None) -> None:
         """Make an SAE trained on c * x act on raw x with identical latents; x_hat becomes x_hat(c x) / c.
 
         W_enc^T (x - b_dec/c) * c = W_enc^T (c x - b_dec), so scaling W_enc by c and b_dec by 1/c keeps
         every pre-activation; dividing W_dec by c scales the reconstruction back. Call it once, after
         training: TopK's unit-norm decoder constraint no longer holds afterwards (rows have norm 1/c).
         A tied SAE cannot hold c * W and W / c in one matrix: for c != 1 it is untied first (cfg.tied False).
+
+        A transcoder trained to map c * x to c_out * y (its own scale per side): W_enc * c keeps the
+        latents, W_dec / c_out and b_dec / c_out give y_hat(c x) / c_out, and W_skip (c x) / c_out =
+        (W_skip * c / c_out) x. Exact up to rounding; c_out defaults to c (one scale for the row).
         """
-        if not c > 0:
-            raise ValueError(f"fold_input_scale(c={c}): the input scale must be a positive number")
+        c_out = c if c_out is None else c_out
+        if not (c > 0 and c_out > 0):
+            raise ValueError(f"fold_input_scale(c={c}, c_out={c_out}): the scales must be positive numbers")
+        if c_out != c and self.cfg.apply_b_dec_to_input:
+            raise ValueError("fold_input_scale: separate input and output scales need apply_b_dec_to_input False "
+                             "(b_dec would have to be c * b and c_out * b at once)")
         if self._tied and c == 1.0:
             return
         self.untie()
         self.W_enc.mul_(c)
-        self.W_dec.div_(c)
-        self.b_dec.div_(c)
+        self.W_dec.div_(c_out)
+        self.b_dec.div_(c_out)
+        if self.cfg.skip:
+            self.W_skip.mul_(c / c_out)
+
+
+def transcoder_architectures() -> list[str]:
+    """Registry names whose SAE class can be a transcoder (for error messages and docs)."""
+    from saeforge.saes import registry
+
+    return [n for n in registry.names() if getattr(registry.sae_class(n), "transcoder_ok", False)]
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ class StepFn(torch.autograd.Function):
 
 class JumpReLUSAE(SAE):
     cfg: JumpReLUConfig
+    transcoder_ok = True
 
     def __init__(self, cfg: JumpReLUConfig) -> None:
         SAE.__init__(self, cfg)  # the four shared parameters, initialised
@@ -102,10 +103,11 @@ class JumpReLUSAE(SAE):
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B, eps = x_BD.shape[0], self.cfg.bandwidth
+        x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
         z_BF = self.pre_acts(x_BD)
         f_BF = JumpReLUFn.apply(z_BF, self.threshold, eps)
-        x_hat_BD = self.decode(f_BF)
-        mse = sum_sq_BD(x_BD - x_hat_BD).mean()
+        x_hat_BD = self.add_skip(self.decode(f_BF), x_BD)
+        mse = sum_sq_BD(y_BD - x_hat_BD).mean()
         l0 = StepFn.apply(z_BF, self.threshold, eps).sum(dim=-1, dtype=torch.float32).mean()
         loss = mse + (self.cfg.l0_coefficient * ctx.sparsity_scale) * l0
         parts = {"mse": mse.detach(), "l0": l0.detach()}

@@ -48,6 +48,7 @@ class ReLUConfig(SAEConfig):
 
 class ReLUSAE(SAE):
     cfg: ReLUConfig
+    transcoder_ok = True
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -59,9 +60,10 @@ class ReLUSAE(SAE):
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
+        x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
         f_BF = torch.relu(self.pre_acts(x_BD))
-        x_hat_BD = self.decode(f_BF)
-        mse = sum_sq_BD(x_BD - x_hat_BD).mean()
+        x_hat_BD = self.add_skip(self.decode(f_BF), x_BD)
+        mse = sum_sq_BD(y_BD - x_hat_BD).mean()
         dec_norm_F = self.W_dec.norm(dim=1)
         l1 = self.penalty(f_BF, dec_norm_F, ctx.p)
         loss = mse + (self.cfg.l1_coefficient * ctx.sparsity_scale) * l1

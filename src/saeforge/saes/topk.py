@@ -81,6 +81,7 @@ def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor
 
 class TopKSAE(SAE):
     cfg: TopKConfig
+    transcoder_ok = True
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -90,7 +91,7 @@ class TopKSAE(SAE):
     @torch.no_grad()
     def init_from_data(self, x_BD: Tensor) -> None:
         """b_dec (b_pre) = geometric median of a sample, as in the OpenAI TopK recipe (SPECS.md)."""
-        self.b_dec.copy_(geometric_median(x_BD.float()).to(self.b_dec.dtype))
+        self.b_dec.copy_(geometric_median(self.split_io(x_BD)[1].float()).to(self.b_dec.dtype))  # of the target
 
     @property
     def aux_k(self) -> int:
@@ -131,6 +132,7 @@ class TopKSAE(SAE):
         B = x_BD.shape[0]
         if B < 2:
             raise ValueError(f"TopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+        x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
         if self.cfg.sparse_encoder_grad:
             x_in_BD, bias_F = self.encoder_inputs(x_BD)
             pre_vals_BK, idx_BK, pre_aux_BA, aux_idx_BA = _TopKEncoder.apply(
@@ -140,8 +142,8 @@ class TopKSAE(SAE):
             pre_vals_BK, idx_BK, pre_aux_BA, aux_idx_BA = self.select(self.pre_acts(x_BD), ctx.dead_mask_F)
         vals_BK, aux_vals_BA = torch.relu(pre_vals_BK), torch.relu(pre_aux_BA)
 
-        x_hat_BD = self._decode(vals_BK, idx_BK, bias=True)
-        x_BD = x_BD.float()
+        x_hat_BD = self.add_skip(self._decode(vals_BK, idx_BK, bias=True), x_BD)
+        x_BD = y_BD.float()  # the target from here on
         err_B = sum_sq_BD(x_BD - x_hat_BD)
         total_var = total_variance(x_BD, ctx.ranks)  # over the global batch under data parallelism
         fvu = err_B.sum() / total_var
