@@ -4,6 +4,12 @@ Training: z = ReLU(W_enc^T (x - b_dec) + b_enc); keep the B * k largest entries 
 whole [B, F] batch (rows may keep more or fewer than k); x_hat = W_dec^T f + b_dec;
 L = FVU(x, x_hat) + aux_coefficient * AuxK, with FVU and AuxK exactly as in topk.py.
 
+Data parallel (training/distributed.py): the B * k are chosen over the *global* batch, not B/N * k
+over each rank's rows (``global_batch_topk_mask``: one all-gather of each rank's top B * k values),
+so training and theta are the one-process ones, theta identical on every rank. Selecting per rank
+would be cheaper by that all-gather but changes the SAE with the process count (a rank whose rows
+are denser would keep fewer of them than one process keeps) and leaves each rank its own theta.
+
 Inference cannot depend on the rest of the batch, so a single threshold theta is learned on the
 side: after training step t (counting from 1) theta <- b_t * theta + (1 - b_t) * (smallest kept
 positive z) with b_t = min(beta, 1 - 1/t): the plain mean of the first 1/(1 - beta) steps, an EMA
@@ -26,8 +32,8 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, unit_norm_rows_,
+    LossContext, Ranks, remove_parallel_grad_, SAE, SAEConfig,
+    StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
 )
 
 
@@ -56,16 +62,41 @@ def batch_topk_mask(z_BF: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(z_BF)
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> tuple[Tensor, Tensor]:
-    """(FVU, per-row squared error): sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2."""
+def global_batch_topk_mask(z_BF: Tensor, k: int, ranks: Ranks) -> tuple[Tensor, Tensor | None]:
+    """``batch_topk_mask`` over the data-parallel *global* batch, of which z_BF is this rank's rows.
+
+    The global top B*k entries are the top B*k of the union of every rank's own top B*k (B = global
+    rows), so one all-gather of B*k values per rank finds the global cut t exactly; this rank keeps
+    its entries >= t. Returns (mask_BF, smallest kept positive value or None if none is positive),
+    computed from the same gathered values on every rank, so the threshold EMA is the same everywhere.
+    It equals the one-process selection except at exact ties with t (measure zero in float32; bf16
+    values can tie, and then every tied entry is kept). Entries at 0 do not matter: f = z * mask.
+    """
+    n_keep = k * z_BF.shape[0] * ranks.world
+    flat = z_BF.detach().reshape(-1)
+    every = ranks.gather(flat.topk(min(n_keep, flat.numel()), sorted=False).values)
+    kept = every.topk(n_keep, sorted=False).values  # every rank sent min(B*k, its B/N * F) >= its share
+    cut = kept.min()
+    if cut > 0:
+        return z_BF >= cut, cut
+    positive = kept[kept > 0]  # fewer than B*k positives: all of them are kept (and gathered)
+    return z_BF > 0, (positive.min() if positive.numel() else None)
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor, total_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(FVU, per-row squared error): sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2.
+
+    ``total_var``: the denominator when already known (``base.total_variance``, e.g. over the global batch).
+    """
     x_BD = x_BD.float()
     err_B = sum_sq_BD(x_BD - x_hat_BD)
-    return err_B.sum() / sum_sq_BD(x_BD - x_BD.mean(dim=0)).sum().clamp_min(1e-12), err_B
+    return err_B.sum() / (total_variance(x_BD) if total_var is None else total_var), err_B
 
 
-def auxk_loss(z_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int) -> Tensor:
+def auxk_loss(z_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int,
+              ranks: Ranks | None = None) -> Tensor:
     """TopK's AuxK (dense form): the residual e (detached) rebuilt from each row's top aux_k dead latents,
-    normalised by e's own variance; 0 without dead latents."""
+    normalised by e's own variance (the global batch's with ``ranks``); 0 without dead latents."""
     n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
     if n_dead == 0:
         return e_BD.new_zeros(())
@@ -73,7 +104,7 @@ def auxk_loss(z_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: 
     vals_BA, idx_BA = masked_BF.topk(min(aux_k, n_dead), dim=-1, sorted=False)
     e_hat_BD = torch.zeros_like(z_BF).scatter(-1, idx_BA, torch.relu(vals_BA)) @ W_dec_FD
     e_BD = e_BD.detach().float()
-    return sum_sq_BD(e_BD - e_hat_BD).sum() / sum_sq_BD(e_BD - e_BD.mean(dim=0)).sum().clamp_min(1e-12)
+    return sum_sq_BD(e_BD - e_hat_BD).sum() / total_variance(e_BD, ranks)
 
 
 class BatchTopKSAE(SAE):
@@ -102,31 +133,43 @@ class BatchTopKSAE(SAE):
             return torch.relu(z_BF) * batch_topk_mask(z_BF, self.cfg.k)
         return torch.relu(z_BF) * (z_BF > self.threshold)
 
-    def train_latents(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        """(z_BF, f_BF) as in training, updating theta when the module is in training mode."""
+    def train_latents(self, x_BD: Tensor, ranks: Ranks | None = None) -> tuple[Tensor, Tensor]:
+        """(z_BF, f_BF) as in training, updating theta when the module is in training mode.
+
+        With ``ranks`` (data parallel) the selection and theta's statistic are the global batch's.
+        """
         z_BF = torch.relu(self.pre_acts(x_BD))
-        f_BF = z_BF * batch_topk_mask(z_BF, self.cfg.k)
-        if self.training:
-            self.update_threshold(f_BF.detach())
+        if ranks is None:
+            f_BF = z_BF * batch_topk_mask(z_BF, self.cfg.k)
+            if self.training:
+                self.update_threshold(f_BF.detach())
+        else:
+            mask_BF, smallest = global_batch_topk_mask(z_BF, self.cfg.k, ranks)
+            f_BF = z_BF * mask_BF
+            if self.training and smallest is not None:
+                self._threshold_step(smallest)
         return z_BF, f_BF
 
     @torch.no_grad()
     def update_threshold(self, f_BF: Tensor) -> None:
         kept = f_BF[f_BF > 0]
-        if kept.numel() == 0:
-            return
+        if kept.numel() > 0:
+            self._threshold_step(kept.min())
+
+    @torch.no_grad()
+    def _threshold_step(self, smallest_kept: Tensor) -> None:
         self.threshold_updates += 1
         b = min(self.cfg.threshold_beta, 1 - 1 / int(self.threshold_updates))  # 0 on the first update
-        self.threshold.copy_(b * self.threshold + (1 - b) * kept.min().float())
+        self.threshold.copy_(b * self.threshold + (1 - b) * smallest_kept.float())
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
             raise ValueError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
-        z_BF, f_BF = self.train_latents(x_BD)
+        z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         x_hat_BD = self.decode(f_BF)
-        loss_fvu, err_B = fvu(x_BD, x_hat_BD)
-        auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD.float(), self.W_dec, self.aux_k)
+        loss_fvu, err_B = fvu(x_BD, x_hat_BD, total_variance(x_BD, ctx.ranks))
+        auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD.float(), self.W_dec, self.aux_k, ctx.ranks)
         loss = loss_fvu + self.cfg.aux_coefficient * auxk
         with torch.no_grad():
             parts = {"fvu": loss_fvu.detach(), "mse": err_B.mean(), "auxk": auxk.detach(),

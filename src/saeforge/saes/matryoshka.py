@@ -12,7 +12,8 @@ absorption. FVU (normalised MSE) per prefix and AuxK are as in batchtopk.py / to
 w_g default to 1/G each (so the loss is on BatchTopK's scale); the paper's sum is w_g = 1.
 
 Everything else -- init, inference threshold, unit-norm decoder, saving as a JumpReLU -- is
-BatchTopK's: this class only changes the loss.
+BatchTopK's: this class only changes the loss. Data parallel, the selection and the denominators are
+the global batch's, as in batchtopk.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import LossContext, StepOutput
+from saeforge.saes.base import LossContext, StepOutput, total_variance
 from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE, auxk_loss, fvu
 
 
@@ -64,7 +65,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         B = x_BD.shape[0]
         if B < 2:
             raise ValueError(f"Matryoshka's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
-        z_BF, f_BF = self.train_latents(x_BD)
+        z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
+        total_var = total_variance(x_BD, ctx.ranks)  # every prefix's FVU has the same denominator
         x_hat_BD = self.b_dec.float().expand(B, -1)
         loss = x_BD.new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
@@ -73,10 +75,10 @@ class MatryoshkaSAE(BatchTopKSAE):
             # each prefix adds its group's rows to the previous prefix's reconstruction
             x_hat_BD = x_hat_BD + (f_BF[:, start:start + size] @ self.W_dec[start:start + size]).float()
             start += size
-            fvu_g, err_B = fvu(x_BD, x_hat_BD)
+            fvu_g, err_B = fvu(x_BD, x_hat_BD, total_var)
             loss = loss + w * fvu_g
             parts[f"fvu_{g}"] = fvu_g.detach()
-        auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD, self.W_dec, self.aux_k)
+        auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD, self.W_dec, self.aux_k, ctx.ranks)
         loss = loss + self.cfg.aux_coefficient * auxk
         with torch.no_grad():
             parts.update(fvu=fvu_g.detach(), mse=err_B.mean(), auxk=auxk.detach(),

@@ -9,10 +9,13 @@ rows ``[r*B/N, (r+1)*B/N)`` of each global batch of B = ``activations.batch_size
 activations/sharding.py; the LM work behind a chunk is split between the ranks). Then:
 
 - gradients are summed by an explicit all-reduce between backward and the optimiser step and
-  divided by N. For losses that are a mean over rows (ReLU + L1) that is the one-process
-  gradient up to float rounding. TopK's FVU and AuxK divide by the batch's own variance, so each
-  rank normalises by its half-batch's variance, as DDP in other SAE trainers does: close to,
-  but not bit-equal with, the one-process run (tests state both tolerances);
+  divided by N. Every rank's loss is N times its share of the global loss, so that is the
+  one-process gradient up to float rounding: for losses that are a mean over rows (ReLU + L1)
+  by construction; losses that need statistics of the whole batch get them through
+  ``LossContext.ranks`` (``RankOps``): FVU and AuxK (topk, batchtopk, matryoshka) divide by the
+  global batch's variance (one all-reduce of D + 2 floats each), and BatchTopK / Matryoshka select
+  the B * k largest activations of the global batch (an all-gather of each rank's top B * k
+  values), so their inference threshold is the one-process one, identical on every rank;
 - dead-latent firing counts and row counts are summed over ranks, the normalisation scale comes
   from all ranks' rows, and data-dependent init (TopK's geometric median) sees the whole first
   global batch, so the dead-latent statistics match the one-process run;
@@ -100,6 +103,26 @@ def all_gather_rows(x_ND: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x_ND.device, x_ND.dtype)
 
 
+class RankOps:
+    """``saes.base.Ranks`` over the process group: what a loss needs to see the global batch."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx, self.world = ctx, ctx.world
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.ctx)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        # gloo does not gather every dtype (bf16): float32 holds them exactly.
+        dtype = t.dtype if self.ctx.comm_device.type == "cuda" else torch.float32
+        buf = t.to(self.ctx.comm_device, dtype).contiguous()
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf)
+        return torch.cat(parts).to(t.device, t.dtype)
+
+
 def rank_rows(batch_size: int, ctx: DistContext) -> slice:
     """This rank's rows of every global batch."""
     if batch_size % ctx.world:
@@ -116,6 +139,7 @@ class DataParallelTrainer(Trainer):
         # batch_size is the global batch: n_steps, logged token counts and the schedules match one process.
         super().__init__(sae, cfg, batch_size, run_dir if ctx.is_main else None, progress=progress and ctx.is_main)
         self.ctx = ctx
+        self.ranks = RankOps(ctx)
         self.checkpoint_dir = Path(run_dir) if run_dir else None
         self._broadcast_parameters()
 

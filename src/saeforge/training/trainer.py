@@ -43,6 +43,7 @@ class Trainer:
         F = sae.cfg.d_sae
         self.step = 0
         self.scale = 0.0  # input multiplier; 0 until estimated from the first batches
+        self.scale_out = 0.0  # a transcoder's output-column multiplier (its own estimate); SAEs use scale alone
         self.tokens_since_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
         # Firing counts over the last 10% of steps: the SAE's sparsity.safetensors.
         self.late_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
@@ -52,11 +53,12 @@ class Trainer:
         self.dead = make_handler(cfg, sae, batch_size)  # train.dead_latents (training/dead.py); stateless
         check_p_anneal(cfg, sae.cfg)
         self.anneal = PAnneal(cfg, self.n_steps)
+        self.ranks = None  # saes.base.Ranks when data-parallel (training/distributed.py): global batch statistics
         self._t0 = time.perf_counter()
 
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale,
+        return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale, "scale_out": self.scale_out,
                 "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired_F, "late_fired": self.late_fired_F,
                 "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source": self.source_state,
@@ -68,6 +70,7 @@ class Trainer:
         self.sae.load_state_dict(d["sae"])
         self.opt.load_state_dict(d["opt"])
         self.step, self.scale = int(d["step"]), float(d["scale"])
+        self.scale_out = float(d.get("scale_out", d["scale"]))
         self.tokens_since_fired_F = d["tokens_since_fired"].to(self.device)
         self.late_fired_F = d["late_fired"].to(self.device)
         self.late_tokens, self.elapsed = int(d["late_tokens"]), float(d["elapsed"])
@@ -128,11 +131,21 @@ class Trainer:
         head = [b for _, b in zip(range(self.cfg.norm_estimate_batches), batches)]
         if not head:
             raise ValueError("the activation source produced no batches: is the corpus (or cache) empty?")
-        self.scale = self._estimate_scale([x for x, _ in head])
+        self.scale = self._estimate_scale([self.sae.split_io(x)[0] for x, _ in head])
+        if self.sae.is_transcoder:  # the output side gets its own scale: E||scale_out * y|| = sqrt(d_out)
+            d_in, d_out = self.sae.cfg.d_in, self.sae.d_out
+            self.scale_out = self._estimate_scale([self.sae.split_io(x)[1] for x, _ in head]) * math.sqrt(d_out / d_in)
         init = getattr(self.sae, "init_from_data", None)
         if init is not None:
-            init(self._gather_rows(head[0][0]).to(self.device) * self.scale)
+            init(self._scale_rows(self._gather_rows(head[0][0]).to(self.device)))
         return head
+
+    def _scale_rows(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Rows times the input scale; a transcoder's rows [x | y] as [scale * x | scale_out * y]."""
+        if not self.sae.is_transcoder:
+            return x_BD * self.scale
+        x_BD, y_BO = self.sae.split_io(x_BD)
+        return torch.cat([x_BD * self.scale, y_BO * self.scale_out], dim=-1)
 
     def start_clock(self) -> None:
         self._t0 = time.perf_counter() - self.elapsed
@@ -143,7 +156,7 @@ class Trainer:
         ``source_state`` is the source's position after this batch (stored in checkpoints).
         Returns the metrics record when this step was logged.
         """
-        parts = self._step(x_BD.to(self.device, non_blocking=True) * self.scale)
+        parts = self._step(self._scale_rows(x_BD.to(self.device, non_blocking=True)))
         self.step += 1
         self.source_state = source_state
         self.elapsed = time.perf_counter() - self._t0
@@ -184,7 +197,7 @@ class Trainer:
         dead_mask_F = self.dead_mask_F
         ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction)
                           * self.anneal.lambda_scale, dead_mask_F=self.dead.loss_dead_mask(dead_mask_F),
-                          p=p, p_probe=p_probe)
+                          p=p, p_probe=p_probe, ranks=self.ranks)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.sae.training_loss(x_BD, ctx)
         loss = out.loss
@@ -214,8 +227,14 @@ class Trainer:
             if self.anneal.on:
                 parts["p"], parts["lambda_scale"] = torch.tensor(p), torch.tensor(self.anneal.lambda_scale)
             if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
-                resid = (x_BD - out.x_hat_BD.float()).pow(2).sum()
-                total = (x_BD - x_BD.mean(0)).pow(2).sum()
+                y_BD = self.sae.split_io(x_BD)[1]  # what x_hat reconstructs (a transcoder's output columns)
+                resid = (y_BD - out.x_hat_BD.float()).pow(2).sum()
+                if self.ranks is None:
+                    total = (y_BD - y_BD.mean(0)).pow(2).sum()
+                else:  # the global batch's: both are this rank's share (see saes.base.total_variance)
+                    from saeforge.saes.base import total_variance
+
+                    resid, total = self.ranks.sum(resid) / self.ranks.world, total_variance(y_BD, self.ranks)
                 parts["explained_variance"] = 1 - resid / total
                 parts["l0"] = fires_F.sum() / n_rows
         self.dead.after_step(self, x_BD, out)  # resampling (after the firing counts it reads)
@@ -248,7 +267,7 @@ class Trainer:
     def export_sae(self):
         """A copy of the SAE that acts on raw activations (the normalisation scale folded in)."""
         sae = copy.deepcopy(self.sae)
-        sae.fold_input_scale(self.scale)
+        sae.fold_input_scale(self.scale, self.scale_out if self.sae.is_transcoder else None)
         return sae
 
 
