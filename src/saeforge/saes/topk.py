@@ -26,7 +26,10 @@ gradients agree; set the flag False to run the reference):
   ``embedding_bag(idx_BK, W_dec, per_sample_weights=vals_BK, mode="sum")``, not a [B, F] x [F, D] matmul.
 - sparse_encoder_grad: only the selected pre-activations get a gradient, so W_enc's gradient is a
   sparse [F, B] x [B, D] product over those entries, not x^T times a mostly-zero [B, F] matrix.
-The forward encoder matmul stays dense: every pre-activation is needed to find the top k.
+- blocked_topk: the top k of each row in two small stages (sparse.topk_blocked), not one torch.topk
+  over all F; the same set of latents.
+The forward encoder matmul stays dense: every pre-activation is needed to find the top k. It writes
+into a reused buffer (sparse.scratch). The kernels and their references are in sparse.py.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as Fn
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
@@ -42,6 +44,7 @@ from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
     StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
 )
+from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked
 
 
 @dataclass
@@ -53,6 +56,7 @@ class TopKConfig(SAEConfig):
     sparse_decode: bool = F(True, "Training decodes with embedding_bag over the k active rows (False = dense reference).")
     sparse_encoder_grad: bool = F(True, "Training computes W_enc's gradient from the selected entries only (False = dense reference).")
     tied: bool = F(False, "Tie the encoder to the decoder: W_enc is W_dec^T, one parameter (saved as both tensors).")
+    blocked_topk: bool = F(True, "Training picks the top k in two small stages, the same latents as torch.topk (False = torch.topk).")
 
     def __post_init__(self) -> None:
         SAEConfig.__post_init__(self)
@@ -108,12 +112,15 @@ class TopKSAE(SAE):
         embedding_bag needs per-sample weights in the table's dtype, and bf16 autocast hands us
         bf16 values: cast to W_dec's dtype (the gather-sum is memory-bound; fp32 costs little).
         """
-        out_BD = Fn.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK.to(self.W_dec.dtype), mode="sum")
+        out_BD = sparse_decode(vals_BK, idx_BK, self.W_dec)
         return out_BD + self.b_dec if bias else out_BD
 
     def select(self, pre_BF: Tensor, dead_mask_F: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pre-activation values and indices of the top k latents, and of the top aux_k dead latents ([B, 0] if none)."""
-        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        if self.cfg.blocked_topk:
+            vals_BK, idx_BK = topk_blocked(pre_BF, self.cfg.k)
+        else:
+            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
         if n_dead == 0:
             return vals_BK, idx_BK, vals_BK[:, :0], idx_BK[:, :0]
@@ -181,21 +188,30 @@ class _TopKEncoder(torch.autograd.Function):
 
     The dense reference backpropagates a [B, F] gradient that is zero outside the B * S selected
     entries (S = k, plus aux_k while latents are dead) and multiplies it by x^T. Here the entries
-    form a sparse [F, B] matrix G and grad W_enc = (G @ x_in)^T, grad bias = row sums of G.
-    Sparse products cost ~40x more per entry than dense ones on CPU (measured: at F = 4608,
-    D = 576, B = 4096 the sparse one wins up to S ~ 100), so rows with more than
-    ``sparse_max_fill * F`` entries go through the dense product instead. x_in gets no gradient:
-    encoder_inputs routes b_dec's gradient through bias.
+    form a sparse [F, B] matrix G (CSR, sorted by latent: sparse.latent_csr) and
+    grad W_enc = (G @ x_in)^T, grad bias = row sums of G. The top-k and the AuxK entries go in two
+    products: a dead latent can be in both of a row's selections, and a CSR matrix must not repeat
+    an entry. Rows with more than ``sparse_max_fill * F`` entries go through the dense product
+    instead (the sparse one costs more per entry). x_in gets no gradient: encoder_inputs routes
+    b_dec's gradient through bias.
+
+    The forward product writes into a reused buffer (sparse.scratch) outside autocast: nothing
+    keeps pre_BF once ``select`` has returned.
     """
 
     sparse_max_fill = 1 / 40
 
     @staticmethod
     def forward(ctx, x_in_BD, W_enc_DF, bias_F, select):
-        pre_BF = torch.addmm(bias_F, x_in_BD, W_enc_DF)
+        if torch.is_autocast_enabled(x_in_BD.device.type):
+            pre_BF = torch.addmm(bias_F, x_in_BD, W_enc_DF)
+        else:
+            buf = scratch((x_in_BD.shape[0], W_enc_DF.shape[1]), W_enc_DF.dtype, W_enc_DF.device)
+            pre_BF = torch.addmm(bias_F, x_in_BD, W_enc_DF, out=buf)
         vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = select(pre_BF)
+        del pre_BF
         ctx.save_for_backward(x_in_BD, idx_BK, aux_idx_BA)
-        ctx.meta = (W_enc_DF.dtype, bias_F.dtype, pre_BF.shape[1])
+        ctx.meta = (W_enc_DF.dtype, bias_F.dtype, W_enc_DF.shape[1])
         ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
         return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
 
@@ -205,16 +221,18 @@ class _TopKEncoder(torch.autograd.Function):
         w_dtype, b_dtype, F_ = ctx.meta
         B, x_in_BD = x_in_BD.shape[0], x_in_BD.float()
         g_vals_BK = torch.zeros(idx_BK.shape, device=idx_BK.device) if g_vals_BK is None else g_vals_BK.float()
-        idx_BS, g_BS = idx_BK, g_vals_BK
+        parts = [(idx_BK, g_vals_BK)]
         if aux_idx_BA.shape[1] > 0 and g_aux_BA is not None:
-            idx_BS, g_BS = torch.cat([idx_BK, aux_idx_BA], dim=1), torch.cat([g_vals_BK, g_aux_BA.float()], dim=1)
-        if idx_BS.shape[1] > _TopKEncoder.sparse_max_fill * F_:
-            g_BF = x_in_BD.new_zeros(B, F_).scatter_add_(1, idx_BS, g_BS)
+            parts.append((aux_idx_BA, g_aux_BA.float()))
+        if sum(idx.shape[1] for idx, _ in parts) > _TopKEncoder.sparse_max_fill * F_:
+            g_BF = x_in_BD.new_zeros(B, F_)
+            for idx_BS, g_BS in parts:
+                g_BF.scatter_add_(1, idx_BS, g_BS)
             grad_W_DF, grad_bias_F = x_in_BD.T @ g_BF, g_BF.sum(dim=0)
         else:
-            cols = idx_BS.reshape(-1)
-            rows = torch.arange(B, device=cols.device).repeat_interleave(idx_BS.shape[1])
-            G_FB = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_BS.reshape(-1), (F_, B), check_invariants=False)
-            grad_W_DF = torch.sparse.mm(G_FB, x_in_BD).T
-            grad_bias_F = x_in_BD.new_zeros(F_).index_add_(0, cols, g_BS.reshape(-1))
+            grad_FD = sum(scatter_rows(latent_csr(idx_BS, F_), g_BS, x_in_BD) for idx_BS, g_BS in parts)
+            grad_W_DF = grad_FD.T
+            grad_bias_F = x_in_BD.new_zeros(F_)
+            for idx_BS, g_BS in parts:
+                grad_bias_F.index_add_(0, idx_BS.reshape(-1), g_BS.reshape(-1))
         return None, grad_W_DF.to(w_dtype), grad_bias_F.to(b_dtype), None
