@@ -1,9 +1,10 @@
 """Toy superposition data: rates and correlations as specified, MMCS by hand, and every architecture
 recovering the true features.
 
-The recovery test is SPECS's setup scaled down to run in CI: d = 32 and 64 features (SPECS: 256 and
-512), width = number of features (Matryoshka: 2x), the same 0.99^i rates, ~3 active per sample
-(SPECS: 5), 293 steps of 1024 rows.
+The recovery test uses SPECS's sizes (d = 256, 512 unit feature directions, ~5 active per sample) at
+width 512, with one change so it fits in CI: every feature fires at the same rate (decay = 1; SPECS's
+0.99^i rates make the rarest features ~170x rarer, and learning those takes ~2M tokens per
+architecture: bench/toy_table.py runs that full setup). 586 steps of 512 rows, one thread.
 """
 
 from __future__ import annotations
@@ -79,20 +80,18 @@ def test_an_untrained_sae_does_not_start_at_the_features():
         assert mmcs(data.features_ND, sae.W_dec.detach()) < 0.7
 
 
-RECOVERY = {  # (sae fields, width) for the scaled-down data (~3 active per sample)
-    "relu": ({}, 64), "gated": ({}, 64), "jumprelu": ({}, 64),
-    "topk": ({"k": 4}, 64), "batchtopk": ({"k": 3}, 64),
-    # the first prefix must reconstruct alone: give it room for every feature (2x width, groups 64 + 64);
-    # with groups 32 + 32 the first 32 latents learn feature mixtures, as the method intends (MMCS ~0.87)
-    "matryoshka": ({"k": 3, "group_sizes": [64, 64]}, 128),
+RECOVERY = {  # sae fields for SPECS's toy sizes at width 512 (toy.TOY_SAE_DEFAULTS for the rest)
+    "relu": {}, "gated": {}, "jumprelu": {}, "topk": {}, "batchtopk": {},
+    # the first prefix must reconstruct alone; a 384-latent first group still has room for most features
+    # (a small first group learns feature mixtures, as the method intends, and lowers MMCS)
+    "matryoshka": {"group_sizes": [384, 128]},
 }
 
 
 @pytest.mark.parametrize("arch", sorted(RECOVERY))
-def test_each_architecture_recovers_the_uncorrelated_features(arch, one_thread):
-    toy = ToyConfig(d=32, n_features=64, mean_active=3.0)
+def test_each_architecture_recovers_the_uncorrelated_features_at_width_512(arch, one_thread):
+    toy = ToyConfig(d=256, n_features=512, mean_active=5.0, decay=1.0)
     train = TrainConfig(total_tokens=300_000, lr=1e-2, lr_warmup_steps=20)
-    fields, width = RECOVERY[arch]
-    r = train_toy(arch, toy, fields, train, d_sae=width, batch_size=1024)
+    r = train_toy(arch, toy, RECOVERY[arch], train, d_sae=512, batch_size=512)
     assert r["mmcs"] >= 0.9, r
-    assert 1.5 < r["l0"] < 8 and r["explained_variance"] > 0.7, r
+    assert 3 < r["l0"] < 9 and r["explained_variance"] > 0.75, r

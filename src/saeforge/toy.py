@@ -79,7 +79,10 @@ class ToyData:
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """x [n, d] float32."""
-        coef_BN = torch.rand(n, self.cfg.n_features, generator=generator) * self.active(n, generator)
+        active_BN = self.active(n, generator)
+        coef_BN = torch.zeros(n, self.cfg.n_features)
+        # coefficients drawn only where a feature is on: ~5 per row instead of n_features (half the sampling cost)
+        coef_BN[active_BN] = torch.rand(int(active_BN.sum()), generator=generator)
         return coef_BN @ self.features_ND
 
     def batches(self, batch_size: int, seed: int) -> Iterator[Tensor]:
