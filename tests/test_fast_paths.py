@@ -1,0 +1,35 @@
+"""Fast paths outside the SAE kernels (tests/test_sparse_kernels.py), each against its plain reference."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.testing import assert_close
+
+from saeforge.config import TrainConfig
+from saeforge.saes.registry import config_class, sae_class
+from saeforge.training.trainer import Trainer, make_adam
+
+
+def test_fused_adam_is_the_default_and_matches_the_plain_update():
+    sae = sae_class("topk")(config_class("topk")(d_in=16, d_sae=64, k=4))
+    cfg = TrainConfig(total_tokens=1000, lr=1e-2)
+    assert Trainer(sae, cfg, 100, progress=False).opt.defaults["fused"]
+    saes = [sae, copy.deepcopy(sae)]
+    opts = [make_adam(saes[0].parameters(), cfg), make_adam(saes[1].parameters(), cfg, fused=False)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in sae.parameters()]
+        for s, opt in zip(saes, opts):
+            for p, grad in zip(s.parameters(), grads):
+                p.grad = grad.clone()
+            opt.step()
+    moved = sum((p - q).abs().sum() for p, q in zip(saes[0].parameters(), sae_class("topk")(sae.cfg).parameters()))
+    assert moved > 1.0
+    for p, q in zip(*(s.parameters() for s in saes)):
+        assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a plain-Adam checkpoint loads into the fused one (and back)
+    opts[0].load_state_dict(opts[1].state_dict())
+    opts[1].load_state_dict(opts[0].state_dict())
