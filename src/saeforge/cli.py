@@ -119,7 +119,8 @@ def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
 
 def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.activations import write_cache
-    from saeforge.models import load_model, resolve_hook
+    from saeforge.models import load_model
+    from saeforge.training.run import hook_points
 
     from saeforge.training import distributed
 
@@ -129,7 +130,7 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     ctx = distributed.init()  # None in one process
     device = str(ctx.comm_device) if ctx and ctx.comm_device.type == "cuda" else cfg.model.device
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
-    hook_point = resolve_hook(lm.model, cfg.model.hook)
+    hook_point = hook_points(cfg, lm)  # with --model.hook_out: rows [hook | hook_out], for transcoders
     if ctx is None:
         m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part,
                         progress=not ns.quiet)
@@ -142,7 +143,7 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
         if not ctx.is_main:
             return 0
     print(f"cache {ns.out}: {m['n_rows']} rows of width {m['d_in']} in {len(m['shards'])} shards "
-          f"({cfg.model.name} at {cfg.model.hook})")
+          f"({cfg.model.name} at {' + '.join(cfg.model.hook_names())})")
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEAD_LATENTS = ("auto", "none", "resample", "ghost")
+PARALLEL = ("auto", "data", "hooks")
 
 
 def F(default: Any, help: str, **kwargs: Any) -> Any:
@@ -39,11 +40,18 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
+    hook_out: str = F("", "Transcoder: the hook point the decoder predicts from model.hook (e.g. blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out); it must come after model.hook in the forward. Empty = an ordinary SAE reconstructing model.hook.")
     dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32), float32, bfloat16, float16.")
     device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
+        _check(not self.hook_out or self.hook_out != self.hook,
+               f"model.hook_out={self.hook_out!r} is model.hook itself: leave hook_out empty for an ordinary SAE")
+
+    def hook_names(self) -> list[str]:
+        """The hooks a training row holds, in column order: [hook] or, for a transcoder, [hook, hook_out]."""
+        return [self.hook, self.hook_out] if self.hook_out else [self.hook]
 
 
 @dataclass
@@ -100,6 +108,12 @@ class TrainConfig:
     p_anneal_end_fraction: float = F(0.8, "p reaches p_end at this fraction of the steps (before the LR decay).")
     p_anneal_updates: int = F(10, "Times p changes in the window; each change rescales lambda to keep the penalty's size.")
     autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast), on, off.")
+    parallel: str = F(
+        "auto",
+        "Sweeps under torchrun: data (every rank trains every SAE on its rows of each batch), hooks (each SAE on one "
+        "rank, which receives only its hook's columns of every batch), auto (hooks when there are at least as many "
+        "SAEs as ranks, else data). A single run is always data-parallel.",
+    )
     checkpoint_every_steps: int = F(100, "Steps between atomic checkpoints.")
     log_every_steps: int = F(10, "Steps between metric lines in metrics.jsonl.")
     seed: int = F(0, "Seed for SAE initialisation.")
@@ -113,6 +127,7 @@ class TrainConfig:
         _check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
         _check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
         _check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
+        _check(self.parallel in PARALLEL, f"train.parallel={self.parallel!r}: expected one of {PARALLEL}")
         _check(self.dead_latents in DEAD_LATENTS,
                f"train.dead_latents={self.dead_latents!r}: expected one of {DEAD_LATENTS}")
         _check(self.resample_every_steps >= 0,
@@ -161,6 +176,26 @@ class RunConfig:
 
         check_dead_latents(self.train, self.sae)
         check_p_anneal(self.train, self.sae)
+        self._check_transcoder()
+
+    def _check_transcoder(self) -> None:
+        """model.hook_out makes the SAE a transcoder: check what it needs before any model is loaded."""
+        from saeforge.saes.base import transcoder_architectures
+
+        if not self.model.hook_out:
+            _check(self.sae.d_out == 0 and not self.sae.skip,
+                   f"sae.d_out={self.sae.d_out}, sae.skip={self.sae.skip} describe a transcoder: set model.hook_out "
+                   "(the hook it predicts), or leave d_out 0 and skip False")
+            return
+        archs = transcoder_architectures()
+        _check(self.sae.architecture in archs,
+               f"sae.architecture={self.sae.architecture!r} cannot be a transcoder (model.hook_out is set); use one of {archs}")
+        _check(self.train.dead_latents not in ("resample", "ghost"),
+               f"train.dead_latents={self.train.dead_latents!r} is not implemented for transcoders; use auto or none")
+        _check(not getattr(self.sae, "tied", False), "sae.tied=True with model.hook_out: a transcoder's encoder "
+               "reads another space than its decoder writes; leave tied False")
+        # b_dec lives in the output space: it cannot be subtracted from the input (SAELens refuses it too)
+        self.sae = dataclasses.replace(self.sae, apply_b_dec_to_input=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: to_dict(getattr(self, name)) for name in self.SECTIONS}

@@ -7,6 +7,11 @@ the packer (twice), never held in a list, so memory does not grow with the budge
 cover is reported: ``n_tokens`` (activation rows scored, excluded positions dropped),
 ``ce_n_predictions`` (next-token predictions scored), and the window counts. When the held-out
 part runs out first, the metrics cover what exists and a warning says so.
+
+Transcoders (``hook_out`` given): reconstruction metrics compare the prediction from the input
+hook with the activation at the output hook (EV, MSE, shrinkage, the mean-ablation baseline are
+all of the output hook), and CE/KL splice the prediction in at the output hook in the same
+forward (evals/splice.py). MDL is skipped for them (it describes an input's own reconstruction).
 """
 
 from __future__ import annotations
@@ -34,14 +39,33 @@ def _sae_d_in(sae: object) -> int | None:
     return None if d_in is None else int(d_in)
 
 
-def check_width(sae: object, width: int, hook_name: str, model_name: str) -> None:
-    """Raise a ValueError naming both widths when the SAE cannot read this hook's activations."""
+def check_width(sae: object, width: int, hook_name: str, model_name: str, out_width: int | None = None,
+                hook_out_name: str = "") -> None:
+    """Raise a ValueError naming both widths when the SAE cannot read this hook's activations.
+
+    ``out_width`` / ``hook_out_name``: the output hook of a transcoder (None: the SAE must be a plain SAE).
+    """
     d_in = _sae_d_in(sae)
     if d_in is not None and d_in != width:
         raise ValueError(
             f"the SAE expects activations of width d_in={d_in}, but hook {hook_name!r} of model {model_name!r} "
             f"gives width {width}. Evaluate with the model and hook the SAE was trained on (its cfg.json "
             "metadata has model_name and hook_name); `saeforge hooks` lists this model's hook points."
+        )
+    transcoder = bool(getattr(sae, "is_transcoder", False))
+    if transcoder and out_width is None:
+        raise ValueError(
+            f"this is a transcoder (d_in={d_in} at {hook_name!r} -> d_out={sae.d_out}), not an SAE of one hook: give "
+            "its output hook (--model.hook_out; its cfg.json metadata has hook_name_out)"
+        )
+    if out_width is not None and not transcoder:
+        raise ValueError(f"hook_out={hook_out_name!r} was given, but this SAE reconstructs its own input "
+                         "(cfg.json has no d_out): drop --model.hook_out")
+    if out_width is not None and sae.d_out != out_width:
+        raise ValueError(
+            f"the transcoder predicts width d_out={sae.d_out}, but its output hook {hook_out_name!r} of model "
+            f"{model_name!r} gives width {out_width}. Use the hooks it was trained on (cfg.json metadata "
+            "hook_name and hook_name_out)."
         )
 
 
@@ -71,11 +95,12 @@ class ReconstructionPass:
 @torch.inference_mode()
 def reconstruction_stats(
     lm, hook, sae, windows_T: Iterable[torch.Tensor], data_cfg: DataConfig, eval_cfg: EvalConfig,
-    progress: bool = False, total_windows: int | None = None, keep_rows: int = 0,
+    progress: bool = False, total_windows: int | None = None, keep_rows: int = 0, hook_out=None,
 ) -> ReconstructionPass:
     """Stream windows through the LM and the SAE: whole-set and per-position float64 sums (SAE in float32).
 
     Memory is one batch plus O(T * d_in + d_sae) sums, plus ``keep_rows`` activation rows when asked.
+    ``hook_out``: a transcoder's output hook; the statistics then compare its prediction with that hook.
     """
     from tqdm.auto import tqdm
 
@@ -89,12 +114,15 @@ def reconstruction_stats(
     total = None if total_windows is None else math.ceil(total_windows / eval_cfg.batch_size)
     for tokens_ST in tqdm(_batches(windows_T, eval_cfg.batch_size), total=total, desc="reconstruction",
                           unit="batch", disable=None if progress else True):
-        x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
+        acts = capture(lm.model, [hook] if hook_out is None else [hook, hook_out], tokens_ST)
+        x_in_STD = acts[hook.name]
+        x_STD = x_in_STD if hook_out is None else acts[hook_out.name]  # what is reconstructed
         keep_ST = ~excluded_mask(tokens_ST, lm.tokenizer, data_cfg).to(x_STD.device)
         if stats is None:
-            check_width(sae, x_STD.shape[-1], hook.name, lm.name)
+            check_width(sae, x_in_STD.shape[-1], hook.name, lm.name, None if hook_out is None else x_STD.shape[-1],
+                        "" if hook_out is None else hook_out.name)
         x_ND = x_STD[keep_ST].float()
-        f_NF, x_hat_ND = run_sae(sae, x_ND)
+        f_NF, x_hat_ND = run_sae(sae, x_ND if hook_out is None else x_in_STD[keep_ST].float())
         if stats is None:
             stats = ReconstructionStats(x_ND.shape[-1], f_NF.shape[-1], eval_cfg.dense_threshold)
             pos = PositionStats(x_STD.shape[1], x_STD.shape[-1])
@@ -113,9 +141,12 @@ def reconstruction_stats(
 
 def evaluate(
     lm, hook_point, sae, data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = True, mean_ablation: bool = True,
-    mdl_tokens: int = 0, position_buckets: int = 16,
+    mdl_tokens: int = 0, position_buckets: int = 16, hook_out=None,
 ) -> dict[str, Any]:
     """All eval metrics for ``sae`` at ``hook_point`` (a name or HookPoint) of ``lm`` (a LoadedModel).
+
+    A transcoder reads ``hook_point`` and predicts ``hook_out`` (a name or HookPoint): its metrics are
+    against ``hook_out`` and its CE/KL splice replaces ``hook_out`` (see the module docstring).
 
     Returns plain numbers plus ``feature_freq`` (float64 tensor [d_sae], e.g. for a sparsity file)
     and ``by_position`` (EV and CE score per bucket of context positions, see ``positions``).
@@ -127,6 +158,9 @@ def evaluate(
     from saeforge.models.hooks import resolve_hook
 
     hook = resolve_hook(lm.model, hook_point)
+    out = None if hook_out is None else resolve_hook(lm.model, hook_out)
+    if out is not None:
+        mdl_tokens = 0  # MDL describes an input's own reconstruction; not defined here
     T = data_cfg.context_size
     n_recon, n_ce = math.ceil(eval_cfg.tokens / T), math.ceil(eval_cfg.ce_tokens / T)
     first_T = next(iter(heldout_windows(lm, data_cfg)), None)
@@ -137,11 +171,12 @@ def evaluate(
         )
 
     rp = reconstruction_stats(lm, hook, sae, islice(heldout_windows(lm, data_cfg), n_recon), data_cfg, eval_cfg,
-                              progress, total_windows=n_recon, keep_rows=mdl_tokens)
+                              progress, total_windows=n_recon, keep_rows=mdl_tokens, hook_out=out)
     recon = rp.stats.result()
     metrics: dict[str, Any] = {
         "model": lm.name,
         "hook": hook.name,
+        **({} if out is None else {"hook_out": out.name}),
         "corpus": data_cfg.corpus,
         "context_size": T,
         "tokens_requested": eval_cfg.tokens,
@@ -159,8 +194,9 @@ def evaluate(
                  for tok_ST in _batches(islice(heldout_windows(lm, data_cfg), n_ce), eval_cfg.batch_size))
         # The mean over the scored eval tokens: the standard "mean ablation" baseline.
         mean_x_D = recon["mean_x"].float() if mean_ablation else None
-        ce = spliced_ce_kl(lm.model, hook, sae, pairs, mean_x_D=mean_x_D, progress=progress,
-                           total=math.ceil(n_ce / eval_cfg.batch_size), by_position=True)
+        ce = spliced_ce_kl(lm.model, hook if out is None else out, sae, pairs, mean_x_D=mean_x_D, progress=progress,
+                           total=math.ceil(n_ce / eval_cfg.batch_size), by_position=True,
+                           hook_in=None if out is None else hook)
         ce_sums = ce.pop("ce_by_position")
         metrics.update(ce)
         n_available = max(n_available, ce["ce_n_sequences"])
@@ -189,6 +225,7 @@ def _pct(m: dict[str, Any], key: str) -> str:
 _ROWS: list[tuple[str, str, Any]] = [
     ("model", "model", str),
     ("hook", "hook", str),
+    ("output hook (transcoder)", "hook_out", str),
     ("tokens scored (reconstruction)", "n_tokens",
      lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
     ("explained variance", "explained_variance", lambda m: f"{m['explained_variance']:.4f}"),

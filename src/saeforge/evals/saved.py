@@ -2,8 +2,8 @@
 
 A saeforge SAE carries its whole run config in ``cfg.json`` metadata, so the same
 document split is rebuilt and evaluation never sees training text. For SAEs from other
-tools only the SAELens metadata is there (model_name, hook_name, context_size, dataset_path);
-options given on the command line override either.
+tools only the SAELens metadata is there (model_name, hook_name, context_size, dataset_path, and
+hook_name_out for a transcoder); options given on the command line override either.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ def run_config_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     meta = json.loads(path.read_text()).get("metadata", {}) or {}
     base = meta.get("saeforge_config")
     if base is None:
-        base = {"model": {"name": meta.get("model_name", ""), "hook": meta.get("hook_name", "")},
+        model = {"name": meta.get("model_name", ""), "hook": meta.get("hook_name", "")}
+        if meta.get("hook_name_out"):  # a SAELens transcoder
+            model["hook_out"] = meta["hook_name_out"]
+        base = {"model": model,
                 "data": {k: v for k, v in {"context_size": meta.get("context_size"), "corpus": meta.get("dataset_path"),
                                             "prepend_bos": meta.get("prepend_bos")}.items() if v is not None}}
     d = {k: dict(v) for k, v in base.items() if k in ("model", "data", "eval")}
@@ -60,10 +63,12 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     else:
         sae = load_sae(sae_dir, device=str(lm.device))
         hook_point = resolve_hook(lm.model, cfg.model.hook)
+        hook_out = resolve_hook(lm.model, cfg.model.hook_out) if cfg.model.hook_out else None
         metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
-                           mean_ablation=cfg.eval.mean_ablation, mdl_tokens=mdl_tokens)
+                           mean_ablation=cfg.eval.mean_ablation, mdl_tokens=mdl_tokens, hook_out=hook_out)
     if report:
-        metrics["absorption"] = _absorption(lm, cfg, sae_dir)
+        metrics["absorption"] = (_absorption(lm, cfg, sae_dir) if not cfg.model.hook_out else
+                                 {"error": "first-letter absorption is defined for SAEs of one hook, not transcoders"})
     write_eval_json(metrics, sae_dir)
     if report:
         from saeforge.evals.compare import sae_label, trained_context

@@ -7,6 +7,12 @@ for the rest of the forward pass:
 - ``zero``: x -> 0 (the "zero ablation" baseline of the CE score);
 - ``mean``: x -> the mean activation over the eval set (optional baseline; one more forward).
 
+A transcoder (``hook_in`` given) is spliced with two hooks in the same forward: its input is read
+at ``hook_in`` and its prediction replaces the activation at ``hook`` (the output hook), so
+``sae`` is y_hat(x_in) + W_skip x_in. The input hook must fire first; if it has not when the output
+hook fires, the splice raises instead of using a stale input. The zero and mean baselines act at
+the output hook, as for an SAE there.
+
 Excluded positions (BOS / padding / special tokens, from ``data.excluded_mask``) keep their clean
 activation in every variant, zero and mean ablation included: the SAE was never trained on them
 and their outlier norms would make every variant look broken for reasons unrelated to the SAE.
@@ -27,7 +33,7 @@ tensors [S, T, V] in the model's dtype (the clean one and the current variant's)
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -47,10 +53,16 @@ def sae_dtype_device(sae: object, fallback_device: torch.device) -> tuple[torch.
 
 
 def run_sae(sae: object, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f_NF, x_hat_ND) with the SAE in its own dtype/device; x is cast there first (float32 normally)."""
+    """(f_NF, x_hat_ND) with the SAE in its own dtype/device; x is cast there first (float32 normally).
+
+    For a skip transcoder x_hat includes W_skip x (what ``forward`` returns).
+    """
     dtype, device = sae_dtype_device(sae, x_ND.device)
-    f_NF = sae.encode(x_ND.to(device, dtype))
-    return f_NF, sae.decode(f_NF)
+    x_ND = x_ND.to(device, dtype)
+    f_NF = sae.encode(x_ND)
+    x_hat_ND = sae.decode(f_NF)
+    add_skip = getattr(sae, "add_skip", None)
+    return f_NF, (x_hat_ND if add_skip is None else add_skip(x_hat_ND, x_ND))
 
 
 def sae_replacement(sae: object) -> Replacement:
@@ -59,6 +71,33 @@ def sae_replacement(sae: object) -> Replacement:
         return x_hat_ND.reshape(x_STD.shape).to(x_STD.device, x_STD.dtype)
 
     return replace
+
+
+def transcoder_replacement(sae: object, box: dict, hook_in_name: str, hook_out_name: str) -> Replacement:
+    """y -> the transcoder's prediction from ``box["x"]``, the input recorded earlier in this forward."""
+
+    def replace(y_STD: torch.Tensor) -> torch.Tensor:
+        x_STD = box.pop("x", None)
+        if x_STD is None:
+            raise ValueError(
+                f"transcoder splice: the output hook {hook_out_name!r} fired before the input hook {hook_in_name!r} "
+                "in this forward; the input hook must come first (e.g. blocks.L.hook_mlp_in -> blocks.L.hook_mlp_out)"
+            )
+        _, y_hat_ND = run_sae(sae, x_STD.reshape(-1, x_STD.shape[-1]))
+        return y_hat_ND.reshape(*y_STD.shape[:-1], y_hat_ND.shape[-1]).to(y_STD.device, y_STD.dtype)
+
+    return replace
+
+
+@contextmanager
+def recording(hook, box: dict) -> Iterator[None]:
+    """While active, each time ``hook`` fires its activation is put in ``box["x"]`` (left unchanged)."""
+    handle = hook.register(lambda x_STD: box.__setitem__("x", x_STD))
+    try:
+        yield
+    finally:
+        handle.remove()
+        box.clear()
 
 
 def zero_replacement(x_STD: torch.Tensor) -> torch.Tensor:
@@ -145,11 +184,12 @@ def spliced_ce_kl(
     progress: bool = False,
     total: int | None = None,
     by_position: bool = False,
+    hook_in=None,
 ) -> dict[str, Any]:
     """CE/KL clean vs SAE-spliced vs zero- (and, given ``mean_x_D``, mean-) ablated.
 
     ``batches`` yields (tokens_ST, excluded_ST) pairs of full windows (no padding). ``hook`` is a
-    ``models.hooks.HookPoint``. Returns plain floats: ce_clean, ce_sae, ce_zero, kl_sae, kl_zero,
+    ``models.hooks.HookPoint``; for a transcoder it is the output hook and ``hook_in`` its input hook. Returns plain floats: ce_clean, ce_sae, ce_zero, kl_sae, kl_zero,
     ce_score, kl_score (+ ce_mean, kl_mean, ce_score_mean, kl_score_mean), ce_n_predictions,
     ce_n_sequences, ce_n_tokens. ``by_position`` adds ``ce_by_position``: lists over source positions
     t of summed CE per variant (``ce_clean``, ``ce_sae``, ...) and prediction counts ``ce_n`` (float64 sums,
@@ -157,7 +197,11 @@ def spliced_ce_kl(
     """
     from tqdm.auto import tqdm
 
-    variants: dict[str, Replacement] = {"sae": sae_replacement(sae), "zero": zero_replacement}
+    box: dict = {}
+    if hook_in is None:
+        variants: dict[str, Replacement] = {"sae": sae_replacement(sae), "zero": zero_replacement}
+    else:
+        variants = {"sae": transcoder_replacement(sae, box, hook_in.name, hook.name), "zero": zero_replacement}
     if mean_x_D is not None:
         variants["mean"] = mean_replacement(mean_x_D)
     device = next(model.parameters()).device
@@ -182,7 +226,10 @@ def spliced_ce_kl(
             pos["n"].index_add_(0, t_idx.cpu(), torch.ones(len(t_idx), dtype=torch.float64))
         logits_clean_STV = model(input_ids=tokens_ST, use_cache=False).logits
         for i, (name, replacement) in enumerate(variants.items()):
-            with spliced(hook, replacement, excluded_ST):
+            # the transcoder's input is recorded in the same forward; registered first, it also comes first
+            # when both hooks sit on one module
+            reading = recording(hook_in, box) if hook_in is not None and name == "sae" else nullcontext()
+            with reading, spliced(hook, replacement, excluded_ST):
                 logits_new_STV = model(input_ids=tokens_ST, use_cache=False).logits
             # The clean per-position sum is the same for every variant: collect it with the first only.
             clean_T = (pos["clean"] if i == 0 else torch.zeros_like(pos["clean"])) if by_position else None

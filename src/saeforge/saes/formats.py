@@ -16,6 +16,12 @@ Choices, so SAELens reads the folder as its own:
   write, not that SAELens wrote it; ``metadata.saeforge_version`` says who did.
 - SAELens ignores top-level keys it does not know, so ours (k, aux_k, l1_coefficient, ...,
   format_version) sit beside its own.
+- Transcoders (cfg ``d_out`` > 0) use SAELens v6's transcoder layout: W_dec [d_sae, d_out],
+  b_dec [d_out], W_skip [d_out, d_in] when ``skip``, top-level ``d_out``, ``apply_b_dec_to_input``
+  false, the output hook in ``metadata.hook_name_out``. Architecture names: relu -> "transcoder"
+  (skip: "skip_transcoder"), jumprelu -> "jumprelu_transcoder" ("jumprelu_skip_transcoder").
+  SAELens has no TopK transcoder: ours is written as "topk_transcoder" ("topk_skip_transcoder"),
+  which SAELens refuses as an unknown architecture rather than misreading it.
 
 Saving is atomic for the whole folder: files go into a hidden sibling ``.NAME.tmp-PID`` (cfg.json
 last), which is renamed to NAME only when complete. A folder named NAME is therefore always whole.
@@ -48,6 +54,20 @@ SAELENS_LAYOUT_VERSION = "6.0.0"
 TO_SAELENS = {"relu": "standard", "topk": "topk", "gated": "gated", "jumprelu": "jumprelu"}
 FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
 
+# (our architecture, skip) <-> SAELens's transcoder architecture names
+TO_SAELENS_TRANSCODER = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
+                         ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+FROM_SAELENS_TRANSCODER = {v: k for k, v in TO_SAELENS_TRANSCODER.items()}
+
+
+def saelens_architecture(name: str, cfg: Any) -> str:
+    """The "architecture" string written to cfg.json for our architecture ``name`` with config ``cfg``."""
+    if getattr(cfg, "d_out", 0) > 0:
+        skip = bool(getattr(cfg, "skip", False))
+        return TO_SAELENS_TRANSCODER.get((name, skip), f"{name}_skip_transcoder" if skip else f"{name}_transcoder")
+    return TO_SAELENS.get(name, name)
+
+
 # SAELens's standard metadata keys, always written (None when the caller did not say)
 METADATA_KEYS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path", "exclude_special_tokens")
 
@@ -57,7 +77,7 @@ def build_cfg(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
     ours = dataclasses.asdict(sae.cfg)
     name = ours.pop("architecture")
     cfg: dict[str, Any] = {
-        "architecture": TO_SAELENS.get(name, name),
+        "architecture": saelens_architecture(name, sae.cfg),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "normalize_activations": "none",
@@ -172,13 +192,22 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
 def architecture_of(cfg: dict[str, Any]) -> str:
     """Our architecture name for a cfg.json dict (ours or one written by SAELens)."""
     meta = cfg.get("metadata") or {}
-    name = meta.get("saeforge_architecture") or FROM_SAELENS.get(cfg.get("architecture", "standard"), cfg.get("architecture"))
+    arch = cfg.get("architecture", "standard")
+    name = meta.get("saeforge_architecture") or FROM_SAELENS.get(arch) or FROM_SAELENS_TRANSCODER.get(arch, (arch,))[0]
     if name not in registry.names():
         raise ValueError(
             f"cfg.json architecture {cfg.get('architecture')!r} is not one saeforge can load; "
-            f"known: {registry.names()} (SAELens names: {sorted(FROM_SAELENS)})"
+            f"known: {registry.names()} (SAELens names: {sorted(FROM_SAELENS) + sorted(FROM_SAELENS_TRANSCODER)})"
         )
     return name
+
+
+def _saelens_transcoder_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """skip for a folder SAELens wrote as a transcoder (its cfg.json has d_out but no "skip" of ours)."""
+    arch = cfg.get("architecture")
+    if arch in FROM_SAELENS_TRANSCODER and "skip" not in cfg:
+        return {"skip": FROM_SAELENS_TRANSCODER[arch][1]}
+    return {}
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -200,7 +229,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg_cls = registry.config_class(name)
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     fields = {k: v for k, v in cfg.items() if k in known}
-    fields.update(architecture=name, device=str(device))
+    fields.update(architecture=name, device=str(device), **_saelens_transcoder_fields(cfg))
     sae = registry.sae_class(name)(from_dict(cfg_cls, fields))
 
     weights_path = folder / WEIGHTS_FILE
@@ -222,8 +251,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         got = tensors[key]
         if got.shape != want.shape:
             raise ValueError(
-                f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}) "
-                f"implies {list(want.shape)}; the weights and cfg.json come from different SAEs"
+                f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}"
+                f"{f', d_out={sae.d_out}' if sae.is_transcoder else ''}) implies {list(want.shape)}; the weights "
+                "and cfg.json come from different SAEs"
+                + (" (a transcoder's W_dec/b_dec are [d_sae, d_out]/[d_out]: is \"d_out\" missing from cfg.json?)"
+                   if key in ("W_dec", "b_dec") and not sae.is_transcoder else "")
             )
     if rescale:
         _fold_decoder_norm(tensors)

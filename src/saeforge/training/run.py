@@ -6,6 +6,9 @@ Run folder layout::
     runs/NAME/metrics.jsonl    one line per log step
     runs/NAME/checkpoint.pt    the Trainer's whole state, replaced atomically
     runs/NAME/sae/             cfg.json, sae_weights.safetensors, sparsity.safetensors, eval.json
+
+A transcoder (``model.hook_out`` set) trains on rows [x at model.hook | y at model.hook_out] from
+one LM pass (see activations/stream.py) and is evaluated with its prediction spliced in at hook_out.
 """
 
 from __future__ import annotations
@@ -36,16 +39,31 @@ class RunResult:
 
 def default_run_name(cfg: RunConfig) -> str:
     model = Path(cfg.model.name).name.removesuffix(".gguf")
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{cfg.model.hook}-{cfg.sae.architecture}-{cfg.sae.d_sae}")
+    hooks = "-to-".join(cfg.model.hook_names())
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{hooks}-{cfg.sae.architecture}-{cfg.sae.d_sae}")
 
 
-def sae_metadata(cfg: RunConfig, tokens: int, scale: float) -> dict:
-    """SAELens-style provenance plus our whole config, so `saeforge eval` can rebuild the data split."""
-    return {"model_name": cfg.model.name, "hook_name": cfg.model.hook, "context_size": cfg.data.context_size,
+def sae_metadata(cfg: RunConfig, tokens: int, scale: float, scale_out: float | None = None) -> dict:
+    """SAELens-style provenance plus our whole config, so `saeforge eval` can rebuild the data split.
+
+    A transcoder adds SAELens's ``hook_name_out`` and the output scale folded into its decoder.
+    """
+    meta = {"model_name": cfg.model.name, "hook_name": cfg.model.hook, "context_size": cfg.data.context_size,
             "prepend_bos": cfg.data.prepend_bos, "dataset_path": cfg.data.corpus,
             "exclude_special_tokens": cfg.data.exclude_special_tokens, "training_tokens": tokens,
             "saeforge_version": saeforge.__version__, "saeforge_input_scale_folded": scale,
             "saeforge_config": cfg.to_dict()}
+    if cfg.model.hook_out:
+        meta.update(hook_name_out=cfg.model.hook_out, saeforge_output_scale_folded=scale_out)
+    return meta
+
+
+def hook_points(cfg: RunConfig, lm):
+    """The HookPoint a run reads, or [input, output] for a transcoder (rows are their concatenation)."""
+    from saeforge.models import resolve_hook
+
+    points = [resolve_hook(lm.model, name) for name in cfg.model.hook_names()]
+    return points if cfg.model.hook_out else points[0]
 
 
 def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, Path]:
@@ -78,20 +96,28 @@ def build_source(cfg: RunConfig, lm, hook_point):
         reader = CacheReader(cfg.activations.cache, cfg.activations.batch_size, seed=cfg.train.seed)
         m, names = reader.manifest, [p.name for p in as_points(hook_point)]
         if (m["model"], reader.hooks) != (cfg.model.name, names):
+            flags = " ".join(f"--model.{k} {v}" for k, v in zip(("hook", "hook_out"), reader.hooks))
             raise ConfigError(f"cache {cfg.activations.cache} holds {m['model']} at {reader.hooks}, but the config asks "
-                              f"for {cfg.model.name} at {names}: pass the cache's --model.name and hooks, "
-                              "or cache the hooks this run needs with `saeforge cache`")
+                              f"for {cfg.model.name} at {names}: pass --model.name {m['model']} {flags}, or cache "
+                              "the hooks this run needs with `saeforge cache` (same --model.hook/--model.hook_out)")
         return reader
     return ActivationStream(lm, hook_point, cfg.data, cfg.activations, part="train", seed=cfg.train.seed)
 
 
-def build_sae(cfg: RunConfig, d_in: int, device: torch.device):
+def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
+    """The SAE to train, its widths taken from the model: d_in at model.hook, d_out at model.hook_out."""
     from saeforge.saes.registry import sae_class
 
     if cfg.sae.d_in not in (0, d_in):
         raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
                           "leave sae.d_in at 0 to take it from the model")
-    sae_cfg = dataclasses.replace(cfg.sae, d_in=d_in, device=str(device))
+    if cfg.model.hook_out and d_out <= 0:
+        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} (a transcoder) needs the output width; this "
+                          "entry point passes none (transcoders train with `saeforge train`, not in sweeps yet)")
+    if cfg.sae.d_out not in (0, d_out):
+        raise ConfigError(f"sae.d_out={cfg.sae.d_out} but the activations at {cfg.model.hook_out} have width {d_out}: "
+                          "leave sae.d_out at 0 to take it from the model")
+    sae_cfg = dataclasses.replace(cfg.sae, d_in=d_in, d_out=d_out, device=str(device))
     sae = sae_class(sae_cfg.architecture)(sae_cfg)
     sae.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return sae, sae_cfg
@@ -100,7 +126,7 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device):
 def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
           lm=None) -> RunResult:
     """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
-    from saeforge.models import load_model, resolve_hook
+    from saeforge.models import load_model
     from saeforge.saes.formats import save_sae
 
     from saeforge.training import distributed
@@ -114,14 +140,15 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
         if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
             device = str(ctx.comm_device)  # one GPU per rank, not all of them on cuda:0
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
-    hook_point = resolve_hook(lm.model, cfg.model.hook)
+    points = hook_points(cfg, lm)
     if ctx is not None:
         from saeforge.activations.sharding import build_sharded_source
 
-        source = build_sharded_source(cfg, lm, hook_point, ctx)
+        source = build_sharded_source(cfg, lm, points, ctx)
     else:
-        source = build_source(cfg, lm, hook_point)
-    sae, sae_cfg = build_sae(cfg, source.d_in, lm.device)
+        source = build_source(cfg, lm, points)
+    widths = [source.columns[name].stop - source.columns[name].start for name in cfg.model.hook_names()]
+    sae, sae_cfg = build_sae(cfg, widths[0], lm.device, d_out=widths[1] if cfg.model.hook_out else 0)
     cfg = dataclasses.replace(cfg, sae=sae_cfg)
     if resume is None and (ctx is None or ctx.is_main):
         cfg.save(run_dir / CONFIG)
@@ -142,13 +169,15 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
 
     final = trainer.export_sae()
     sae_dir = run_dir / SAE_DIR
-    save_sae(final, sae_dir, sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale),
+    save_sae(final, sae_dir, sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale,
+                                          trainer.scale_out),
              sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10))  # SAELens stores log10 frequency
     metrics = None
     if evaluate:
         from saeforge.evals.report import evaluate as run_eval, write_eval_json
 
-        metrics = run_eval(lm, hook_point, final, cfg.data, cfg.eval, progress=progress,
-                           mean_ablation=cfg.eval.mean_ablation)
+        hook_in, hook_out = (points[0], points[1]) if cfg.model.hook_out else (points, None)
+        metrics = run_eval(lm, hook_in, final, cfg.data, cfg.eval, progress=progress,
+                           mean_ablation=cfg.eval.mean_ablation, hook_out=hook_out)
         write_eval_json(metrics, sae_dir)
     return RunResult(run_dir, sae_dir, metrics)
