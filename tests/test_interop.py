@@ -52,8 +52,9 @@ def test_sparsify_topk_folder(tmp_path):
     sae = load_foreign(tmp_path)
     assert isinstance(sae, TopKSAE) and sae.cfg.k == K
     check(sae, f_ref, f_ref @ t["W_dec"] + t["b_dec"])
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))
-    with pytest.raises(ValueError, match="only plain TopK"):
+    # a skip connection on a plain SAE has no saeforge form (transcoders: tests/test_transcoders.py)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "skip_connection": True}))
+    with pytest.raises(ValueError, match="only TopK SAEs and TopK"):
         load_sparsify(tmp_path)
 
 

@@ -520,3 +520,27 @@ def test_cli_caches_trains_and_evaluates_a_transcoder(tiny_model_dirs, text_corp
     ev2 = json.loads((tmp_path / "tc" / "sae" / "eval.json").read_text())
     assert ev2["explained_variance"] == pytest.approx(ev["explained_variance"], rel=1e-6)
     assert ev2["kl_score"] == pytest.approx(ev["kl_score"], rel=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_reads_a_sparsify_transcoder(tmp_path, skip):
+    """sparsify's layout (encoder.weight [F, D], W_dec [F, D], b_dec, W_skip [D, D]); transcode: b_dec not subtracted."""
+    from safetensors.torch import save_file
+
+    from saeforge.saes.interop import load_foreign
+
+    g = torch.Generator().manual_seed(2)
+    t = {"encoder.weight": torch.randn(12, 6, generator=g), "encoder.bias": torch.randn(12, generator=g),
+         "W_dec": torch.randn(12, 6, generator=g), "b_dec": torch.randn(6, generator=g)}
+    if skip:
+        t["W_skip"] = torch.randn(6, 6, generator=g)
+    save_file(t, str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 3, "num_latents": 12, "d_in": 6,
+                                                  "transcode": True, "skip_connection": skip}))
+    sae = load_foreign(tmp_path)
+    x = torch.randn(10, 6)
+    pre = torch.relu(x @ t["encoder.weight"].T + t["encoder.bias"])  # sparsify: ReLU, then top-k, of x itself
+    vals, idx = pre.topk(3, dim=-1)
+    want = torch.zeros(10, 12).scatter(1, idx, vals) @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if skip else 0)
+    assert sae.is_transcoder and sae.cfg.skip == skip and not sae.cfg.apply_b_dec_to_input
+    torch.testing.assert_close(sae(x), want)

@@ -8,7 +8,10 @@
 - sparsify (EleutherAI): one folder per hookpoint, cfg.json (activation, num_latents, k, d_in,
   transcode, skip_connection, ...) + sae.safetensors (encoder.weight [F, D], encoder.bias [F],
   W_dec [F, D], b_dec [D]). Its encoder is ReLU then top-k of encoder(x - b_dec): b_dec is always
-  subtracted. Only plain TopK SAEs are read (no transcoders, skip connections or groupmax).
+  subtracted, except in a transcoder (``transcode``: the encoder reads the hookpoint's input and
+  the decoder predicts its output; b_dec is not subtracted; ``skip_connection`` adds W_skip x with
+  W_skip [D, D], SAELens's layout). TopK SAEs and TopK (skip) transcoders are read; not groupmax,
+  nor a skip connection on a plain SAE.
 - dictionary_learning (saprmarks): ae.pt (a state dict, loaded with weights_only=True) + config.json
   ({"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}}). Classes read: AutoEncoder
   (relu), AutoEncoderTopK (topk), BatchTopKSAE (saved as our JumpReLU with its one threshold),
@@ -89,13 +92,19 @@ def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
 
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
-    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
-        raise ValueError(f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={cfg.get('transcode')}, "
-                         f"skip_connection={cfg.get('skip_connection')}: only plain TopK SAEs are read")
+    transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
+    if cfg.get("activation", "topk") != "topk" or (skip and not transcode):
+        raise ValueError(f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={transcode}, "
+                         f"skip_connection={skip}: only TopK SAEs and TopK (skip) transcoders are read")
     t = load_file(str(folder / "sae.safetensors"))
     d_sae, d_in = t["encoder.weight"].shape
     tensors = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-    return _build("topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=True)
+    if not transcode:
+        return _build("topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=True)
+    if skip:
+        tensors["W_skip"] = t["W_skip"]
+    return _build("topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=False,
+                  d_out=int(t["W_dec"].shape[1]), skip=skip)
 
 
 def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
