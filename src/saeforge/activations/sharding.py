@@ -7,6 +7,13 @@ for any number of processes. Behind a live stream, each rank runs the LM on a co
 share of every chunk's windows and the rows are all-gathered in window order; behind a
 cache, each rank reads the shard and keeps its rows (disk reads are cheap next to the LM).
 
+Hook-parallel (sweeps, training/sweep.py): each rank owns some SAEs and needs only their hooks'
+columns, but for the whole global batch. ``HookParallelStream`` runs the LM on the rank's share
+of each chunk's windows for every hook of the sweep, then one ``all_to_all_single`` sends each
+rank exactly its columns of every other rank's rows (gloo takes uneven splits there; its list
+``all_to_all`` wants equal sizes). The batcher then shuffles these narrower rows with the
+one-process permutation, so a rank's batches are the one-process batches' columns.
+
 Caching: ``write_cache_parallel`` gives each rank a contiguous range of windows, written as
 an ordinary resumable cache in ``part-RRR/``; rank 0 then lists every part's shards, in
 window order, in one top-level manifest that a one-process ``CacheReader`` reads.
@@ -22,7 +29,10 @@ from typing import Iterator
 import torch
 
 from saeforge.activations.cache import MANIFEST, CacheError, _identity, read_manifest, write_cache
-from saeforge.activations.stream import ActivationStream, hook_width, train_windows, window_activations
+from saeforge.activations.batcher import ShuffledBatcher
+from saeforge.activations.stream import (
+    ActivationStream, columns_of, hook_width, hook_widths, train_windows, window_activations,
+)
 from saeforge.config import ActivationsConfig, DataConfig
 from saeforge.io import atomic_write_text
 from saeforge.training.distributed import DistContext, all_gather_rows, rank_rows
@@ -98,6 +108,106 @@ def build_sharded_source(cfg, lm, hook_point, ctx: DistContext):
         source = ShardedActivationStream(lm, hook_point, cfg.data, cfg.activations, ctx, part="train",
                                           seed=cfg.train.seed)
     return RankSlice(source, cfg.activations.batch_size, ctx)
+
+
+class HookParallelStream(ActivationStream):
+    """A live stream over several hooks of which this rank keeps only ``keep`` (hook names), for every row.
+
+    Every rank runs the LM on its share of each chunk's windows (all hooks: another rank may need
+    them), then ``all_to_all_single`` delivers to each rank its hooks' columns of all ranks' rows in
+    window order. ``received_widths`` records the row widths this rank was actually sent.
+    """
+
+    def __init__(self, lm, hook_points, keep: list[str], data_cfg: DataConfig, act_cfg: ActivationsConfig,
+                 ctx: DistContext, part: str = "train", seed: int = 0):
+        super().__init__(lm, hook_points, data_cfg, act_cfg, part=part, seed=seed)
+        self.ctx, self.keep = ctx, list(keep)
+        self.received_widths: set[int] = set()
+        self._all: dict[str, slice] | None = None
+        self._wanted: list[list[str]] | None = None
+
+    @property
+    def all_columns(self) -> dict[str, slice]:
+        """Columns of the full rows the LM produces (every hook of the sweep)."""
+        if self._all is None:
+            names = [p.name for p in self.hook_points]
+            self._all = columns_of(names, hook_widths(self.lm, self.hook_points))
+            unknown = set(self.keep) - set(names)
+            if unknown:
+                raise ValueError(f"hooks {sorted(unknown)} are not among the stream's hooks {names}")
+        return self._all
+
+    @property
+    def columns(self) -> dict[str, slice]:
+        names = [n for n in self.all_columns if n in self.keep]  # the stream's hook order
+        return columns_of(names, [self.all_columns[n].stop - self.all_columns[n].start for n in names])
+
+    @property
+    def d_in(self) -> int:
+        return sum(s.stop - s.start for s in self.columns.values())
+
+    def _index(self, names: list[str]) -> torch.Tensor:
+        cols = [torch.arange(self.all_columns[n].start, self.all_columns[n].stop) for n in self.all_columns if n in names]
+        return torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+
+    def _load_chunk(self, chunk: int) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        if self._wanted is None:  # which hooks every rank keeps (one object all-gather, once)
+            self._wanted = [None] * self.ctx.world
+            dist.all_gather_object(self._wanted, self.keep)
+        S = self.act_cfg.shuffle_sequences
+        self._seek_windows(chunk * S)
+        windows = list(itertools.islice(self._windows, S))
+        self._next_window += len(windows)
+        if not windows:
+            return None  # the same on every rank
+        lo, hi = share(len(windows), self.ctx)
+        full = sum(s.stop - s.start for s in self.all_columns.values())
+        rows_ND = torch.cat([wa.acts_STD[wa.keep_ST] for wa in window_activations(
+            self.lm, self.hook_points, torch.stack(windows[lo:hi]), self.data_cfg, self.act_cfg.lm_batch_size)
+        ]) if hi > lo else torch.empty(0, full, dtype=self.lm.dtype)
+        # rows per rank (they differ: excluded positions), then each rank's columns of my rows, flattened
+        n = torch.tensor([len(rows_ND)], dtype=torch.long, device=self.ctx.comm_device)
+        counts = [torch.zeros_like(n) for _ in range(self.ctx.world)]
+        dist.all_gather(counts, n)
+        counts = [int(c) for c in counts]
+        dtype = rows_ND.dtype if self.ctx.comm_device.type == "cuda" else torch.float32  # gloo: no bf16
+        send = [rows_ND[:, self._index(names)].to(dtype) for names in self._wanted]
+        mine = self._index(self.keep).numel()
+        out = torch.empty(sum(counts) * mine, dtype=dtype, device=self.ctx.comm_device)
+        dist.all_to_all_single(out, torch.cat([t.reshape(-1) for t in send]).to(self.ctx.comm_device),
+                               [c * mine for c in counts], [t.numel() for t in send])
+        got_ND = out.view(sum(counts), mine).to("cpu", rows_ND.dtype)
+        self.received_widths.add(got_ND.shape[1])
+        return got_ND
+
+
+class KeepColumns:
+    """A cache reader's batches with only some hooks' columns (hook-parallel from a cache: no exchange,
+    every rank reads the shard and keeps its columns). Same position state as the reader."""
+
+    def __init__(self, reader, keep: list[str], batch_size: int, seed: int):
+        self.reader = reader
+        cols = reader.columns
+        names = [n for n in cols if n in keep]
+        self._idx = torch.cat([torch.arange(cols[n].start, cols[n].stop) for n in names]) if names else None
+        self.columns = columns_of(names, [cols[n].stop - cols[n].start for n in names])
+        self.d_in = sum(s.stop - s.start for s in self.columns.values())
+        self.batcher = ShuffledBatcher(self._load_chunk, batch_size, seed)
+
+    def _load_chunk(self, chunk: int) -> torch.Tensor:
+        rows_ND = self.reader._load_chunk(chunk)
+        return rows_ND[:, self._idx] if self._idx is not None else rows_ND[:, :0]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batcher)
+
+    def state_dict(self) -> dict:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.batcher.load_state_dict(d)
 
 
 # ---- parallel cache writing -------------------------------------------------------------
