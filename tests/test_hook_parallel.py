@@ -98,7 +98,7 @@ def test_data_parallel_sweep_equals_one_process(one_process, tiny_model_dirs, te
 
 
 def test_points_are_balanced_over_ranks_by_size():
-    from saeforge.training.sweep import assign_points, parallel_mode
+    from saeforge.training.sweep_run import assign_points, parallel_mode
 
     assert assign_points([64, 64], 2) == [0, 1]
     assert assign_points([10, 40, 20, 20, 10], 2) == [0, 0, 1, 1, 1]  # 40+10 vs 20+20+10
