@@ -544,3 +544,13 @@ def test_reads_a_sparsify_transcoder(tmp_path, skip):
     want = torch.zeros(10, 12).scatter(1, idx, vals) @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if skip else 0)
     assert sae.is_transcoder and sae.cfg.skip == skip and not sae.cfg.apply_b_dec_to_input
     torch.testing.assert_close(sae(x), want)
+
+
+def test_analysis_tools_refuse_a_transcoder_folder(tmp_path):
+    from saeforge.analysis.common import load_for_analysis
+    from saeforge.saes.formats import save_sae
+
+    save_sae(make("relu", d_in=4, d_out=3, d_sae=5), tmp_path, {"model_name": "m", "hook_name": HOOK_IN,
+                                                                 "hook_name_out": HOOK_OUT})
+    with pytest.raises(ValueError, match=r"is a transcoder \(blocks.0.hook_mlp_in -> blocks.0.hook_mlp_out\)"):
+        load_for_analysis(tmp_path)

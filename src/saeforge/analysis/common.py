@@ -26,6 +26,9 @@ def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str
     if not hook:
         raise ValueError(f"{sae_dir}/cfg.json names no metadata.hook_name; pass the hook (--hook NAME)")
     sae = load_sae(sae_dir, device=device)
+    if sae.is_transcoder:  # its decoder writes another hook's space: splicing it at `hook` would be wrong
+        raise ValueError(f"{sae_dir} is a transcoder ({hook} -> {meta.get('hook_name_out')}); the analysis tools "
+                         "splice an SAE at one hook and do not take transcoders yet (evaluate it with `saeforge eval`)")
     sae.requires_grad_(False)
     sae.hook_name = hook
     lm = load_model(model_name, dtype=dtype, device=device)
