@@ -554,3 +554,17 @@ def test_analysis_tools_refuse_a_transcoder_folder(tmp_path):
                                                                  "hook_name_out": HOOK_OUT})
     with pytest.raises(ValueError, match=r"is a transcoder \(blocks.0.hook_mlp_in -> blocks.0.hook_mlp_out\)"):
         load_for_analysis(tmp_path)
+
+
+def test_training_refuses_an_output_hook_that_runs_first(lm, tiny_model_dirs, text_corpus, tmp_path):
+    from saeforge.config import ConfigError
+    from saeforge.training.run import forward_order, hook_points
+
+    points = [resolve_hook(lm, n) for n in (HOOK_OUT, "blocks.1.hook_resid_pre", HOOK_IN)]
+    assert forward_order(lm, points) == [HOOK_IN, HOOK_OUT, "blocks.1.hook_resid_pre"]
+    cfg = run_cfg(tiny_model_dirs["llama"], text_corpus, tmp_path, "r", "topk", 1000,
+                  hook_in="blocks.1.hook_resid_pre", hook_out="blocks.0.hook_resid_post")
+    with pytest.raises(ConfigError, match="runs before model.hook.*swap them"):
+        hook_points(cfg, lm)
+    assert [p.name for p in hook_points(run_cfg(tiny_model_dirs["llama"], text_corpus, tmp_path, "r", "topk", 1000),
+                                        lm)] == [HOOK_IN, HOOK_OUT]

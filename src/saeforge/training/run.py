@@ -63,7 +63,23 @@ def hook_points(cfg: RunConfig, lm):
     from saeforge.models import resolve_hook
 
     points = [resolve_hook(lm.model, name) for name in cfg.model.hook_names()]
-    return points if cfg.model.hook_out else points[0]
+    if not cfg.model.hook_out:
+        return points[0]
+    if forward_order(lm, points) != [p.name for p in points]:
+        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} runs before model.hook={cfg.model.hook!r} in the "
+                          "forward; a transcoder predicts a later hook from an earlier one: swap them")
+    return points
+
+
+def forward_order(lm, points) -> list[str]:
+    """The names of ``points`` in the order they fire in one (probe) forward."""
+    from saeforge.models.hooks import capture, patched
+
+    order: list[str] = []
+    probe_ST = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
+    with patched(lm.model, {p: (lambda x, name=p.name: order.append(name)) for p in points}):
+        capture(lm.model, points, probe_ST)  # registered after ours: ours see each point first
+    return list(dict.fromkeys(order))
 
 
 def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, Path]:
