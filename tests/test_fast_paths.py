@@ -33,3 +33,17 @@ def test_fused_adam_is_the_default_and_matches_the_plain_update():
     # a plain-Adam checkpoint loads into the fused one (and back)
     opts[0].load_state_dict(opts[1].state_dict())
     opts[1].load_state_dict(opts[0].state_dict())
+
+
+def test_remove_parallel_grad_matches_the_projection_formula():
+    from saeforge.saes.base import remove_parallel_grad_
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(300, 40, generator=g) * torch.rand(300, 1, generator=g) * 3  # rows of any norm
+    W[7] = 0.0  # a zero row keeps its gradient
+    W.grad = torch.randn(300, 40, generator=g)
+    u = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    expected = W.grad - (W.grad * u).sum(dim=1, keepdim=True) * u
+    remove_parallel_grad_(W)
+    assert_close(W.grad, expected)
+    assert (W.grad * W).sum(dim=1).abs().max() < 1e-4

@@ -365,8 +365,9 @@ def remove_parallel_grad_(W_FD: Tensor) -> None:
     """
     g_FD = W_FD.grad
     if g_FD is not None:
-        u_FD = W_FD / W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        g_FD.sub_((g_FD * u_FD).sum(dim=1, keepdim=True) * u_FD)
+        # (g . u) u with u = w / |w|, written as (g . w / |w|^2) w: no [F, D] temporaries but the row dots
+        sq_norm_F = torch.linalg.vector_norm(W_FD, dim=1).square_().clamp_min_(1e-24)
+        g_FD.addcmul_((torch.linalg.vecdot(g_FD, W_FD, dim=1) / sq_norm_F)[:, None], W_FD, value=-1)
 
 
 @torch.no_grad()
