@@ -9,6 +9,7 @@ gradient all-reduce and global-batch statistics (measured ~1e-7).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
@@ -84,8 +85,13 @@ def test_killed_hook_parallel_sweep_resumes_to_the_one_process_saes(one_process,
     step = torch.load(position, weights_only=True)["step"]
     assert 0 < step < STEPS and not (tmp_path / "cut" / "sweep.json").exists()
 
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
     finish(torchrun("-m", "saeforge.cli", *args, "--resume", tmp_path / "cut"))  # hook-parallel again
     assert_same_sweep(tmp_path / "cut", one_process, tol=1e-5)
+    # or in one process: the position's carried rows are stored per hook, not per rank
+    assert main(["train", "--sweep", "model.hook=" + ",".join(HOOKS), "--resume", tmp_path / "cut1", "--no-eval",
+                 "--quiet"]) == 0
+    assert_same_sweep(tmp_path / "cut1", one_process, tol=1e-5)
 
 
 def test_data_parallel_sweep_equals_one_process(one_process, tiny_model_dirs, text_corpus, tmp_path):

@@ -188,14 +188,14 @@ class SweepRun:
         every = self.cfgs[0].train.checkpoint_every_steps
         trainers = [m.trainer for m in self.members]
         batches = ((x, self.source.state_dict() if hasattr(self.source, "state_dict") else None) for x in self.source)
+        for t in trainers:
+            t.start_clock()  # the LM time behind the first batches counts too
+        self.t0 = time.perf_counter()
         head = []
         if step == 0:
             head = list(itertools.islice(batches, max(c.train.norm_estimate_batches for c in self.cfgs)))
             for m in self.members:  # same first batches -> the input scale of a separate run, for every point
                 m.trainer.prepare(iter([(self._view(x, m), None) for x, _ in head]))
-        for t in trainers:
-            t.start_clock()
-        self.t0 = time.perf_counter()
         bar = tqdm(total=end, initial=step, unit="step", desc=f"sweep x{len(self.cfgs)}",
                    disable=not (self.progress and self.main))
         for x_BD, state in itertools.chain(head, batches) if step < end else ():
