@@ -272,8 +272,12 @@ def capture(
     input_ids_ST = input_ids_ST.to(device)
     if attention_mask_ST is not None:
         attention_mask_ST = attention_mask_ST.to(device)
-    # Registered via patched() so the hooks go away even when the forward raises.
-    with patched(model, {p: recorder(p.name) for p in points}), torch.no_grad():
+    from saeforge.models.compiled import compiled_forwards
+
+    # Registered via patched() so the hooks go away even when the forward raises. Layers marked by
+    # models.compiled.enable run compiled where that is safe (entered after patched: it sees our hooks).
+    with patched(model, {p: recorder(p.name) for p in points}), torch.no_grad(), \
+            compiled_forwards(model, input_ids_ST, attention_mask_ST, points):
         try:
             model(input_ids=input_ids_ST, attention_mask=attention_mask_ST, use_cache=False)
         except _StopForward:

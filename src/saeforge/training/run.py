@@ -142,7 +142,8 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
 def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
           lm=None) -> RunResult:
     """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
-    from saeforge.models import load_model
+    from saeforge.models import compiled, load_model
+    from saeforge.models.compiled import compile_policy
     from saeforge.saes.formats import save_sae
 
     from saeforge.training import distributed
@@ -157,6 +158,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
             device = str(ctx.comm_device)  # one GPU per rank, not all of them on cuda:0
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
     points = hook_points(cfg, lm)
+    if not cfg.activations.cache and compile_policy(cfg.model.compile, lm.device, cfg.train.total_tokens):
+        compiled.enable(lm)  # the live stream's LM forwards run compiled (models/compiled.py)
     if ctx is not None:
         from saeforge.activations.sharding import build_sharded_source
 
