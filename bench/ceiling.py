@@ -2,11 +2,14 @@
 
 Prints, for the model and hook of the demo (SmolLM2-135M, blocks.3.hook_resid_post):
 - matmul GFLOP/s in float32 and bfloat16 (an SAE encoder-sized product),
-- the LM-forward ceiling: tokens/s of the forward pass stopped at the hook, in the dtype saeforge picks,
+- the LM-forward ceiling: tokens/s of the forward pass stopped at the hook, in the dtype saeforge picks
+  (eager; with --compile also through torch.compile, and the compile's time),
 - the SAE-step ceiling: tokens/s of one TopK training step (forward, backward, Adam) on random data,
 - saeforge's end-to-end training tokens/s over --tokens live tokens, and its ratio to both ceilings.
 
-    python bench/ceiling.py [--tokens 262144] [--model smollm2-135m] [--hook blocks.3.hook_resid_post]
+    python bench/ceiling.py [--tokens 262144] [--model smollm2-135m] [--hook blocks.3.hook_resid_post] [--compile]
+
+The end-to-end run uses saeforge's defaults (model.compile auto: eager below 1M tokens on CPU).
 """
 
 from __future__ import annotations
@@ -35,15 +38,31 @@ def matmul_gflops(dtype: torch.dtype) -> float:
     return 2 * 4096 * 576 * 4608 / timed(lambda: a @ b, 5) / 1e9
 
 
-def lm_ceiling(model: str, hook: str, dtype: str, seqs: int = 16, ctx: int = 128) -> tuple[float, str]:
-    from saeforge.models import load_model, resolve_hook
+def lm_ceiling(model: str, hook: str, dtype: str, compile_too: bool, seqs: int = 16, ctx: int = 128
+               ) -> tuple[float, float | None, float | None, str]:
+    """LM-forward tokens/s eager, and (with ``compile_too``) compiled plus the compile's seconds.
+
+    Eager and compiled alternate, 4 repeats each, so both see the same machine load.
+    """
+    from saeforge.models import compiled, load_model, resolve_hook
     from saeforge.models.hooks import capture
 
     lm = load_model(model, dtype=dtype)
     hp = resolve_hook(lm, hook)
     tokens_ST = torch.randint(100, len(lm.tokenizer) - 100, (seqs, ctx), generator=torch.Generator().manual_seed(0))
-    sec = timed(lambda: capture(lm, [hp], tokens_ST), 4)
-    return seqs * ctx / sec, str(lm.dtype).removeprefix("torch.")
+    run = lambda: capture(lm, [hp], tokens_ST)  # noqa: E731
+    if not compile_too:
+        return seqs * ctx / timed(run, 4), None, None, str(lm.dtype).removeprefix("torch.")
+    compiled.enable(lm)
+    t = time.perf_counter()
+    run()  # compiles (inductor's on-disk cache makes later runs' compiles short)
+    compile_s = time.perf_counter() - t
+    eager_s, compiled_s = [], []
+    for _ in range(4):
+        with compiled.eager(lm):
+            eager_s.append(timed(run, 1))
+        compiled_s.append(timed(run, 1))
+    return seqs * ctx / min(eager_s), seqs * ctx / min(compiled_s), compile_s, str(lm.dtype).removeprefix("torch.")
 
 
 def sae_step_ceiling(d_in: int = 576, d_sae: int = 4608, batch: int = 4096) -> float:
@@ -73,13 +92,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--hook", default="blocks.3.hook_resid_post")
     ap.add_argument("--tokens", type=int, default=262_144, help="live training tokens for the end-to-end figure")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled LM forward (models/compiled.py)")
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = [("matmul float32 (GFLOP/s)", matmul_gflops(torch.float32)),
             ("matmul bfloat16 (GFLOP/s)", matmul_gflops(torch.bfloat16))]
-    lm_tok_s, lm_dtype = lm_ceiling(args.model, args.hook, "auto")
-    rows.append((f"LM forward to {args.hook}, {lm_dtype} (tok/s)", lm_tok_s))
+    lm_tok_s, lm_compiled_tok_s, compile_s, lm_dtype = lm_ceiling(args.model, args.hook, "auto", args.compile)
+    rows.append((f"LM forward to {args.hook}, {lm_dtype}, eager (tok/s)", lm_tok_s))
+    if lm_compiled_tok_s is not None:
+        rows.append((f"LM forward, torch.compile (tok/s; compile took {compile_s:.0f} s)", lm_compiled_tok_s))
     step_tok_s = sae_step_ceiling()
     rows.append(("TopK SAE step, 4608 latents, batch 4096 (tok/s)", step_tok_s))
     # running both back to back bounds what one process can do without overlapping them
@@ -87,7 +109,9 @@ def main() -> None:
     rows.append(("LM + SAE step in series (tok/s)", serial))
     e2e = end_to_end(args.model, args.hook, args.tokens)
     rows.append((f"saeforge train, end to end, {args.tokens:,} tokens (tok/s)", e2e))
-    rows += [("  ratio to LM-forward ceiling", e2e / lm_tok_s), ("  ratio to LM + step in series", e2e / serial)]
+    rows += [("  ratio to LM-forward ceiling (eager)", e2e / lm_tok_s), ("  ratio to LM + step in series", e2e / serial)]
+    if lm_compiled_tok_s is not None:
+        rows.append(("  ratio to LM-forward ceiling (compiled)", e2e / lm_compiled_tok_s))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:>10,.2f}" if value < 10 else f"{name:<{width}}  {value:>10,.0f}")

@@ -45,6 +45,10 @@ def test_marked_layers_run_compiled_where_safe_and_eager_elsewhere(llama):
         capture(llama, ["blocks.0.hook_resid_post"], x)
     assert calls(llama) == [2, 2, 0]
     assert all("forward" not in layer.__dict__ for layer in compiled.decoder_layers(llama))  # eager again outside
+    with compiled.eager(llama):  # marks set aside for a block, then back with their compiled code
+        capture(llama, ["blocks.0.hook_resid_post"], x)
+    capture(llama, ["blocks.0.hook_resid_post"], x)
+    assert calls(llama) == [3, 2, 0]
     compiled.disable(llama)
     capture(llama, ["blocks.0.hook_resid_post"], x)
     assert all(compiled._ATTR not in layer.__dict__ for layer in compiled.decoder_layers(llama))
