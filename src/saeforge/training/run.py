@@ -128,8 +128,8 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
         raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
                           "leave sae.d_in at 0 to take it from the model")
     if cfg.model.hook_out and d_out <= 0:
-        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} (a transcoder) needs the output width; this "
-                          "entry point passes none (transcoders train with `saeforge train`, not in sweeps yet)")
+        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} (a transcoder) needs the output width: pass "
+                          "build_sae(..., d_out=width at hook_out), e.g. from the stream's .columns")
     if cfg.sae.d_out not in (0, d_out):
         raise ConfigError(f"sae.d_out={cfg.sae.d_out} but the activations at {cfg.model.hook_out} have width {d_out}: "
                           "leave sae.d_out at 0 to take it from the model")
