@@ -47,3 +47,14 @@ def test_remove_parallel_grad_matches_the_projection_formula():
     remove_parallel_grad_(W)
     assert_close(W.grad, expected)
     assert (W.grad * W).sum(dim=1).abs().max() < 1e-4
+
+
+def test_adam_is_not_fused_for_strided_parameters():
+    # the fused CPU kernel walks memory flat: a [D, F] parameter stored as a transpose, given a contiguous
+    # gradient, gets another element's update. make_adam keeps such parameters on the plain Adam.
+    cfg = TrainConfig(lr=0.1)
+    W = torch.nn.Parameter(torch.zeros(40, 3).T)
+    assert not make_adam([W], cfg).defaults["fused"]
+    W.grad = torch.arange(120.0).reshape(3, 40) - 60
+    make_adam([W], cfg).step()
+    assert torch.equal(torch.sign(W.detach()), -torch.sign(W.grad))

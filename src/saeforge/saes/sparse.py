@@ -101,7 +101,9 @@ def scatter_rows(csr: tuple[Tensor, Tensor, Tensor], w_BS: Tensor, rows_BD: Tens
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we measured and test
         warnings.simplefilter("ignore", UserWarning)
         G_FB = torch.sparse_csr_tensor(crow, col_N, values_N, (len(crow) - 1, rows_BD.shape[0]))
-        return G_FB @ rows_BD
+        # addmm with beta=0 into an empty tensor: `G @ rows` zero-fills a result and copies it once more
+        out_FD = rows_BD.new_empty(len(crow) - 1, rows_BD.shape[1])
+        return torch.addmm(out_FD, G_FB, rows_BD.contiguous(), beta=0, out=out_FD)
 
 
 def scatter_rows_reference(idx_BS: Tensor, w_BS: Tensor, rows_BD: Tensor, n_latents: int) -> Tensor:

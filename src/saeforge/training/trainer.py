@@ -39,7 +39,10 @@ def make_adam(params, cfg: TrainConfig, fused: bool | None = None) -> torch.opti
     """
     params = list(params)
     if fused is None:
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        # contiguous only: torch 2.13's CPU kernel mixes up elements of a strided parameter whose gradient
+        # has other strides (measured; tests/test_fast_paths.py), so such parameters get the plain Adam
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and p.is_contiguous()
+                    for p in params)
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
 
 
