@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -258,9 +259,12 @@ def capture(
         raise HookError("capture() needs at least one hook point")
     wanted = {p.name for p in points}
     got: dict[str, torch.Tensor] = {}
+    me = threading.get_ident()
 
     def recorder(name: str) -> HookFn:
         def record(x: torch.Tensor) -> None:
+            if threading.get_ident() != me:  # another thread's forward (activations/prefetch.py): not ours
+                return None
             got[name] = x.detach()
             if wanted.issubset(got):
                 raise _StopForward

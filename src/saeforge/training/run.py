@@ -142,6 +142,7 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
 def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
           lm=None) -> RunResult:
     """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
+    from saeforge.activations.prefetch import close_prefetch, prefetch_chunks
     from saeforge.models import compiled, load_model
     from saeforge.models.compiled import compile_policy
     from saeforge.saes.formats import save_sae
@@ -178,7 +179,10 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
         trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
     if trainer.resume(source):
         log.info("resumed %s at step %d of %d", run_dir, trainer.step, trainer.n_steps)
+    if cfg.activations.prefetch and ctx is None and not cfg.activations.cache:  # LM || SAE (activations/prefetch.py)
+        prefetch_chunks(source, rows_needed=(trainer.n_steps - trainer.step) * cfg.activations.batch_size)
     trainer.fit(source)
+    close_prefetch(source)  # the LM is free again for the evaluation
     if ctx is not None:
         distributed.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
         if not ctx.is_main:

@@ -1,0 +1,96 @@
+"""Overlap the LM with SAE training: compute the next chunk of activations in a background thread.
+
+The live stream alternates ~16 s of LM forwards (one chunk: activations.shuffle_sequences windows)
+with ~16 SAE steps on that chunk's rows. ``prefetch_chunks`` makes its batcher ask for chunk i + 1
+in a background thread as soon as chunk i is handed over, so the two run at the same time. The
+batches are unchanged, bit for bit (a chunk is a pure function of its index; the background thread
+only runs it earlier), and so is the resume state, which lives in the batcher.
+
+Threads: each side's torch ops use their own OpenMP team. ``lm_threads`` sets the background
+thread's team size (torch.set_num_threads is per thread); the default, 0, keeps torch's.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import torch
+
+LoadChunk = Callable[[int], "torch.Tensor | None"]
+
+
+class ChunkPrefetcher:
+    """Wraps ``load_chunk(i)``: returns chunk i (waiting for it if the background thread has it in
+    flight) and starts computing chunk i + 1. Calls for any other index (a seek after resume) wait
+    for the background work, then run in the caller's thread."""
+
+    def __init__(self, load_chunk: LoadChunk, lm_threads: int = 0, rows_needed: int | None = None):
+        self.load_chunk = load_chunk
+        self.lm_threads = lm_threads
+        self.rows_left = rows_needed  # no chunk is prefetched once the consumer has this many rows
+        self._lock = threading.Lock()  # load_chunk is not re-entrant (the stream's window iterator)
+        self._ahead: tuple[int, Future] | None = None
+
+    def __call__(self, chunk: int) -> torch.Tensor | None:
+        ahead, self._ahead = self._ahead, None
+        rows = None
+        if ahead is not None:
+            index, future = ahead
+            result = future.result()  # re-raises the background thread's exception here
+            if index == chunk:
+                rows = result
+        if ahead is None or ahead[0] != chunk:
+            with self._lock:
+                rows = self.load_chunk(chunk)
+        if rows is not None:
+            if self.rows_left is not None:
+                self.rows_left -= len(rows)
+            if self.rows_left is None or self.rows_left > 0:
+                self._start(chunk + 1)
+        return rows
+
+    def _start(self, chunk: int) -> None:
+        future: Future = Future()
+
+        def work() -> None:
+            if self.lm_threads:
+                torch.set_num_threads(self.lm_threads)
+            try:
+                with self._lock:
+                    future.set_result(self.load_chunk(chunk))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer by future.result()
+                future.set_exception(e)
+
+        threading.Thread(target=work, name=f"saeforge-prefetch-{chunk}", daemon=True).start()
+        self._ahead = (chunk, future)
+
+    def close(self) -> None:
+        """Wait for any background chunk (call before reusing the wrapped loader elsewhere)."""
+        if self._ahead is not None:
+            try:
+                self._ahead[1].result()
+            except BaseException:  # noqa: BLE001 - nobody will read that chunk
+                pass
+            self._ahead = None
+
+
+def prefetch_chunks(source, lm_threads: int = 0, rows_needed: int | None = None):
+    """Make ``source`` (anything with a ShuffledBatcher as ``.batcher``) prefetch its next chunk; returns it.
+
+    ``rows_needed``: the rows training will still read, so no LM work is started for a chunk past the
+    end of the run (it would compete with the evaluation that follows).
+    """
+    batcher = getattr(source, "batcher", None)
+    if batcher is None or isinstance(batcher.load_chunk, ChunkPrefetcher):
+        return source
+    batcher.load_chunk = ChunkPrefetcher(batcher.load_chunk, lm_threads, rows_needed)
+    return source
+
+
+def close_prefetch(source) -> None:
+    """Wait for ``source``'s background chunk, if any: nothing else may run the LM while it does."""
+    load_chunk = getattr(getattr(source, "batcher", None), "load_chunk", None)
+    if isinstance(load_chunk, ChunkPrefetcher):
+        load_chunk.close()
