@@ -139,7 +139,8 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_saes(full_sweep, tiny_mode
     step = torch.load(position, weights_only=True)["step"]
     assert 0 < step < STEPS and not (tmp_path / "cut" / "sweep.json").exists()
 
-    assert main(["train", *SWEEP, "--resume", str(tmp_path / "cut"), "--no-eval", "--quiet"]) == 0
+    # `--resume SWEEP_DIR` alone: the folder's sweep_plan.json says it is a sweep and which points it has
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-eval", "--quiet"]) == 0
     assert_same_saes(tmp_path / "cut", full_sweep)
 
 

@@ -82,6 +82,13 @@ def run_config(base: dict, ns: argparse.Namespace):
 
 
 # ---- subcommands ---------------------------------------------------------------------
+def is_sweep_dir(folder: str) -> bool:
+    """A folder made by `saeforge train --sweep` (it holds the sweep's plan), so `--resume` alone continues it."""
+    from saeforge.training.sweep import PLAN_FILE
+
+    return (Path(folder) / PLAN_FILE).exists()
+
+
 def cmd_train(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.evals.report import format_table
     from saeforge.training.run import train
@@ -90,7 +97,7 @@ def cmd_train(ns: argparse.Namespace, base: dict) -> int:
 
     if ns.nproc > 1:
         return distributed.launch(ns.nproc, ns.argv)
-    if ns.sweep:
+    if ns.sweep or (ns.resume and is_sweep_dir(ns.resume)):
         from saeforge.training.sweep import cmd_sweep
 
         return cmd_sweep(ns, base)

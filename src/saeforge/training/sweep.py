@@ -187,7 +187,7 @@ def cmd_sweep(ns, base: dict) -> int:
     from saeforge.cli import overrides
     from saeforge.training.distributed import is_main_process
 
-    points = parse_sweep(ns.sweep)
+    points = parse_sweep(ns.sweep) if ns.sweep else read_plan(ns.resume)["points"]  # `--resume SWEEP_DIR` alone
     merged = {k: dict(v) for k, v in base.items()}
     for section, values in overrides(ns).items():
         merged.setdefault(section, {}).update(values)
