@@ -148,8 +148,10 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     from saeforge.saes.formats import save_sae
 
     from saeforge.training import distributed
+    from saeforge.training.malloc import keep_freed_memory
 
     ctx = distributed.init()  # None in one process: no process group at all
+    keep_freed_memory()  # glibc: no page faults on memory every step frees and takes again (training/malloc.py)
     cfg, run_dir = _prepare_dir(cfg, resume)
     if evaluate:
         _check_heldout(cfg)
