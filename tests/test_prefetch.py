@@ -137,3 +137,21 @@ def test_train_with_prefetch_gives_the_same_sae_bit_for_bit(tiny_model_dirs, tex
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_prefetch_runs_the_compiled_layers_in_its_thread_with_the_same_batches(tiny_model_dirs, text_corpus):
+    from saeforge.models import compiled
+
+    lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
+    data = DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.2)
+    act = ActivationsConfig(batch_size=64, lm_batch_size=4, shuffle_sequences=8)
+    point = resolve_hook(lm, "blocks.1.hook_resid_post")
+    compiled.enable(lm)
+    expected = list(itertools.islice(iter(ActivationStream(lm, point, data, act, seed=1)), 12))
+    before = [layer.__dict__[compiled._ATTR].calls for layer in compiled.decoder_layers(lm.model)]
+    fast = prefetch_chunks(ActivationStream(lm, point, data, act, seed=1))
+    for a, b in zip(expected, itertools.islice(iter(fast), 12), strict=True):
+        assert torch.equal(a, b)
+    fast.batcher.load_chunk.close()
+    after = [layer.__dict__[compiled._ATTR].calls for layer in compiled.decoder_layers(lm.model)]
+    assert after[0] > before[0] > 0 and after[2] == 0  # compiled in both runs; layer 2 never ran
