@@ -156,6 +156,11 @@ def main() -> None:
     cache_s = time.perf_counter() - t
     rows.append(run_saeforge(model_dir, corpus_dir, args.tokens, WORK / "runs" / "from-cache", cache=cache))
     shared_eval(rows, model_dir, args.eval_tokens, args.ce_tokens)
+    # the LM-forward ceiling in the same run (bench/ceiling.py): eager, and compiled as saeforge runs it at 1M tokens
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ceiling import lm_ceiling
+
+    lm_eager, lm_compiled, _, _ = lm_ceiling(str(model_dir), HOOK, "bfloat16" if bf16 else "float32", compile_too=True)
 
     base = sum(r["tok_s"] for r in rows if r["tool"] == "SAELens") / args.repeats
     print(f"\n{args.tokens:,} training tokens, TopK k=32, 4608 latents, {'bf16' if bf16 else 'float32'}, "
@@ -164,6 +169,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['tool']:<24}{r['tok_s']:>9,.0f}{r['tok_s'] / base:>11.2f}{r['wall_s']:>8.0f}{r['rss_gib']:>14.2f}"
               f"{r['ev']:>8.4f}{r['ce_score']:>10.4f}{r['l0']:>7.1f}")
+    live = sum(r["tok_s"] for r in rows if r["tool"] == "saeforge") / args.repeats
+    print(f"LM forward to the hook alone: {lm_eager:,.0f} tok/s eager, {lm_compiled:,.0f} compiled; saeforge end to end "
+          f"(live) is {live / lm_eager:.2f} of the eager and {live / lm_compiled:.2f} of the compiled ceiling")
 
 
 if __name__ == "__main__":
