@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,7 @@ def run_saelens(py: Path, model_dir: Path, corpus_dir: Path, tokens: int, out: P
 
 
 def run_saeforge(model_dir: Path, corpus_dir: Path, tokens: int, out: Path, cache: Path | None = None) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # a previous bench run's folder: saeforge refuses to overwrite a run
     cmd = [sys.executable, "-m", "saeforge.cli", "train", "--model", str(model_dir), "--hook", HOOK,
            "--corpus", str(corpus_dir / "train.jsonl"), "--data.holdout_fraction", "1e-9", "--tokens", str(tokens),
            "--train.out_dir", str(out.parent), "--name", out.name, "--no-eval", "--quiet"]
