@@ -126,3 +126,10 @@ def test_topk_training_step_fast_defaults_match_the_plain_reference(dead_fractio
     for name in g1:
         assert g1[name].abs().sum() > 0, name
         assert_close(g1[name], g2[name], msg=name)
+
+
+@pytest.mark.parametrize("shape", [(4608, 576), (300, 7), (1, 5)])
+def test_transpose_tiled_is_the_transpose(shape):
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    out = sparse.transpose_tiled(a)
+    assert out.is_contiguous() and torch.equal(out, a.T)

@@ -111,6 +111,15 @@ def scatter_rows_reference(idx_BS: Tensor, w_BS: Tensor, rows_BD: Tensor, n_late
     return rows_BD.new_zeros(n_latents, rows_BD.shape[1]).index_add_(0, idx_BS.reshape(-1), src_ND)
 
 
+def transpose_tiled(a_FD: Tensor, rows: int = 256) -> Tensor:
+    """``a.T.contiguous()`` in blocks of ``rows`` rows: 3.6 vs 10.5 ms at [4608, 576] here (a strided copy
+    of the whole matrix at once misses the cache on every write)."""
+    out_DF = a_FD.new_empty(a_FD.shape[1], a_FD.shape[0])
+    for start in range(0, a_FD.shape[0], rows):
+        out_DF[:, start:start + rows].copy_(a_FD[start:start + rows].T)
+    return out_DF
+
+
 def gather_dot(idx_BS: Tensor, W_FD: Tensor, g_BD: Tensor) -> Tensor:
     """out[b, j] = <W[idx[b, j]], g[b]>, shape [B, S], as (g @ W^T) sampled at the selected entries only."""
     B, S = idx_BS.shape

@@ -44,7 +44,7 @@ from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
     StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
 )
-from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked
+from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked, transpose_tiled
 
 
 @dataclass
@@ -211,14 +211,14 @@ class _TopKEncoder(torch.autograd.Function):
         vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = select(pre_BF)
         del pre_BF
         ctx.save_for_backward(x_in_BD, idx_BK, aux_idx_BA)
-        ctx.meta = (W_enc_DF.dtype, bias_F.dtype, W_enc_DF.shape[1])
+        ctx.meta = (W_enc_DF.dtype, bias_F.dtype, W_enc_DF.shape[1], W_enc_DF.is_contiguous())
         ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
         return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
 
     @staticmethod
     def backward(ctx, g_vals_BK, _g_idx, g_aux_BA, _g_aux_idx):
         x_in_BD, idx_BK, aux_idx_BA = ctx.saved_tensors
-        w_dtype, b_dtype, F_ = ctx.meta
+        w_dtype, b_dtype, F_, w_contiguous = ctx.meta
         B, x_in_BD = x_in_BD.shape[0], x_in_BD.float()
         g_vals_BK = torch.zeros(idx_BK.shape, device=idx_BK.device) if g_vals_BK is None else g_vals_BK.float()
         parts = [(idx_BK, g_vals_BK)]
@@ -231,7 +231,9 @@ class _TopKEncoder(torch.autograd.Function):
             grad_W_DF, grad_bias_F = x_in_BD.T @ g_BF, g_BF.sum(dim=0)
         else:
             grad_FD = sum(scatter_rows(latent_csr(idx_BS, F_), g_BS, x_in_BD) for idx_BS, g_BS in parts)
-            grad_W_DF = grad_FD.T
+            # in W_enc's own layout, or autograd copies it there with a slow whole-matrix transpose; a tied
+            # W_enc is W_dec^T, whose [F, D] gradient this already is
+            grad_W_DF = transpose_tiled(grad_FD) if w_contiguous else grad_FD.T
             grad_bias_F = x_in_BD.new_zeros(F_)
             for idx_BS, g_BS in parts:
                 grad_bias_F.index_add_(0, idx_BS.reshape(-1), g_BS.reshape(-1))
