@@ -230,7 +230,9 @@ class _TopKEncoder(torch.autograd.Function):
                 g_BF.scatter_add_(1, idx_BS, g_BS)
             grad_W_DF, grad_bias_F = x_in_BD.T @ g_BF, g_BF.sum(dim=0)
         else:
-            grad_FD = sum(scatter_rows(latent_csr(idx_BS, F_), g_BS, x_in_BD) for idx_BS, g_BS in parts)
+            grad_FD = scatter_rows(latent_csr(idx_BK, F_), parts[0][1], x_in_BD)
+            if len(parts) > 1:  # AuxK's entries (not Python's sum(): 0 + tensor would copy the whole matrix)
+                grad_FD += scatter_rows(latent_csr(aux_idx_BA, F_), parts[1][1], x_in_BD)
             # in W_enc's own layout, or autograd copies it there with a slow whole-matrix transpose; a tied
             # W_enc is W_dec^T, whose [F, D] gradient this already is
             grad_W_DF = transpose_tiled(grad_FD) if w_contiguous else grad_FD.T
