@@ -40,31 +40,43 @@ def matmul_gflops(dtype: torch.dtype) -> float:
     return 2 * 4096 * 576 * 4608 / timed(lambda: a @ b, 5) / 1e9
 
 
-def lm_ceiling(model: str, hook: str, dtype: str, compile_too: bool, seqs: int = 16, ctx: int = 128
+def lm_ceiling(model: str, hook: str, dtype: str, compile_too: bool, seqs: int = 16, ctx: int = 128, batches: int = 4
                ) -> tuple[float, float | None, float | None, str]:
     """LM-forward tokens/s eager, and (with ``compile_too``) compiled plus the compile's seconds.
 
-    Eager and compiled alternate, 4 repeats each, so both see the same machine load.
+    Each timing runs ``batches`` LM batches of ``seqs`` x ``ctx`` tokens (saeforge's default LM batch);
+    eager and compiled alternate 6 times and the medians are reported, so both see the same machine.
     """
+    import statistics
+
     from saeforge.models import compiled, load_model, resolve_hook
     from saeforge.models.hooks import capture
 
     lm = load_model(model, dtype=dtype)
     hp = resolve_hook(lm, hook)
-    tokens_ST = torch.randint(100, len(lm.tokenizer) - 100, (seqs, ctx), generator=torch.Generator().manual_seed(0))
-    run = lambda: capture(lm, [hp], tokens_ST)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(100, len(lm.tokenizer) - 100, (seqs, ctx), generator=g) for _ in range(batches)]
+
+    def run() -> float:
+        t = time.perf_counter()
+        for tokens_ST in tokens:
+            capture(lm, [hp], tokens_ST)
+        return seqs * ctx * batches / (time.perf_counter() - t)
+
+    run()  # warm-up
+    dtype_name = str(lm.dtype).removeprefix("torch.")
     if not compile_too:
-        return seqs * ctx / timed(run, 4), None, None, str(lm.dtype).removeprefix("torch.")
+        return statistics.median(run() for _ in range(3)), None, None, dtype_name
     compiled.enable(lm)
     t = time.perf_counter()
-    run()  # compiles (inductor's on-disk cache makes later runs' compiles short)
+    capture(lm, [hp], tokens[0])  # compiles (inductor's on-disk cache makes later runs' compiles short)
     compile_s = time.perf_counter() - t
-    eager_s, compiled_s = [], []
-    for _ in range(4):
+    eager, fast = [], []
+    for _ in range(6):
         with compiled.eager(lm):
-            eager_s.append(timed(run, 1))
-        compiled_s.append(timed(run, 1))
-    return seqs * ctx / min(eager_s), seqs * ctx / min(compiled_s), compile_s, str(lm.dtype).removeprefix("torch.")
+            eager.append(run())
+        fast.append(run())
+    return statistics.median(eager), statistics.median(fast), compile_s, dtype_name
 
 
 def sae_step_ceiling(d_in: int = 576, d_sae: int = 4608, batch: int = 4096) -> float:
