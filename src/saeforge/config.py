@@ -43,7 +43,7 @@ class ModelConfig:
     hook_out: str = F("", "Transcoder: the hook point the decoder predicts from model.hook (e.g. blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out); it must come after model.hook in the forward. Empty = an ordinary SAE reconstructing model.hook.")
     dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32), float32, bfloat16, float16.")
     device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
-    compile: str = F("auto", "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 1M live tokens (~20% faster forward; the compile costs ~7-60 s).")
+    compile: str = F("auto", "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).")
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
