@@ -70,6 +70,21 @@ def test_no_chunk_is_started_past_the_rows_needed():
     assert calls == [0, 1, 2]  # 150 rows >= 120 after chunk 2: chunk 3 never ran
 
 
+def test_prefetch_hands_the_row_budget_to_the_background_load():
+    calls = []
+
+    def load(i, rows_wanted=None):
+        calls.append((i, rows_wanted, threading.current_thread().name.startswith("saeforge-prefetch")))
+        return None if i >= 6 else torch.full((50, 3), float(i))[: rows_wanted]
+
+    plain = list(ShuffledBatcher(load, batch_size=16, seed=0, max_batches=9))
+    expected, calls[:] = [c[:2] for c in calls], []
+    fast = list(ShuffledBatcher(ChunkPrefetcher(load), batch_size=16, seed=0, max_batches=9))
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast, strict=True))
+    assert [c[:2] for c in calls] == expected == [(0, 144), (1, 94), (2, 44)]  # 9 x 16 rows; chunk 3 never runs
+    assert [c[2] for c in calls] == [False, True, True]
+
+
 def test_live_stream_with_prefetch_gives_the_same_batches(tiny_model_dirs, text_corpus):
     lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
     data = DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.2)
@@ -155,3 +170,18 @@ def test_prefetch_runs_the_compiled_layers_in_its_thread_with_the_same_batches(t
     fast.batcher.load_chunk.close()
     after = [layer.__dict__[compiled._ATTR].calls for layer in compiled.decoder_layers(lm.model)]
     assert after[0] > before[0] > 0 and after[2] == 0  # compiled in both runs; layer 2 never ran
+
+
+def test_live_chunk_with_a_row_budget_is_a_prefix_and_runs_fewer_lm_batches(tiny_model_dirs, text_corpus, monkeypatch):
+    from saeforge.models import hooks
+
+    lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
+    data = DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.2)
+    act = ActivationsConfig(batch_size=64, lm_batch_size=4, shuffle_sequences=16)
+    point = resolve_hook(lm, "blocks.1.hook_resid_post")
+    full = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1)
+    seen, original = [], hooks.capture  # window_activations looks capture up on each call
+    monkeypatch.setattr(hooks, "capture", lambda *a, **k: seen.append(1) or original(*a, **k))
+    part = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1, rows_wanted=100)
+    assert len(seen) == 1 and 100 <= len(part) <= 4 * 32 < len(full)  # one LM batch of 4 windows was enough
+    torch.testing.assert_close(part, full[: len(part)], rtol=0, atol=0)

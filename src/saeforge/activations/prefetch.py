@@ -24,53 +24,66 @@ LoadChunk = Callable[[int], "torch.Tensor | None"]
 class ChunkPrefetcher:
     """Wraps ``load_chunk(i)``: returns chunk i (waiting for it if the background thread has it in
     flight) and starts computing chunk i + 1. Calls for any other index (a seek after resume) wait
-    for the background work, then run in the caller's thread."""
+    for the background work, then run in the caller's thread.
+
+    With the batcher's row budget (``rows_wanted``), chunk i + 1 is asked for the rows still wanted
+    after chunk i's (the batcher would compute the same number) and is not started when none are.
+    Without it, ``rows_needed`` (the rows the consumer will read in all) plays that part.
+    """
 
     def __init__(self, load_chunk: LoadChunk, lm_threads: int = 0, rows_needed: int | None = None):
         self.load_chunk = load_chunk
         self.lm_threads = lm_threads
         self.rows_left = rows_needed  # no chunk is prefetched once the consumer has this many rows
         self._lock = threading.Lock()  # load_chunk is not re-entrant (the stream's window iterator)
-        self._ahead: tuple[int, Future] | None = None
+        self._ahead: tuple[int, int | None, Future] | None = None
 
-    def __call__(self, chunk: int) -> torch.Tensor | None:
+    def _load(self, chunk: int, rows_wanted: int | None) -> "torch.Tensor | None":
+        with self._lock:
+            if rows_wanted is None:
+                return self.load_chunk(chunk)
+            return self.load_chunk(chunk, rows_wanted=rows_wanted)
+
+    def __call__(self, chunk: int, rows_wanted: int | None = None) -> torch.Tensor | None:
         ahead, self._ahead = self._ahead, None
         rows = None
+        hit = ahead is not None and ahead[:2] == (chunk, rows_wanted)
         if ahead is not None:
-            index, future = ahead
-            result = future.result()  # re-raises the background thread's exception here
-            if index == chunk:
+            result = ahead[2].result()  # re-raises the background thread's exception here
+            if hit:
                 rows = result
-        if ahead is None or ahead[0] != chunk:
-            with self._lock:
-                rows = self.load_chunk(chunk)
+        if not hit:
+            rows = self._load(chunk, rows_wanted)
         if rows is not None:
+            if rows_wanted is not None:
+                if rows_wanted - len(rows) > 0:
+                    self._start(chunk + 1, rows_wanted - len(rows))
+                return rows
             if self.rows_left is not None:
                 self.rows_left -= len(rows)
             if self.rows_left is None or self.rows_left > 0:
-                self._start(chunk + 1)
+                self._start(chunk + 1, None)
         return rows
 
-    def _start(self, chunk: int) -> None:
+    def _start(self, chunk: int, rows_wanted: int | None) -> None:
         future: Future = Future()
 
         def work() -> None:
             if self.lm_threads:
                 torch.set_num_threads(self.lm_threads)
             try:
-                with self._lock:
-                    future.set_result(self.load_chunk(chunk))
+                future.set_result(self._load(chunk, rows_wanted))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer by future.result()
                 future.set_exception(e)
 
         threading.Thread(target=work, name=f"saeforge-prefetch-{chunk}", daemon=True).start()
-        self._ahead = (chunk, future)
+        self._ahead = (chunk, rows_wanted, future)
 
     def close(self) -> None:
         """Wait for any background chunk (call before reusing the wrapped loader elsewhere)."""
         if self._ahead is not None:
             try:
-                self._ahead[1].result()
+                self._ahead[2].result()
             except BaseException:  # noqa: BLE001 - nobody will read that chunk
                 pass
             self._ahead = None

@@ -21,7 +21,6 @@ window order, in one top-level manifest that a one-process ``CacheReader`` reads
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +30,7 @@ import torch
 from saeforge.activations.cache import MANIFEST, CacheError, _identity, read_manifest, write_cache
 from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.activations.stream import (
-    ActivationStream, columns_of, hook_width, hook_widths, train_windows, window_activations,
+    ActivationStream, columns_of, hook_width, hook_widths, train_windows,
 )
 from saeforge.config import ActivationsConfig, DataConfig
 from saeforge.io import atomic_write_text
@@ -83,19 +82,14 @@ class ShardedActivationStream(ActivationStream):
             self._d_in = hook_width(self.lm, self.hook_point)
         return self._d_in
 
-    def _load_chunk(self, chunk: int) -> torch.Tensor | None:
+    def _load_chunk(self, chunk: int, rows_wanted: int | None = None) -> torch.Tensor | None:
         # Every rank packs the same windows (tokenising is cheap); only the LM work is split.
-        S = self.act_cfg.shuffle_sequences
-        self._seek_windows(chunk * S)
-        windows = list(itertools.islice(self._windows, S))
-        self._next_window += len(windows)
+        windows = self._chunk_windows(chunk, rows_wanted)
         if not windows:
             return None  # the same on every rank, so no rank waits in a collective alone
         lo, hi = share(len(windows), self.ctx)
-        rows = [wa.acts_STD[wa.keep_ST] for wa in window_activations(
-            self.lm, self.hook_point, torch.stack(windows[lo:hi]), self.data_cfg, self.act_cfg.lm_batch_size)
-        ] if hi > lo else [torch.empty(0, self.d_in, dtype=self.lm.dtype)]
-        return all_gather_rows(torch.cat(rows), self.ctx)
+        rows_ND = self._rows_of(windows[lo:hi]) if hi > lo else torch.empty(0, self.d_in, dtype=self.lm.dtype)
+        return all_gather_rows(rows_ND, self.ctx)
 
 
 def build_sharded_source(cfg, lm, hook_point, ctx: DistContext):
@@ -150,23 +144,18 @@ class HookParallelStream(ActivationStream):
         cols = [torch.arange(self.all_columns[n].start, self.all_columns[n].stop) for n in self.all_columns if n in names]
         return torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
 
-    def _load_chunk(self, chunk: int) -> torch.Tensor | None:
+    def _load_chunk(self, chunk: int, rows_wanted: int | None = None) -> torch.Tensor | None:
         import torch.distributed as dist
 
         if self._wanted is None:  # which hooks every rank keeps (one object all-gather, once)
             self._wanted = [None] * self.ctx.world
             dist.all_gather_object(self._wanted, self.keep)
-        S = self.act_cfg.shuffle_sequences
-        self._seek_windows(chunk * S)
-        windows = list(itertools.islice(self._windows, S))
-        self._next_window += len(windows)
+        windows = self._chunk_windows(chunk, rows_wanted)
         if not windows:
             return None  # the same on every rank
         lo, hi = share(len(windows), self.ctx)
         full = sum(s.stop - s.start for s in self.all_columns.values())
-        rows_ND = torch.cat([wa.acts_STD[wa.keep_ST] for wa in window_activations(
-            self.lm, self.hook_points, torch.stack(windows[lo:hi]), self.data_cfg, self.act_cfg.lm_batch_size)
-        ]) if hi > lo else torch.empty(0, full, dtype=self.lm.dtype)
+        rows_ND = self._rows_of(windows[lo:hi]) if hi > lo else torch.empty(0, full, dtype=self.lm.dtype)
         # rows per rank (they differ: excluded positions), then each rank's columns of my rows, flattened
         n = torch.tensor([len(rows_ND)], dtype=torch.long, device=self.ctx.comm_device)
         counts = [torch.zeros_like(n) for _ in range(self.ctx.world)]

@@ -129,19 +129,46 @@ class ActivationStream:
             for _ in itertools.islice(self._windows, skip):
                 self._next_window += 1
 
-    def _load_chunk(self, chunk: int) -> torch.Tensor | None:
+    def _chunk_windows(self, chunk: int, rows_wanted: int | None = None) -> list[torch.Tensor]:
+        """The windows of ``chunk`` ([chunk * S, (chunk + 1) * S)); with ``rows_wanted`` (the batcher's row
+        budget) only the shortest prefix of them that holds that many kept rows. Which positions are
+        kept depends on the tokens alone, so the prefix is known before the LM runs, and it is the
+        same in one process or split over ranks."""
         S = self.act_cfg.shuffle_sequences
         self._seek_windows(chunk * S)
         windows = list(itertools.islice(self._windows, S))
         self._next_window += len(windows)
-        if not windows:
-            return None
-        rows = [wa.acts_STD[wa.keep_ST] for wa in window_activations(
-            self.lm, self.hook_points, torch.stack(windows), self.data_cfg, self.act_cfg.lm_batch_size)]
-        return torch.cat(rows)
+        if windows and rows_wanted is not None:
+            from saeforge.data import excluded_mask
+
+            kept = (~excluded_mask(torch.stack(windows), self.lm.tokenizer, self.data_cfg)).sum(1).cumsum(0)
+            windows = windows[: int(torch.searchsorted(kept, rows_wanted)) + 1]
+        return windows
+
+    def _rows_of(self, windows: list[torch.Tensor], hook_points=None) -> torch.Tensor:
+        """The kept rows of ``windows``, written into one tensor as the LM yields them (not a list of
+        pieces and then their concatenation: a second copy of the chunk)."""
+        out_ND, n = None, 0
+        for wa in window_activations(self.lm, hook_points or self.hook_points, torch.stack(windows), self.data_cfg,
+                                     self.act_cfg.lm_batch_size):
+            kept_ND = wa.acts_STD[wa.keep_ST]
+            if out_ND is None:
+                out_ND = kept_ND.new_empty(len(windows) * windows[0].numel(), kept_ND.shape[-1])
+            out_ND[n:n + len(kept_ND)] = kept_ND
+            n += len(kept_ND)
+        return out_ND[:n]
+
+    def _load_chunk(self, chunk: int, rows_wanted: int | None = None) -> torch.Tensor | None:
+        windows = self._chunk_windows(chunk, rows_wanted)
+        return self._rows_of(windows) if windows else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.batcher)
+
+    def set_row_budget(self, n_batches: int) -> None:
+        """The consumer will take ``n_batches`` batches in all: the LM then runs over only the windows
+        they need (the last chunk is cut short; see batcher.py). Set before iterating."""
+        self.batcher.max_batches = n_batches
 
     def state_dict(self) -> dict:
         return self.batcher.state_dict()

@@ -181,6 +181,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
         trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
     if trainer.resume(source):
         log.info("resumed %s at step %d of %d", run_dir, trainer.step, trainer.n_steps)
+    if hasattr(source, "set_row_budget"):  # a live stream: the LM runs over only the rows training reads (batcher.py)
+        source.set_row_budget(trainer.n_steps)
     if cfg.activations.prefetch and ctx is None and not cfg.activations.cache:  # LM || SAE (activations/prefetch.py)
         prefetch_chunks(source, rows_needed=(trainer.n_steps - trainer.step) * cfg.activations.batch_size)
     trainer.fit(source)

@@ -187,6 +187,8 @@ class SweepRun:
         end = max(math.ceil(c.train.total_tokens / self.B) for c in self.cfgs)
         every = self.cfgs[0].train.checkpoint_every_steps
         trainers = [m.trainer for m in self.members]
+        if hasattr(self.source, "set_row_budget"):  # a live stream: the LM runs over only the rows the sweep reads
+            self.source.set_row_budget(end)
         batches = ((x, self.source.state_dict() if hasattr(self.source, "state_dict") else None) for x in self.source)
         for t in trainers:
             t.start_clock()  # the LM time behind the first batches counts too
