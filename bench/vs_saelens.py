@@ -145,11 +145,22 @@ def main() -> None:
     bf16 = bf16_is_fast(torch.device("cpu"))
     py = ensure_saelens()
     model_dir, corpus_dir = prepare_inputs()
+    # the LM-forward ceiling (bench/ceiling.py), eager and compiled as saeforge runs it from 500k tokens, measured
+    # right before and right after each live saeforge run: this VM's speed drifts by tens of percent within an hour
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ceiling import lm_ceiling
+
+    lm_dtype = "bfloat16" if bf16 else "float32"
+    ceilings: list[tuple[float, float]] = []
     rows: list[dict] = []
     for r in range(args.repeats):
         rows.append(run_saelens(py, model_dir, corpus_dir, args.tokens, WORK / f"saelens-{r}", bf16))
+        ceilings.append(lm_ceiling(str(model_dir), HOOK, lm_dtype, compile_too=True)[:2])
         rows.append(run_saeforge(model_dir, corpus_dir, args.tokens, WORK / "runs" / f"live-{r}"))
-        print(f"repeat {r}: SAELens {rows[-2]['tok_s']:,.0f} tok/s, saeforge {rows[-1]['tok_s']:,.0f} tok/s", flush=True)
+        ceilings.append(lm_ceiling(str(model_dir), HOOK, lm_dtype, compile_too=True)[:2])
+        print(f"repeat {r}: SAELens {rows[-2]['tok_s']:,.0f} tok/s, saeforge {rows[-1]['tok_s']:,.0f} tok/s; LM ceiling "
+              f"before/after it {ceilings[-2][0]:,.0f}/{ceilings[-1][0]:,.0f} eager, "
+              f"{ceilings[-2][1]:,.0f}/{ceilings[-1][1]:,.0f} compiled", flush=True)
     cache = WORK / "cache"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "saeforge.cli", "cache", "--out", str(cache), "--tokens", str(args.tokens),
@@ -158,11 +169,8 @@ def main() -> None:
     cache_s = time.perf_counter() - t
     rows.append(run_saeforge(model_dir, corpus_dir, args.tokens, WORK / "runs" / "from-cache", cache=cache))
     shared_eval(rows, model_dir, args.eval_tokens, args.ce_tokens)
-    # the LM-forward ceiling in the same run (bench/ceiling.py): eager, and compiled as saeforge runs it at 1M tokens
-    sys.path.insert(0, str(ROOT / "bench"))
-    from ceiling import lm_ceiling
-
-    lm_eager, lm_compiled, _, _ = lm_ceiling(str(model_dir), HOOK, "bfloat16" if bf16 else "float32", compile_too=True)
+    lm_eager = sum(c[0] for c in ceilings) / len(ceilings)
+    lm_compiled = sum(c[1] for c in ceilings) / len(ceilings)
 
     base = sum(r["tok_s"] for r in rows if r["tool"] == "SAELens") / args.repeats
     print(f"\n{args.tokens:,} training tokens, TopK k=32, 4608 latents, {'bf16' if bf16 else 'float32'}, "
@@ -172,7 +180,8 @@ def main() -> None:
         print(f"{r['tool']:<24}{r['tok_s']:>9,.0f}{r['tok_s'] / base:>11.2f}{r['wall_s']:>8.0f}{r['rss_gib']:>14.2f}"
               f"{r['ev']:>8.4f}{r['ce_score']:>10.4f}{r['l0']:>7.1f}")
     live = sum(r["tok_s"] for r in rows if r["tool"] == "saeforge") / args.repeats
-    print(f"LM forward to the hook alone: {lm_eager:,.0f} tok/s eager, {lm_compiled:,.0f} compiled; saeforge end to end "
+    print(f"LM forward to the hook alone (mean of the measurements around the live runs): {lm_eager:,.0f} tok/s eager, "
+          f"{lm_compiled:,.0f} compiled; saeforge end to end "
           f"(live) is {live / lm_eager:.2f} of the eager and {live / lm_compiled:.2f} of the compiled ceiling")
 
 
