@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-LoadChunk = Callable[[int], "torch.Tensor | None"]
+LoadChunk = Callable[..., "torch.Tensor | None"]  # load_chunk(i) or load_chunk(i, rows_wanted=n)
 
 
 class ChunkPrefetcher:
