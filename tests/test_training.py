@@ -176,3 +176,18 @@ def test_topk_b_dec_starts_at_the_data_geometric_median(tmp_path):
     first = next(iter(synthetic_source()))
     tr.prepare(tr._batches(src))
     torch.testing.assert_close(sae.b_dec.detach(), geometric_median(first * tr.scale), rtol=1e-5, atol=1e-5)
+
+
+def test_the_log_says_how_long_training_waited_for_batches(tmp_path):
+    import time
+
+    def slow(source, pause=0.03):  # a source that takes `pause` seconds per batch, like a live LM
+        for x in source:
+            time.sleep(pause)
+            yield x
+
+    tr = Trainer(make_sae("topk"), train_cfg(total_tokens=128 * 20), batch_size=128, run_dir=tmp_path, progress=False)
+    tr.fit(slow(synthetic_source()))
+    last = json.loads((tmp_path / METRICS).read_text().splitlines()[-1])
+    assert 20 * 0.03 <= last["source_s"] < last["elapsed_s"]  # every wait counted, the SAE steps not
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["source_seconds"] == pytest.approx(last["source_s"])

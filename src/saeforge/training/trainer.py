@@ -65,6 +65,7 @@ class Trainer:
         self.late_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
         self.late_tokens = 0
         self.elapsed = 0.0
+        self.source_seconds: float | None = None  # fit(): time spent waiting for batches (the LM, live); logged as source_s
         self.source_state: dict | None = None
         self.dead = make_handler(cfg, sae, batch_size)  # train.dead_latents (training/dead.py); stateless
         check_p_anneal(cfg, sae.cfg)
@@ -77,7 +78,8 @@ class Trainer:
         return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale, "scale_out": self.scale_out,
                 "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired_F, "late_fired": self.late_fired_F,
-                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source": self.source_state,
+                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source_seconds": self.source_seconds,
+                "source": self.source_state,
                 "anneal": self.anneal.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
@@ -90,6 +92,7 @@ class Trainer:
         self.tokens_since_fired_F = d["tokens_since_fired"].to(self.device)
         self.late_fired_F = d["late_fired"].to(self.device)
         self.late_tokens, self.elapsed = int(d["late_tokens"]), float(d["elapsed"])
+        self.source_seconds = d.get("source_seconds")  # absent in older checkpoints
         self.source_state = d["source"]
         if "anneal" in d:  # checkpoints from before p-annealing have none (and never annealed)
             self.anneal.load_state_dict(d["anneal"], self.device)
@@ -188,11 +191,14 @@ class Trainer:
         from tqdm import tqdm
 
         self.start_clock()  # the time spent producing batches counts too
+        self.source_seconds = self.source_seconds or 0.0
+        t = time.perf_counter()
         batches = self._batches(source)
         head = self.prepare(batches)
         bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         for x_BD, pos in _chain(head, batches):
+            self.source_seconds += time.perf_counter() - t  # waiting for this batch (live: the LM's forwards)
             if self.done:
                 break
             rec = self.train_step(x_BD, pos)
@@ -201,6 +207,7 @@ class Trainer:
                                 l0=f"{rec['l0']:.1f}", ev=f"{rec['explained_variance']:.3f}",
                                 dead=f"{rec['dead_fraction']:.2%}")
             bar.update(1)
+            t = time.perf_counter()
         bar.close()
 
     def _step(self, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -270,6 +277,8 @@ class Trainer:
         rec = {"step": self.step, "tokens": self.step * self.batch_size,
                "lr": self.opt.param_groups[0]["lr"], "dead_fraction": self.dead_mask_F.float().mean().item(),
                "tokens_per_s": self.step * self.batch_size / max(self.elapsed, 1e-9), "elapsed_s": self.elapsed}
+        if self.source_seconds is not None:  # of elapsed_s, the part spent waiting for batches (the rest: SAE steps)
+            rec["source_s"] = self.source_seconds
         rec.update({k: float(v) for k, v in parts.items()})
         if self.run_dir:
             with open(self.run_dir / METRICS, "a") as fh:
