@@ -91,14 +91,15 @@ def sae_step_ceiling(d_in: int = 576, d_sae: int = 4608, batch: int = 4096) -> f
     return batch / timed(lambda: tr.train_step(x_BD), 8)
 
 
-def end_to_end(model: str, hook: str, tokens: int, *extra: str) -> float:
-    """saeforge train over ``tokens`` live tokens; tokens/s of its training loop (LM forward included)."""
+def end_to_end(model: str, hook: str, tokens: int, *extra: str) -> tuple[float, float]:
+    """saeforge train over ``tokens`` live tokens: tokens/s of its training loop (LM forward included), and the
+    share of that loop spent waiting for batches (metrics.jsonl's source_s / elapsed_s: the LM's part)."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "saeforge.cli", "train", "--model", model, "--hook", hook,
                         "--tokens", str(tokens), "--train.out_dir", out, "--name", "ceiling", "--no-eval", "--quiet",
                         *extra], check=True)
-        last = (Path(out) / "ceiling" / "metrics.jsonl").read_text().splitlines()[-1]
-        return json.loads(last)["tokens_per_s"]
+        last = json.loads((Path(out) / "ceiling" / "metrics.jsonl").read_text().splitlines()[-1])
+        return last["tokens_per_s"], last["source_s"] / last["elapsed_s"]
 
 
 def main() -> None:
@@ -124,10 +125,11 @@ def main() -> None:
     serial = 1 / (1 / lm_tok_s + 1 / step_tok_s)
     rows.append(("LM + SAE step in series (tok/s)", serial))
     if args.prefetch_too:
-        overlap_e2e = end_to_end(args.model, args.hook, args.tokens, "--activations.prefetch", "true")
+        overlap_e2e, _ = end_to_end(args.model, args.hook, args.tokens, "--activations.prefetch", "true")
         rows.append((f"saeforge train, prefetch on, {args.tokens:,} tokens (tok/s)", overlap_e2e))
-    e2e = end_to_end(args.model, args.hook, args.tokens)
+    e2e, lm_share = end_to_end(args.model, args.hook, args.tokens)
     rows.append((f"saeforge train, end to end, {args.tokens:,} tokens (tok/s)", e2e))
+    rows.append(("  share of it spent waiting for the LM's activations", lm_share))
     rows += [("  ratio to LM-forward ceiling (eager)", e2e / lm_tok_s), ("  ratio to LM + step in series", e2e / serial)]
     if lm_compiled_tok_s is not None:
         rows.append(("  ratio to LM-forward ceiling (compiled)", e2e / lm_compiled_tok_s))
