@@ -62,12 +62,16 @@ def test_a_background_failure_surfaces_in_the_consumer():
         list(batcher)
 
 
-def test_no_chunk_is_started_past_the_rows_needed():
-    load, calls, _ = synthetic()
-    batcher = ShuffledBatcher(ChunkPrefetcher(load, rows_needed=120), batch_size=16, seed=0)
+def test_no_chunk_is_started_past_the_row_budget():
+    plain, calls, _ = synthetic()
+
+    def load(i, rows_wanted=None):  # the synthetic chunks, whole whatever the budget
+        return plain(i)
+
+    batcher = ShuffledBatcher(ChunkPrefetcher(load), batch_size=16, seed=0, max_batches=120 // 16)
     list(itertools.islice(iter(batcher), 120 // 16))
     batcher.load_chunk.close()
-    assert calls == [0, 1, 2]  # 150 rows >= 120 after chunk 2: chunk 3 never ran
+    assert calls == [0, 1, 2]  # the 7 batches (112 rows) are in hand after chunk 2: chunk 3 never ran
 
 
 def test_prefetch_hands_the_row_budget_to_the_background_load():

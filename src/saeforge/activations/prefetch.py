@@ -33,14 +33,13 @@ class ChunkPrefetcher:
     for the background work, then run in the caller's thread.
 
     With the batcher's row budget (``rows_wanted``), chunk i + 1 is asked for the rows still wanted
-    after chunk i's (the batcher would compute the same number) and is not started when none are.
-    Without it, ``rows_needed`` (the rows the consumer will read in all) plays that part.
+    after chunk i's (the batcher would compute the same number) and is not started when none are, so
+    no LM work runs past the end of training. Without a budget the next chunk is always started.
     """
 
-    def __init__(self, load_chunk: LoadChunk, lm_threads: int = 0, rows_needed: int | None = None):
+    def __init__(self, load_chunk: LoadChunk, lm_threads: int = 0):
         self.load_chunk = load_chunk
         self.lm_threads = lm_threads
-        self.rows_left = rows_needed  # no chunk is prefetched once the consumer has this many rows
         self._lock = threading.Lock()  # load_chunk is not re-entrant (the stream's window iterator)
         self._ahead: tuple[int, int | None, Future] | None = None
 
@@ -60,15 +59,8 @@ class ChunkPrefetcher:
                 rows = result
         if not hit:
             rows = self._load(chunk, rows_wanted)
-        if rows is not None:
-            if rows_wanted is not None:
-                if rows_wanted - len(rows) > 0:
-                    self._start(chunk + 1, rows_wanted - len(rows))
-                return rows
-            if self.rows_left is not None:
-                self.rows_left -= len(rows)
-            if self.rows_left is None or self.rows_left > 0:
-                self._start(chunk + 1, None)
+        if rows is not None and (rows_wanted is None or rows_wanted > len(rows)):
+            self._start(chunk + 1, None if rows_wanted is None else rows_wanted - len(rows))
         return rows
 
     def _start(self, chunk: int, rows_wanted: int | None) -> None:
@@ -95,16 +87,16 @@ class ChunkPrefetcher:
             self._ahead = None
 
 
-def prefetch_chunks(source, lm_threads: int = 0, rows_needed: int | None = None):
+def prefetch_chunks(source, lm_threads: int = 0):
     """Make ``source`` (anything with a ShuffledBatcher as ``.batcher``) prefetch its next chunk; returns it.
 
-    ``rows_needed``: the rows training will still read, so no LM work is started for a chunk past the
-    end of the run (it would compete with the evaluation that follows).
+    Set the stream's row budget (``set_row_budget``) first, so no LM work is started for a chunk past
+    the end of the run (it would compete with the evaluation that follows).
     """
     batcher = getattr(source, "batcher", None)
     if batcher is None or isinstance(batcher.load_chunk, ChunkPrefetcher):
         return source
-    batcher.load_chunk = ChunkPrefetcher(batcher.load_chunk, lm_threads, rows_needed)
+    batcher.load_chunk = ChunkPrefetcher(batcher.load_chunk, lm_threads)
     return source
 
 

@@ -145,11 +145,11 @@ class ActivationStream:
             windows = windows[: int(torch.searchsorted(kept, rows_wanted)) + 1]
         return windows
 
-    def _rows_of(self, windows: list[torch.Tensor], hook_points=None) -> torch.Tensor:
+    def _rows_of(self, windows: list[torch.Tensor]) -> torch.Tensor:
         """The kept rows of ``windows``, written into one tensor as the LM yields them (not a list of
         pieces and then their concatenation: a second copy of the chunk)."""
         out_ND, n = None, 0
-        for wa in window_activations(self.lm, hook_points or self.hook_points, torch.stack(windows), self.data_cfg,
+        for wa in window_activations(self.lm, self.hook_points, torch.stack(windows), self.data_cfg,
                                      self.act_cfg.lm_batch_size):
             kept_ND = wa.acts_STD[wa.keep_ST]
             if out_ND is None:

@@ -184,7 +184,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     if hasattr(source, "set_row_budget"):  # a live stream: the LM runs over only the rows training reads (batcher.py)
         source.set_row_budget(trainer.n_steps)
     if cfg.activations.prefetch and ctx is None and not cfg.activations.cache:  # LM || SAE (activations/prefetch.py)
-        prefetch_chunks(source, rows_needed=(trainer.n_steps - trainer.step) * cfg.activations.batch_size)
+        prefetch_chunks(source)  # the row budget set above keeps it from starting chunks past the end
     trainer.fit(source)
     close_prefetch(source)  # the LM is free again for the evaluation
     if ctx is not None:
