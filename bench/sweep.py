@@ -12,7 +12,7 @@ import argparse
 import tempfile
 import time
 
-from saeforge.config import RunConfig
+from saeforge.training.config import RunConfig
 from saeforge.models import load_model
 from saeforge.training.run import train
 from saeforge.training.sweep import parse_sweep, point_configs, train_sweep

@@ -19,7 +19,7 @@ B, TOKENS = 256, 16384  # 64 steps of a global batch of 256
 
 
 def run_config(model: str, corpus: str, arch: str):
-    from saeforge.config import RunConfig
+    from saeforge.training.config import RunConfig
 
     sae = {"architecture": arch, "d_sae": 512, "k": 8}
     if arch == "matryoshka":
@@ -44,7 +44,7 @@ def train_one(lm, model: str, corpus: str, arch: str, ctx=None) -> dict:
         source = build_source(cfg, lm, hook)
         trainer = Trainer(build_sae(cfg, source.d_in, lm.device)[0], cfg.train, B, None, progress=False)
     else:
-        from saeforge.activations.sharding import build_sharded_source
+        from saeforge.training.run import build_sharded_source
         from saeforge.training.distributed import DataParallelTrainer
 
         source = build_sharded_source(cfg, lm, hook, ctx)
@@ -56,13 +56,13 @@ def train_one(lm, model: str, corpus: str, arch: str, ctx=None) -> dict:
 
 def main(out: str, model: str, corpus: str, *archs: str) -> None:
     from saeforge.models import load_model
-    from saeforge.training import distributed
+    from saeforge.activations import ranks
 
-    ctx = distributed.init()
+    ctx = ranks.init()
     lm = load_model(model, device="cpu")
     for arch in archs:
         torch.save(train_one(lm, model, corpus, arch, ctx), Path(out) / f"{arch}-rank{ctx.rank}.pt")
-    distributed.shutdown()
+    ranks.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saeforge.config import ConfigError, RunConfig, TrainConfig
+from saeforge.config import ConfigError, TrainConfig
+from saeforge.training.config import RunConfig
 from saeforge.saes.base import LossContext
 from saeforge.saes.formats import WEIGHTS_FILE, load_sae, save_sae
 from saeforge.saes.registry import config_class, sae_class

@@ -135,7 +135,7 @@ def test_train_with_prefetch_gives_the_same_sae_bit_for_bit(tiny_model_dirs, tex
 
     from safetensors.torch import load_file
 
-    from saeforge.config import RunConfig
+    from saeforge.training.config import RunConfig
     from saeforge.training.run import train
 
     base = RunConfig()

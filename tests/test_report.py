@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saeforge import cli
-from saeforge.config import RunConfig
+from saeforge.training.config import RunConfig
 from saeforge.saes.formats import save_sae
 from saeforge.saes.registry import config_class, sae_class
 

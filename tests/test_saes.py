@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from saeforge.config import ConfigError, RunConfig
+from saeforge.config import ConfigError
+from saeforge.training.config import RunConfig
 from saeforge.saes import LossContext, SAEConfig, config_class, formats, names, register, sae_class
 from saeforge.saes.relu import ReLUConfig, ReLUSAE
 from saeforge.saes.topk import TopKConfig, TopKSAE

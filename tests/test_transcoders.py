@@ -412,7 +412,7 @@ def test_transcoder_file_read_as_a_plain_sae_is_refused_clearly(tmp_path, lm, co
 
 # ---- real training on tiny LMs -------------------------------------------------------------------
 def run_cfg(model_dir, corpus_dir, out, name, arch, tokens, skip=False, hook_in=HOOK_IN, hook_out=HOOK_OUT, **sae):
-    from saeforge.config import RunConfig
+    from saeforge.training.config import RunConfig
 
     return RunConfig.from_dict({
         "model": {"name": str(model_dir), "hook": hook_in, "hook_out": hook_out, "dtype": "float32", "device": "cpu"},
@@ -476,7 +476,8 @@ def test_skip_transcoder_beats_plain_where_the_mlp_is_near_linear(tmp_path, tiny
 
 
 def test_transcoder_config_errors_before_any_model_loads():
-    from saeforge.config import ConfigError, RunConfig
+    from saeforge.config import ConfigError
+    from saeforge.training.config import RunConfig
 
     def cfg(model=None, sae=None, train=None):
         return RunConfig.from_dict({"model": {"hook": HOOK_IN, "hook_out": HOOK_OUT, **(model or {})},

@@ -178,7 +178,7 @@ def test_payload_is_data_in_json_and_absent_from_html(http):
 
 def test_live_activations_equal_a_direct_forward(http, built):
     from saeforge.data import excluded_mask
-    from saeforge.evals.saved import run_config_for
+    from saeforge.evals.setup import eval_setup_for
     from saeforge.models import load_model, resolve_hook
     from saeforge.models.hooks import capture
     from saeforge.saes.formats import load_sae
@@ -194,7 +194,7 @@ def test_live_activations_equal_a_direct_forward(http, built):
         tokens = torch.tensor([ids])
         acts = capture(lm.model, [resolve_hook(lm.model, HOOKS[r["sae"]])], tokens)[HOOKS[r["sae"]]][0]
         with torch.no_grad():
-            f = sae.encode(acts) * ~excluded_mask(tokens, lm.tokenizer, run_config_for(built["root"] / r["sae"]).data)[0, :, None]
+            f = sae.encode(acts) * ~excluded_mask(tokens, lm.tokenizer, eval_setup_for(built["root"] / r["sae"]).data)[0, :, None]
         for t, feats in enumerate(r["features"]):
             vals, idx = f[t].topk(3)
             want = [(int(i), float(v)) for v, i in zip(vals, idx) if v > 0]

@@ -8,12 +8,11 @@ The SAE config is polymorphic: its class is looked up in the architecture regist
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEAD_LATENTS = ("auto", "none", "resample", "ghost")
@@ -27,11 +26,19 @@ def F(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user got wrong (a value, a path, a file): the message says what and what to do.
+
+    The CLI prints these as one line and exits with status 2; any other exception is a bug and keeps its
+    traceback. Subclasses also derive from the builtin they refine (ValueError, FileNotFoundError, ...).
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message says which field and what to do."""
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -46,9 +53,9 @@ class ModelConfig:
     compile: str = F("auto", "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).")
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
-        _check(self.compile in ("auto", "on", "off"), f"model.compile={self.compile!r}: expected auto, on or off")
-        _check(not self.hook_out or self.hook_out != self.hook,
+        check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
+        check(self.compile in ("auto", "on", "off"), f"model.compile={self.compile!r}: expected auto, on or off")
+        check(not self.hook_out or self.hook_out != self.hook,
                f"model.hook_out={self.hook_out!r} is model.hook itself: leave hook_out empty for an ordinary SAE")
 
     def hook_names(self) -> list[str]:
@@ -68,8 +75,8 @@ class DataConfig:
     seed: int = F(0, "Seed for the document split and order.")
 
     def __post_init__(self) -> None:
-        _check(self.context_size >= 2, f"data.context_size={self.context_size}: need at least 2")
-        _check(0.0 < self.holdout_fraction < 1.0, f"data.holdout_fraction={self.holdout_fraction}: expected 0 < f < 1")
+        check(self.context_size >= 2, f"data.context_size={self.context_size}: need at least 2")
+        check(0.0 < self.holdout_fraction < 1.0, f"data.holdout_fraction={self.holdout_fraction}: expected 0 < f < 1")
 
 
 @dataclass
@@ -83,7 +90,7 @@ class ActivationsConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "lm_batch_size", "shuffle_sequences", "shard_rows"):
-            _check(getattr(self, name) > 0, f"activations.{name} must be positive")
+            check(getattr(self, name) > 0, f"activations.{name} must be positive")
 
 
 @dataclass
@@ -124,23 +131,23 @@ class TrainConfig:
     run_name: str = F("", "Run folder name (default: derived from model, hook and architecture).")
 
     def __post_init__(self) -> None:
-        _check(self.total_tokens > 0, "train.total_tokens must be positive")
-        _check(self.lr > 0, "train.lr must be positive")
-        _check(0 <= self.lr_decay_fraction < 1, "train.lr_decay_fraction must be in [0, 1)")
-        _check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
-        _check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
-        _check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
-        _check(self.parallel in PARALLEL, f"train.parallel={self.parallel!r}: expected one of {PARALLEL}")
-        _check(self.dead_latents in DEAD_LATENTS,
+        check(self.total_tokens > 0, "train.total_tokens must be positive")
+        check(self.lr > 0, "train.lr must be positive")
+        check(0 <= self.lr_decay_fraction < 1, "train.lr_decay_fraction must be in [0, 1)")
+        check(0 <= self.sparsity_warmup_fraction < 1, "train.sparsity_warmup_fraction must be in [0, 1)")
+        check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
+        check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
+        check(self.parallel in PARALLEL, f"train.parallel={self.parallel!r}: expected one of {PARALLEL}")
+        check(self.dead_latents in DEAD_LATENTS,
                f"train.dead_latents={self.dead_latents!r}: expected one of {DEAD_LATENTS}")
-        _check(self.resample_every_steps >= 0,
+        check(self.resample_every_steps >= 0,
                f"train.resample_every_steps={self.resample_every_steps}: expected >= 0 (0 = one dead window)")
-        _check(0 < self.p_end <= 1, f"train.p_end={self.p_end}: expected 0 < p_end <= 1 (1 = no p-annealing; "
+        check(0 < self.p_end <= 1, f"train.p_end={self.p_end}: expected 0 < p_end <= 1 (1 = no p-annealing; "
                "p = 0 would be L0, which has no gradient)")
-        _check(0 <= self.p_anneal_start_fraction < self.p_anneal_end_fraction <= 1,
+        check(0 <= self.p_anneal_start_fraction < self.p_anneal_end_fraction <= 1,
                f"train.p_anneal_start_fraction={self.p_anneal_start_fraction}, p_anneal_end_fraction="
                f"{self.p_anneal_end_fraction}: expected 0 <= start < end <= 1")
-        _check(self.p_anneal_updates >= 1, f"train.p_anneal_updates={self.p_anneal_updates}: expected >= 1")
+        check(self.p_anneal_updates >= 1, f"train.p_anneal_updates={self.p_anneal_updates}: expected >= 1")
 
 
 @dataclass
@@ -152,85 +159,27 @@ class EvalConfig:
     dense_threshold: float = F(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
 
     def __post_init__(self) -> None:
-        _check(self.tokens > 0 and self.ce_tokens >= 0 and self.batch_size > 0, "eval sizes must be positive")
+        check(self.tokens > 0 and self.ce_tokens >= 0 and self.batch_size > 0, "eval sizes must be positive")
 
 
-def _sae_config_default() -> Any:
-    from saeforge.saes.registry import config_class
-
-    return config_class("topk")()
+# The sections every stage shares, by the name the CLI and config.json use ("sae" comes from the registry).
+SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "activations": ActivationsConfig,
+                                    "train": TrainConfig, "eval": EvalConfig}
 
 
 @dataclass
-class RunConfig:
+class EvalSetup:
+    """What evaluating a saved SAE needs of its run: the model and hook(s), the corpus split, the eval budgets."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
-    sae: Any = field(default_factory=_sae_config_default)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval")
-
-    def __post_init__(self) -> None:
-        # train options that only some architectures support: fail before any model is loaded
-        from saeforge.training.anneal import check_p_anneal
-        from saeforge.training.dead import check_dead_latents
-
-        check_dead_latents(self.train, self.sae)
-        check_p_anneal(self.train, self.sae)
-        self._check_transcoder()
-
-    def _check_transcoder(self) -> None:
-        """model.hook_out makes the SAE a transcoder: check what it needs before any model is loaded."""
-        from saeforge.saes.base import transcoder_architectures
-
-        if not self.model.hook_out:
-            _check(self.sae.d_out == 0 and not self.sae.skip,
-                   f"sae.d_out={self.sae.d_out}, sae.skip={self.sae.skip} describe a transcoder: set model.hook_out "
-                   "(the hook it predicts), or leave d_out 0 and skip False")
-            return
-        archs = transcoder_architectures()
-        _check(self.sae.architecture in archs,
-               f"sae.architecture={self.sae.architecture!r} cannot be a transcoder (model.hook_out is set); use one of {archs}")
-        _check(self.train.dead_latents not in ("resample", "ghost"),
-               f"train.dead_latents={self.train.dead_latents!r} is not implemented for transcoders; use auto or none")
-        _check(not getattr(self.sae, "tied", False), "sae.tied=True with model.hook_out: a transcoder's encoder "
-               "reads another space than its decoder writes; leave tied False")
-        # b_dec lives in the output space: it cannot be subtracted from the input (SAELens refuses it too)
-        self.sae = dataclasses.replace(self.sae, apply_b_dec_to_input=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: to_dict(getattr(self, name)) for name in self.SECTIONS}
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "eval")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        from saeforge.saes.registry import config_class
-
-        unknown = set(d) - set(cls.SECTIONS)
-        _check(not unknown, f"unknown config sections {sorted(unknown)}; valid: {list(cls.SECTIONS)}")
-        sae_d = dict(d.get("sae", {}))
-        sae_cls = config_class(sae_d.get("architecture", "topk"))
-        return cls(
-            model=from_dict(ModelConfig, d.get("model", {}), "model"),
-            data=from_dict(DataConfig, d.get("data", {}), "data"),
-            activations=from_dict(ActivationsConfig, d.get("activations", {}), "activations"),
-            sae=from_dict(sae_cls, sae_d, "sae"),
-            train=from_dict(TrainConfig, d.get("train", {}), "train"),
-            eval=from_dict(EvalConfig, d.get("eval", {}), "eval"),
-        )
-
-    def save(self, path: str | Path) -> None:
-        from saeforge.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+    def from_dict(cls, d: dict[str, Any]) -> "EvalSetup":
+        return cls(**{name: from_dict(SECTION_CLASSES[name], d.get(name, {}), name) for name in cls.SECTIONS})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -245,7 +194,7 @@ def from_dict(cls: type, d: dict[str, Any], section: str = "") -> Any:
     where = section or cls.__name__
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)
-    _check(not unknown, f"unknown {where} fields {sorted(unknown)}; valid: {sorted(names)}")
+    check(not unknown, f"unknown {where} fields {sorted(unknown)}; valid: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()})
 
@@ -279,3 +228,43 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}={value!r}: expected {getattr(typ, '__name__', typ)}") from None
     return value
+
+
+# ---- command-line options from the dataclasses (each stage's commands.py uses these) ----------------
+SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
+              "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
+
+
+def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_cls: type | None) -> None:
+    """One ``--SECTION.FIELD`` option per field of ``sections`` (and of ``sae_cls`` as "sae"), help = field help."""
+    classes = {k: v for k, v in SECTION_CLASSES.items() if k in sections}
+    if sae_cls is not None:
+        classes["sae"] = sae_cls
+    for section, cls in classes.items():
+        group = p.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar=type(default).__name__.upper(),
+                               help=f"{f.metadata.get('help', '')} (default: {default!r})")
+    for short, target in SHORTHANDS.items():
+        if target.split(".")[0] in classes:
+            p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")
+
+
+def overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The ``--SECTION.FIELD`` values given on the command line, as {section: {field: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def merged(base: dict[str, dict[str, Any]], ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``base`` (a --config file's dict) with the command line's ``--SECTION.FIELD`` values over it."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in overrides(ns).items():
+        out.setdefault(section, {}).update(values)
+    return out

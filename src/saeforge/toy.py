@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from saeforge.config import ConfigError, F, TrainConfig, from_dict
+from saeforge.config import ConfigError, F, TrainConfig, add_config_options, from_dict, overrides
 
 
 @dataclass
@@ -139,7 +139,6 @@ def train_toy(arch: str, toy: ToyConfig, sae_overrides: dict | None = None, trai
 
 # ---- CLI: saeforge toy ------------------------------------------------------------------
 def add_commands(sub, arch: str) -> None:
-    from saeforge.cli import add_config_options
     from saeforge.saes.registry import config_class, names
 
     p = sub.add_parser("toy", help="train an SAE on toy superposition data; print MMCS vs the true features, L0, EV",
@@ -155,7 +154,6 @@ def add_commands(sub, arch: str) -> None:
 
 
 def cmd_toy(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.cli import overrides
 
     o = overrides(ns)
     toy = from_dict(ToyConfig, o.get("toy", {}), "toy")

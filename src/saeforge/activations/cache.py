@@ -34,13 +34,14 @@ from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.activations.stream import as_points, columns_of, hook_widths, train_windows, window_activations
 from saeforge.config import ActivationsConfig, DataConfig, to_dict
 from saeforge.io import atomic_path, atomic_write_text
+from saeforge.config import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache folder that cannot be used as asked; the message says what to do."""
 
 

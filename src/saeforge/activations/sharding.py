@@ -1,4 +1,4 @@
-"""Splitting activation work between torch.distributed ranks (see training/distributed.py).
+"""Splitting activation work between torch.distributed ranks (see activations/ranks.py).
 
 Training: every rank keeps the one-process batcher (same chunks, same seeded shuffle, same
 carried rows) and trains on its own slice of each global batch, so N processes see exactly
@@ -34,7 +34,7 @@ from saeforge.activations.stream import (
 )
 from saeforge.config import ActivationsConfig, DataConfig
 from saeforge.io import atomic_write_text
-from saeforge.training.distributed import DistContext, all_gather_rows, rank_rows
+from saeforge.activations.ranks import DistContext, all_gather_rows, rank_rows
 
 
 def share(n: int, ctx: DistContext) -> tuple[int, int]:
@@ -90,18 +90,6 @@ class ShardedActivationStream(ActivationStream):
         lo, hi = share(len(windows), self.ctx)
         rows_ND = self._rows_of(windows[lo:hi]) if hi > lo else torch.empty(0, self.d_in, dtype=self.lm.dtype)
         return all_gather_rows(rows_ND, self.ctx)
-
-
-def build_sharded_source(cfg, lm, hook_point, ctx: DistContext):
-    """The training batches of this rank: its slice of every global batch, from a cache or the live LM."""
-    from saeforge.training.run import build_source
-
-    if cfg.activations.cache:
-        source = build_source(cfg, lm, hook_point)
-    else:
-        source = ShardedActivationStream(lm, hook_point, cfg.data, cfg.activations, ctx, part="train",
-                                          seed=cfg.train.seed)
-    return RankSlice(source, cfg.activations.batch_size, ctx)
 
 
 class HookParallelStream(ActivationStream):

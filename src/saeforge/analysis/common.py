@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saeforge.config import ConfigError
+
 
 def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str = "cpu", dtype: str = "float32"):
     """(lm, sae, hook_name) for a saved SAE: the model and hook default to those in its cfg.json.
@@ -22,7 +24,7 @@ def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str
     model_name = model or meta.get("model_name")
     hook = meta.get("hook_name")
     if not model_name:
-        raise ValueError(f"{sae_dir}/cfg.json names no metadata.model_name; pass the model (--model NAME)")
+        raise ConfigError(f"{sae_dir}/cfg.json names no metadata.model_name; pass the model (--model NAME)")
     if not hook:
         raise ValueError(f"{sae_dir}/cfg.json names no metadata.hook_name; pass the hook (--hook NAME)")
     sae = load_sae(sae_dir, device=device)

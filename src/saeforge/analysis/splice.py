@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from saeforge.models.hooks import HookError, HookPoint, resolve_hook
+from saeforge.config import UserError
 
 # edit(f_STF, state) -> new f_STF. ``state`` gives the splice's SAE and hook (e.g. for conditions).
 Edit = Callable[[Tensor, "SpliceState"], Tensor]
@@ -59,7 +60,7 @@ class SpliceState:
     extras: dict[str, Any] = field(default_factory=dict)  # per-forward scratch for edits
 
 
-class FeatureIndexError(IndexError, ValueError):
+class FeatureIndexError(UserError, IndexError, ValueError):
     """A feature index outside 0..d_sae-1 (a ValueError too, so the CLI reports it as a user error)."""
 
 

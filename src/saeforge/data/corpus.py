@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from saeforge.config import DataConfig
+from saeforge.config import UserError
 
 STDLIB = "python-stdlib"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -46,7 +47,7 @@ class Document:
     text: str
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus that cannot be read or is empty; the message says what was looked at and what to pass."""
 
 

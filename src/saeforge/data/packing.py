@@ -18,6 +18,7 @@ import torch
 
 from saeforge.config import DataConfig
 from saeforge.data.corpus import Document
+from saeforge.config import UserError
 
 # Tokenise this many documents (or characters) per batch call: big enough for the fast tokenizer
 # to use both cores, small enough that the first window comes out quickly.
@@ -25,7 +26,7 @@ DOCS_PER_BATCH = 64
 CHARS_PER_BATCH = 1_000_000
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """A tokenizer / data-config combination that cannot be packed; the message says what to change."""
 
 

@@ -1,4 +1,4 @@
-"""``saeforge compare SAE_A SAE_B ...``: the evals package's own subcommand (see cli.COMMAND_MODULES)."""
+"""``saeforge eval SAE_DIR`` and ``saeforge compare SAE_A SAE_B ...`` (see cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+from saeforge.config import add_config_options, overrides
+from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
+from saeforge.evals.html import render_compare, write_html
+from saeforge.evals.report import _json_safe, format_table
+from saeforge.evals.saved import evaluate_saved
+from saeforge.io import atomic_write_text
 
-def add_commands(sub, arch: str) -> None:
-    from saeforge.cli import add_config_options
+
+def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
+    e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json")
+    e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    e.add_argument("--report", action="store_true", help="also write SAE_DIR/report.html (self-contained page with plots)")
+    e.add_argument("--compare", nargs="+", default=None, metavar="OTHER_SAE_DIR",
+                   help="score these SAEs on the same tokens and show where this one sits among them")
+    add_config_options(e, ["model", "data", "eval"], None)
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="score several SAEs on the same held-out tokens; table + Pareto plots (HTML)",
                        description="The first SAE's run config picks model, corpus and token budgets; every SAE is "
@@ -22,13 +35,15 @@ def add_commands(sub, arch: str) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.cli import overrides
-    from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
-    from saeforge.evals.html import render_compare, write_html
-    from saeforge.evals.report import _json_safe
-    from saeforge.io import atomic_write_text
+def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
+    metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
+                                      compare=ns.compare)
+    print(format_table(metrics))
+    print(f"wrote {Path(sae_dir) / 'eval.json'}" + (f" and {Path(sae_dir) / 'report.html'}" if ns.report else ""))
+    return 0
 
+
+def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
     entries, pairs = compare_saved(ns.sae_dirs, overrides(ns), progress=not ns.quiet, threshold=ns.threshold)
     print(format_compare_table(entries))
     for p in pairs:

@@ -56,14 +56,14 @@ def compare_saved(sae_dirs: list[str | Path], overrides: dict[str, dict] | None 
     """(entries, pairs): [(label, metrics)] per SAE on shared tokens; MMCS/stitching per same-hook pair."""
     from saeforge.evals.dictionaries import compare_dictionaries
     from saeforge.evals.report import evaluate
-    from saeforge.evals.saved import run_config_for
+    from saeforge.evals.setup import eval_setup_for
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import load_sae
 
     if not sae_dirs:
         raise ConfigError("compare needs at least one SAE folder")
-    base = run_config_for(sae_dirs[0], overrides)
-    cfgs = [run_config_for(d, {"model": (overrides or {}).get("model", {})}) for d in sae_dirs]
+    base = eval_setup_for(sae_dirs[0], overrides)
+    cfgs = [eval_setup_for(d, {"model": (overrides or {}).get("model", {})}) for d in sae_dirs]
     for d, cfg in zip(sae_dirs, cfgs):
         if cfg.model.name != base.model.name:
             raise ConfigError(f"{d} belongs to model {cfg.model.name!r} but {sae_dirs[0]} to {base.model.name!r}: "

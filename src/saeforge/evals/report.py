@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from saeforge.config import DataConfig, EvalConfig
+from saeforge.config import ConfigError, DataConfig, EvalConfig
 from saeforge.evals.metrics import ReconstructionStats
 from saeforge.evals.positions import PositionStats, by_position
 from saeforge.evals.splice import run_sae, spliced_ce_kl
@@ -47,22 +47,22 @@ def check_width(sae: object, width: int, hook_name: str, model_name: str, out_wi
     """
     d_in = _sae_d_in(sae)
     if d_in is not None and d_in != width:
-        raise ValueError(
+        raise ConfigError(
             f"the SAE expects activations of width d_in={d_in}, but hook {hook_name!r} of model {model_name!r} "
             f"gives width {width}. Evaluate with the model and hook the SAE was trained on (its cfg.json "
             "metadata has model_name and hook_name); `saeforge hooks` lists this model's hook points."
         )
     transcoder = bool(getattr(sae, "is_transcoder", False))
     if transcoder and out_width is None:
-        raise ValueError(
+        raise ConfigError(
             f"this is a transcoder (d_in={d_in} at {hook_name!r} -> d_out={sae.d_out}), not an SAE of one hook: give "
             "its output hook (--model.hook_out; its cfg.json metadata has hook_name_out)"
         )
     if out_width is not None and not transcoder:
-        raise ValueError(f"hook_out={hook_out_name!r} was given, but this SAE reconstructs its own input "
+        raise ConfigError(f"hook_out={hook_out_name!r} was given, but this SAE reconstructs its own input "
                          "(cfg.json has no d_out): drop --model.hook_out")
     if out_width is not None and sae.d_out != out_width:
-        raise ValueError(
+        raise ConfigError(
             f"the transcoder predicts width d_out={sae.d_out}, but its output hook {hook_out_name!r} of model "
             f"{model_name!r} gives width {out_width}. Use the hooks it was trained on (cfg.json metadata "
             "hook_name and hook_name_out)."
@@ -165,7 +165,7 @@ def evaluate(
     n_recon, n_ce = math.ceil(eval_cfg.tokens / T), math.ceil(eval_cfg.ce_tokens / T)
     first_T = next(iter(heldout_windows(lm, data_cfg)), None)
     if first_T is None:
-        raise ValueError(
+        raise ConfigError(
             f"the held-out part of {data_cfg.corpus!r} holds no complete window of {T} tokens; use a larger "
             "corpus, a larger data.holdout_fraction, or a smaller data.context_size"
         )

@@ -1,40 +1,11 @@
-"""Evaluate an SAE folder on the held-out text of the corpus it was trained on.
-
-A saeforge SAE carries its whole run config in ``cfg.json`` metadata, so the same
-document split is rebuilt and evaluation never sees training text. For SAEs from other
-tools only the SAELens metadata is there (model_name, hook_name, context_size, dataset_path, and
-hook_name_out for a transcoder); options given on the command line override either.
-"""
+"""Evaluate an SAE folder on the held-out text of the corpus it was trained on (see evals/setup.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from saeforge.config import ConfigError, RunConfig
-
-
-def run_config_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None) -> RunConfig:
-    path = Path(sae_dir) / "cfg.json"
-    if not path.exists():
-        raise ConfigError(f"{sae_dir} is not an SAE folder (no cfg.json); pass the folder that `saeforge train` "
-                          "printed (runs/NAME/sae)")
-    meta = json.loads(path.read_text()).get("metadata", {}) or {}
-    base = meta.get("saeforge_config")
-    if base is None:
-        model = {"name": meta.get("model_name", ""), "hook": meta.get("hook_name", "")}
-        if meta.get("hook_name_out"):  # a SAELens transcoder
-            model["hook_out"] = meta["hook_name_out"]
-        base = {"model": model,
-                "data": {k: v for k, v in {"context_size": meta.get("context_size"), "corpus": meta.get("dataset_path"),
-                                            "prepend_bos": meta.get("prepend_bos")}.items() if v is not None}}
-    d = {k: dict(v) for k, v in base.items() if k in ("model", "data", "eval")}
-    for section, values in (overrides or {}).items():
-        d.setdefault(section, {}).update(values)
-    cfg = RunConfig.from_dict(d)
-    if not cfg.model.name or not cfg.model.hook:
-        raise ConfigError(f"{path} does not say which model and hook it belongs to: pass --model and --hook")
-    return cfg
+from saeforge.config import EvalSetup
+from saeforge.evals.setup import eval_setup_for
 
 
 def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None, progress: bool = True,
@@ -50,7 +21,7 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import load_sae
 
-    cfg = run_config_for(sae_dir, overrides)
+    cfg = eval_setup_for(sae_dir, overrides)
     if lm is None:
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     others: list = []
@@ -79,7 +50,7 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     return metrics, Path(sae_dir)
 
 
-def _absorption(lm, cfg: RunConfig, sae_dir: str | Path) -> dict:
+def _absorption(lm, cfg: EvalSetup, sae_dir: str | Path) -> dict:
     """First-letter absorption, or {"error": why} when the vocabulary has too few single-word tokens."""
     from saeforge.evals.absorption import first_letter_absorption
     from saeforge.models import resolve_hook

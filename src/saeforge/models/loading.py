@@ -12,13 +12,11 @@ from typing import Any
 
 import torch
 
-from saeforge.models.hooks import family_of, n_layers_of
+from saeforge.models import bundled
+from saeforge.models.errors import ModelLoadError
+from saeforge.models.layout import family_of, n_layers_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model that could not be found or loaded; the message says what to pass instead."""
 
 
 @dataclass
@@ -103,8 +101,6 @@ def _load_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _open(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    from saeforge.models import bundled
-
     if name in bundled.BUILTIN_MODELS:
         return _load_folder(bundled.ensure_cached(name), dtype)
     path = Path(name).expanduser()

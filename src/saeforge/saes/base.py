@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.config import DTYPES, ConfigError, F
+from saeforge.saes.registry import transcoder_architectures
 
 
 @dataclass
@@ -347,13 +348,6 @@ class SAE(nn.Module, abc.ABC):
         self.b_dec.div_(c_out)
         if self.cfg.skip:
             self.W_skip.mul_(c / c_out)
-
-
-def transcoder_architectures() -> list[str]:
-    """Registry names whose SAE class can be a transcoder (for error messages and docs)."""
-    from saeforge.saes import registry
-
-    return [n for n in registry.names() if getattr(registry.sae_class(n), "transcoder_ok", False)]
 
 
 @torch.no_grad()

@@ -165,7 +165,7 @@ class BatchTopKSAE(SAE):
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
-            raise ValueError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+            raise ConfigError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         x_hat_BD = self.decode(f_BF)
         loss_fvu, err_B = fvu(x_BD, x_hat_BD, total_variance(x_BD, ctx.ranks))

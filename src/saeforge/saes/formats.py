@@ -40,9 +40,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saeforge import __version__
-from saeforge.config import from_dict
+from saeforge.config import UserError, from_dict
 from saeforge.saes import registry
 from saeforge.saes.base import SAE
+
+
+class SAEFolderError(UserError, ValueError):
+    """An SAE folder that cannot be read as it is (damaged, foreign in a way we do not read, mismatched)."""
+
+
+class MissingSAEError(UserError, FileNotFoundError):
+    """An SAE folder, or a file of one, that is not there."""
+
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -172,8 +181,8 @@ def _require(path: Path, what: str) -> None:
     if not folder.is_dir():
         leftovers = sorted(p.name for p in folder.parent.glob(f".{folder.name}.*")) if folder.parent.is_dir() else []
         hint = f"; leftovers of an interrupted save nearby: {leftovers}" if leftovers else ""
-        raise FileNotFoundError(f"SAE folder {folder} does not exist{hint}")
-    raise FileNotFoundError(
+        raise MissingSAEError(f"SAE folder {folder} does not exist{hint}")
+    raise MissingSAEError(
         f"{path} is missing ({what}): {folder} may be partial (an interrupted save; a complete one "
         f"writes {CFG_FILE} last and renames the whole folder) or not an SAE folder. Re-save or pick the right folder."
     )
@@ -186,7 +195,7 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the folder is damaged: re-save the SAE") from None
+        raise SAEFolderError(f"{path} is not valid JSON ({e}); the folder is damaged: re-save the SAE") from None
 
 
 def architecture_of(cfg: dict[str, Any]) -> str:
@@ -195,7 +204,7 @@ def architecture_of(cfg: dict[str, Any]) -> str:
     arch = cfg.get("architecture", "standard")
     name = meta.get("saeforge_architecture") or FROM_SAELENS.get(arch) or FROM_SAELENS_TRANSCODER.get(arch, (arch,))[0]
     if name not in registry.names():
-        raise ValueError(
+        raise SAEFolderError(
             f"cfg.json architecture {cfg.get('architecture')!r} is not one saeforge can load; "
             f"known: {registry.names()} (SAELens names: {sorted(FROM_SAELENS) + sorted(FROM_SAELENS_TRANSCODER)})"
         )
@@ -216,16 +225,16 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg = read_cfg(folder)
     name = architecture_of(cfg)
     if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(
+        raise SAEFolderError(
             f"{folder / CFG_FILE}: normalize_activations={cfg['normalize_activations']!r}; saeforge loads only "
             "'none' (input scaling folded into the weights). Fold it in SAELens first (fold_activation_norm_scaling_factor)."
         )
     if cfg.get("reshape_activations", "none") != "none":
-        raise ValueError(f"{folder / CFG_FILE}: reshape_activations={cfg['reshape_activations']!r} (attention heads) "
+        raise SAEFolderError(f"{folder / CFG_FILE}: reshape_activations={cfg['reshape_activations']!r} (attention heads) "
                          "is not supported by saeforge")
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm"))
     if rescale and name != "topk":
-        raise ValueError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm is only understood for topk SAEs")
+        raise SAEFolderError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm is only understood for topk SAEs")
     cfg_cls = registry.config_class(name)
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     fields = {k: v for k, v in cfg.items() if k in known}
@@ -238,19 +247,19 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if sae.tied and "W_enc" in tensors and "W_dec" in tensors:
         W_enc_DF = tensors.pop("W_enc")
         if W_enc_DF.shape != tensors["W_dec"].T.shape or not torch.equal(W_enc_DF, tensors["W_dec"].T):
-            raise ValueError(f"{weights_path}: cfg.json says tied=true but W_enc is not W_dec^T; "
+            raise SAEFolderError(f"{weights_path}: cfg.json says tied=true but W_enc is not W_dec^T; "
                              "set \"tied\": false in cfg.json to load the two matrices separately")
     expected = sae.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise ValueError(
+        raise SAEFolderError(
             f"{weights_path}: tensor names do not match a {name} SAE: missing {missing}, unexpected {extra}; "
             f"expected exactly {sorted(expected)}"
         )
     for key, want in expected.items():
         got = tensors[key]
         if got.shape != want.shape:
-            raise ValueError(
+            raise SAEFolderError(
                 f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}"
                 f"{f', d_out={sae.d_out}' if sae.is_transcoder else ''}) implies {list(want.shape)}; the weights "
                 "and cfg.json come from different SAEs"
@@ -284,5 +293,5 @@ def load_sparsity(folder: str | Path, device: str | torch.device = "cpu") -> tor
         return None
     tensors = load_file(str(path), device=str(device))
     if set(tensors) != {"sparsity"}:
-        raise ValueError(f"{path}: expected one tensor named 'sparsity', found {sorted(tensors)}")
+        raise SAEFolderError(f"{path}: expected one tensor named 'sparsity', found {sorted(tensors)}")
     return tensors["sparsity"]

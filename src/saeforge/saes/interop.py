@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from saeforge.saes import formats, registry
+from saeforge.saes.formats import MissingSAEError, SAEFolderError
 from saeforge.saes.base import SAE
 
 
@@ -44,7 +45,7 @@ def load_foreign(folder: str | Path, device: str = "cpu") -> SAE:
         if "metadata" in cfg:
             return formats.load_sae(folder, device)
         return load_saelens_legacy(folder, device)
-    raise FileNotFoundError(f"{folder}: no ae.pt (dictionary_learning), sae.safetensors (sparsify) or cfg.json (SAELens) here")
+    raise MissingSAEError(f"{folder}: no ae.pt (dictionary_learning), sae.safetensors (sparsify) or cfg.json (SAELens) here")
 
 
 def _build(arch: str, tensors: dict[str, torch.Tensor], where: Path, device: str, **fields: Any) -> SAE:
@@ -54,10 +55,10 @@ def _build(arch: str, tensors: dict[str, torch.Tensor], where: Path, device: str
     want = sae.state_dict()
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise ValueError(f"{where}: cannot map to a {arch} SAE: missing {missing}, unexpected {extra}")
+        raise SAEFolderError(f"{where}: cannot map to a {arch} SAE: missing {missing}, unexpected {extra}")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(want[k].shape):
-            raise ValueError(f"{where}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+            raise SAEFolderError(f"{where}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
     sae.load_state_dict({k: v.to(want[k].dtype).to(device) for k, v in tensors.items()})
     return sae
 
@@ -69,11 +70,11 @@ def load_saelens_legacy(folder: str | Path, device: str = "cpu") -> SAE:
     folder = Path(folder)
     cfg = formats.read_cfg(folder)
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{folder}: normalize_activations={cfg['normalize_activations']!r}; fold it into the weights in SAELens first")
+        raise SAEFolderError(f"{folder}: normalize_activations={cfg['normalize_activations']!r}; fold it into the weights in SAELens first")
     tensors = load_file(str(folder / formats.WEIGHTS_FILE))
     scale = tensors.pop("scaling_factor", None)  # old finetuning factor: ones unless finetuned
     if scale is not None and not torch.all(scale == 1):
-        raise ValueError(f"{folder}: scaling_factor is not all ones; fold it into W_dec in SAELens first")
+        raise SAEFolderError(f"{folder}: scaling_factor is not all ones; fold it into W_dec in SAELens first")
     arch = cfg.get("architecture", "standard")
     fn = cfg.get("activation_fn_str", "relu")
     common = dict(d_in=cfg["d_in"], d_sae=cfg["d_sae"], apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
@@ -83,7 +84,7 @@ def load_saelens_legacy(folder: str | Path, device: str = "cpu") -> SAE:
         return _build("relu", tensors, folder, device, **common)
     if arch in ("gated", "jumprelu"):
         return _build(arch, tensors, folder, device, **common)
-    raise ValueError(f"{folder}: SAELens architecture {arch!r} with activation {fn!r} is not one saeforge reads")
+    raise SAEFolderError(f"{folder}: SAELens architecture {arch!r} with activation {fn!r} is not one saeforge reads")
 
 
 def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
@@ -94,7 +95,7 @@ def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
     cfg = json.loads((folder / "cfg.json").read_text())
     transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
     if cfg.get("activation", "topk") != "topk" or (skip and not transcode):
-        raise ValueError(f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={transcode}, "
+        raise SAEFolderError(f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={transcode}, "
                          f"skip_connection={skip}: only TopK SAEs and TopK (skip) transcoders are read")
     t = load_file(str(folder / "sae.safetensors"))
     d_sae, d_in = t["encoder.weight"].shape
@@ -124,7 +125,7 @@ def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
             return _build("topk", _contig(tensors), folder, device, d_in=D, d_sae=F_, k=int(sd.get("k", trainer.get("k"))))
         theta = float(sd["threshold"])
         if theta < 0:
-            raise ValueError(f"{folder}: BatchTopKSAE threshold {theta} < 0: it was never estimated, so it has no inference form")
+            raise SAEFolderError(f"{folder}: BatchTopKSAE threshold {theta} < 0: it was never estimated, so it has no inference form")
         tensors["threshold"] = torch.full((F_,), theta)
         return _build("jumprelu", _contig(tensors), folder, device, d_in=D, d_sae=F_)
     if kind == "JumpReluAutoEncoder":
@@ -137,7 +138,7 @@ def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
         tensors = {"W_enc": sd["encoder.weight"].T, "b_gate": sd["gate_bias"], "b_mag": sd["mag_bias"], "r_mag": sd["r_mag"],
                    "W_dec": sd["decoder.weight"].T, "b_dec": sd["decoder_bias"]}
         return _build("gated", _contig(tensors), folder, device, d_in=D, d_sae=F_)
-    raise ValueError(f"{folder}: dictionary_learning dict_class {kind!r} is not one saeforge reads "
+    raise SAEFolderError(f"{folder}: dictionary_learning dict_class {kind!r} is not one saeforge reads "
                      "(AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder, GatedAutoEncoder)")
 
 

@@ -64,7 +64,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
-            raise ValueError(f"Matryoshka's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+            raise ConfigError(f"Matryoshka's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         total_var = total_variance(x_BD, ctx.ranks)  # every prefix's FVU has the same denominator
         x_hat_BD = self.b_dec.float().expand(B, -1)

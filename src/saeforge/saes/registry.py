@@ -2,7 +2,7 @@
 
 The CLI's choices, the config loader (``RunConfig.from_dict``) and ``formats.load_sae`` all
 look names up here. Built-in architectures are listed in ``_BUILTIN`` and imported on first
-lookup, so importing this module is cheap and cannot form an import cycle with config.py.
+lookup, so importing this module is cheap and imports no architecture module until one is asked for.
 Adding an architecture: one new file with its SAE and config classes, plus one line below
 (or ``register(...)`` from outside the package).
 """
@@ -10,10 +10,8 @@ Adding an architecture: one new file with its SAE and config classes, plus one l
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from saeforge.saes.base import SAE, SAEConfig
+from saeforge.config import ConfigError
 
 # name -> (module, SAE class name, config class name)
 _BUILTIN: dict[str, tuple[str, str, str]] = {
@@ -28,7 +26,7 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
 _REGISTERED: dict[str, tuple[type, type]] = {}
 
 
-def register(name: str, sae_cls: type["SAE"], cfg_cls: type["SAEConfig"]) -> None:
+def register(name: str, sae_cls: type, cfg_cls: type) -> None:
     """Add an architecture. Its config class's ``architecture`` default must be ``name``."""
     own = cfg_cls.__dataclass_fields__["architecture"].default
     if own != name:
@@ -47,16 +45,23 @@ def names() -> list[str]:
 def _lookup(name: str) -> tuple[type, type]:
     if name not in _REGISTERED:
         if name not in _BUILTIN:
-            raise ValueError(f"unknown SAE architecture {name!r}; known architectures: {names()}")
+            raise ConfigError(f"unknown SAE architecture {name!r}; known architectures: {names()}")
         module, sae_name, cfg_name = _BUILTIN[name]
         mod = importlib.import_module(module)
         register(name, getattr(mod, sae_name), getattr(mod, cfg_name))
     return _REGISTERED[name]
 
 
-def sae_class(name: str) -> type["SAE"]:
+def sae_class(name: str) -> type:
+    """The ``saes.base.SAE`` subclass of architecture ``name``."""
     return _lookup(name)[0]
 
 
-def config_class(name: str) -> type["SAEConfig"]:
+def config_class(name: str) -> type:
+    """The ``saes.base.SAEConfig`` subclass of architecture ``name``."""
     return _lookup(name)[1]
+
+
+def transcoder_architectures() -> list[str]:
+    """Registry names whose SAE class can be a transcoder (for error messages and docs)."""
+    return [n for n in names() if getattr(sae_class(n), "transcoder_ok", False)]

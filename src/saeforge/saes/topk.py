@@ -138,7 +138,7 @@ class TopKSAE(SAE):
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
-            raise ValueError(f"TopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+            raise ConfigError(f"TopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
         if self.cfg.sparse_encoder_grad:
             x_in_BD, bias_F = self.encoder_inputs(x_BD)

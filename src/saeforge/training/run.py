@@ -22,7 +22,20 @@ from pathlib import Path
 import torch
 
 import saeforge
-from saeforge.config import ConfigError, RunConfig
+from saeforge.activations import ActivationStream, CacheReader, ranks
+from saeforge.activations.prefetch import close_prefetch, prefetch_chunks
+from saeforge.activations.sharding import RankSlice, ShardedActivationStream
+from saeforge.activations.stream import as_points
+from saeforge.config import ConfigError
+from saeforge.data import iter_documents, split_documents
+from saeforge.evals.report import evaluate as run_eval, write_eval_json
+from saeforge.models import capture, compiled, load_model, patched, resolve_hook
+from saeforge.models.compiled import compile_policy
+from saeforge.saes.formats import save_sae
+from saeforge.saes.registry import sae_class
+from saeforge.training.config import RunConfig
+from saeforge.training.distributed import DataParallelTrainer
+from saeforge.training.malloc import keep_freed_memory
 from saeforge.training.trainer import CHECKPOINT, Trainer
 
 log = logging.getLogger(__name__)
@@ -60,8 +73,6 @@ def sae_metadata(cfg: RunConfig, tokens: int, scale: float, scale_out: float | N
 
 def hook_points(cfg: RunConfig, lm):
     """The HookPoint a run reads, or [input, output] for a transcoder (rows are their concatenation)."""
-    from saeforge.models import resolve_hook
-
     points = [resolve_hook(lm.model, name) for name in cfg.model.hook_names()]
     if not cfg.model.hook_out:
         return points[0]
@@ -73,8 +84,6 @@ def hook_points(cfg: RunConfig, lm):
 
 def forward_order(lm, points) -> list[str]:
     """The names of ``points`` in the order they fire in one (probe) forward."""
-    from saeforge.models.hooks import capture, patched
-
     order: list[str] = []
     probe_ST = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
     with patched(lm.model, {p: (lambda x, name=p.name: order.append(name)) for p in points}):
@@ -96,18 +105,13 @@ def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, 
     return cfg, run_dir
 
 
-def _check_heldout(cfg: RunConfig) -> None:
+def check_heldout(cfg: RunConfig) -> None:
     """Fail before training, not after it, when the corpus has no held-out document to evaluate on."""
-    from saeforge.data import iter_documents, split_documents
-
     next(iter(split_documents(iter_documents(cfg.data), cfg.data, "heldout")))
 
 
 def build_source(cfg: RunConfig, lm, hook_point):
     """The training batches: a finished cache if ``activations.cache`` is set, else the live LM."""
-    from saeforge.activations import ActivationStream, CacheReader
-    from saeforge.activations.stream import as_points
-
     if cfg.activations.cache:
         reader = CacheReader(cfg.activations.cache, cfg.activations.batch_size, seed=cfg.train.seed)
         m, names = reader.manifest, [p.name for p in as_points(hook_point)]
@@ -120,9 +124,18 @@ def build_source(cfg: RunConfig, lm, hook_point):
     return ActivationStream(lm, hook_point, cfg.data, cfg.activations, part="train", seed=cfg.train.seed)
 
 
+def build_sharded_source(cfg: RunConfig, lm, hook_point, ctx: ranks.DistContext):
+    """The training batches of this rank: its slice of every global batch, from a cache or the live LM."""
+    if cfg.activations.cache:
+        source = build_source(cfg, lm, hook_point)
+    else:
+        source = ShardedActivationStream(lm, hook_point, cfg.data, cfg.activations, ctx, part="train",
+                                          seed=cfg.train.seed)
+    return RankSlice(source, cfg.activations.batch_size, ctx)
+
+
 def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
     """The SAE to train, its widths taken from the model: d_in at model.hook, d_out at model.hook_out."""
-    from saeforge.saes.registry import sae_class
 
     if cfg.sae.d_in not in (0, d_in):
         raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
@@ -142,19 +155,11 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
 def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
           lm=None) -> RunResult:
     """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
-    from saeforge.activations.prefetch import close_prefetch, prefetch_chunks
-    from saeforge.models import compiled, load_model
-    from saeforge.models.compiled import compile_policy
-    from saeforge.saes.formats import save_sae
-
-    from saeforge.training import distributed
-    from saeforge.training.malloc import keep_freed_memory
-
-    ctx = distributed.init()  # None in one process: no process group at all
+    ctx = ranks.init()  # None in one process: no process group at all
     keep_freed_memory()  # glibc: no page faults on memory every step frees and takes again (training/malloc.py)
     cfg, run_dir = _prepare_dir(cfg, resume)
     if evaluate:
-        _check_heldout(cfg)
+        check_heldout(cfg)
     if lm is None:
         device = cfg.model.device
         if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
@@ -164,8 +169,6 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     if not cfg.activations.cache and compile_policy(cfg.model.compile, lm.device, cfg.train.total_tokens):
         compiled.enable(lm)  # the live stream's LM forwards run compiled (models/compiled.py)
     if ctx is not None:
-        from saeforge.activations.sharding import build_sharded_source
-
         source = build_sharded_source(cfg, lm, points, ctx)
     else:
         source = build_source(cfg, lm, points)
@@ -176,7 +179,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
         cfg.save(run_dir / CONFIG)
 
     if ctx is not None:
-        trainer = distributed.DataParallelTrainer(sae, cfg.train, cfg.activations.batch_size, run_dir, ctx, progress)
+        trainer = DataParallelTrainer(sae, cfg.train, cfg.activations.batch_size, run_dir, ctx, progress)
     else:
         trainer = Trainer(sae, cfg.train, cfg.activations.batch_size, run_dir, progress=progress)
     if trainer.resume(source):
@@ -188,7 +191,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
     trainer.fit(source)
     close_prefetch(source)  # the LM is free again for the evaluation
     if ctx is not None:
-        distributed.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
+        ranks.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
         if not ctx.is_main:
             return RunResult(run_dir, run_dir / SAE_DIR, None)
     if trainer.step < trainer.n_steps:
@@ -201,8 +204,6 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
              sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10))  # SAELens stores log10 frequency
     metrics = None
     if evaluate:
-        from saeforge.evals.report import evaluate as run_eval, write_eval_json
-
         hook_in, hook_out = (points[0], points[1]) if cfg.model.hook_out else (points, None)
         metrics = run_eval(lm, hook_in, final, cfg.data, cfg.eval, progress=progress,
                            mean_ablation=cfg.eval.mean_ablation, hook_out=hook_out)

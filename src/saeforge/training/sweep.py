@@ -45,10 +45,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from saeforge.config import ConfigError, RunConfig
-from saeforge.io import atomic_write_text
+import torch.distributed as dist
 
-SWEEP_FILE = "sweep.json"
+from saeforge.activations import ranks
+from saeforge.config import ConfigError
+from saeforge.io import atomic_write_text
+from saeforge.models import load_model
+from saeforge.training.config import RunConfig
+from saeforge.training.run import check_heldout, default_run_name
+from saeforge.training.sweep_run import SweepRun, parallel_mode
+
 PLAN_FILE = "sweep_plan.json"
 SWEEPABLE = {"sae": None, "train": None, "model": ("hook", "hook_out")}  # None: every field of the section
 # one value for the whole sweep: its folder, its shared checkpoint steps, its process layout
@@ -117,7 +123,7 @@ def read_plan(sweep_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _jsonable(d: dict) -> dict:
+def jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress: bool = True, lm=None,
@@ -126,19 +132,16 @@ def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress:
 
     ``resume``: the folder of an interrupted sweep with this base and these points (see the module docstring).
     """
-    from saeforge.training import distributed
-    from saeforge.training.run import _check_heldout, default_run_name
-
     cfgs = point_configs(base, points)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep points repeat: {names}")
     first = cfgs[0]
-    ctx = distributed.init()  # None in one process
+    ctx = ranks.init()  # None in one process
     if resume is not None:
         sweep_dir = Path(resume)
         plan = read_plan(sweep_dir)
-        if plan["points"] != _jsonable({"p": points})["p"] or plan["base"] != _jsonable(base):
+        if plan["points"] != jsonable({"p": points})["p"] or plan["base"] != jsonable(base):
             raise ConfigError(f"{sweep_dir} holds another sweep (points {[point_name(p) for p in plan['points']]}); "
                               "resume it with its own --sweep options")
     else:
@@ -147,30 +150,25 @@ def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress:
             raise ConfigError(f"{sweep_dir} already exists: continue it with --resume {sweep_dir} (same --sweep "
                               "options), or pick another --name")
         if ctx is not None:
-            import torch.distributed as dist
-
             dist.barrier()  # every rank has checked before rank 0 creates the folder
         if ctx is None or ctx.is_main:
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(sweep_dir / PLAN_FILE, json.dumps(_jsonable({"base": base, "points": points}), indent=2) + "\n")
+            atomic_write_text(sweep_dir / PLAN_FILE, json.dumps(jsonable({"base": base, "points": points}), indent=2) + "\n")
     if evaluate:
-        _check_heldout(first)
+        check_heldout(first)
     if lm is None:
-        from saeforge.models import load_model
-
         device = first.model.device
         if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
             device = str(ctx.comm_device)
         lm = load_model(first.model.name, dtype=first.model.dtype, device=device)
-    from saeforge.training.sweep_run import SweepRun, parallel_mode
-
     mode = parallel_mode(first.train.parallel, len(cfgs), ctx)
     run = SweepRun(cfgs, names, points, sweep_dir, lm, ctx, mode, progress)
     run.train(resume is not None)
     rows = run.finish(evaluate)
     if ctx is not None:
-        distributed.shutdown()
+        ranks.shutdown()
     return SweepResult(sweep_dir, rows)
+
 
 def format_sweep_table(rows: list[dict]) -> str:
     cols = [c for c in ("l0", "explained_variance", "ce_score", "kl_score", "dead_fraction") if any(c in r for r in rows)]
@@ -180,33 +178,3 @@ def format_sweep_table(rows: list[dict]) -> str:
         cells = [r["point"], str(r["steps"])] + ["" if r.get(c) is None else f"{r[c]:.4g}" for c in cols]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
-
-
-def cmd_sweep(ns, base: dict) -> int:
-    """`saeforge train --sweep ... [--resume SWEEP_DIR]`: the CLI's base config and options, one point per value."""
-    from saeforge.cli import overrides
-    from saeforge.training.distributed import is_main_process
-
-    points = parse_sweep(ns.sweep) if ns.sweep else read_plan(ns.resume)["points"]  # `--resume SWEEP_DIR` alone
-    merged = {k: dict(v) for k, v in base.items()}
-    for section, values in overrides(ns).items():
-        merged.setdefault(section, {}).update(values)
-    if ns.resume:
-        plan = read_plan(ns.resume)
-        if points != plan["points"]:
-            raise ConfigError(f"--sweep {' '.join(ns.sweep)} is not the sweep in {ns.resume} (points "
-                              f"{[point_name(p) for p in plan['points']]}): repeat its --sweep options")
-        if overrides(ns) or ns.config:  # the original command again, with --resume: fine if nothing changed
-            saved, given = plan["base"], _jsonable(merged)
-            diff = sorted(f"{s}.{f}" for s in set(saved) | set(given)
-                          for f in set(saved.get(s, {})) | set(given.get(s, {}))
-                          if saved.get(s, {}).get(f) != given.get(s, {}).get(f))
-            if diff:
-                raise ConfigError(f"--resume continues {ns.resume} with its saved plan ({PLAN_FILE}), but {diff} "
-                                  "differ from it: drop those options (or all of them, keeping --sweep)")
-        merged = plan["base"]
-    result = train_sweep(merged, points, evaluate=not ns.no_eval, progress=not ns.quiet, resume=ns.resume)
-    if is_main_process():
-        print(format_sweep_table(result.rows))
-        print(f"sweep saved to {result.sweep_dir} ({len(result.rows)} SAEs, summary in {SWEEP_FILE})")
-    return 0

@@ -15,13 +15,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from saeforge.config import ConfigError, RunConfig
+from saeforge.activations import ranks, sharding
+from saeforge.activations.stream import hook_widths
+from saeforge.config import ConfigError
+from saeforge.evals.report import evaluate as run_eval, write_eval_json
 from saeforge.io import atomic_path, atomic_write_text
-from saeforge.training.sweep import SWEEP_FILE
+from saeforge.models import resolve_hook
+from saeforge.saes.formats import save_sae
+from saeforge.training.config import RunConfig
+from saeforge.training.distributed import DataParallelTrainer
+from saeforge.training.run import CONFIG, SAE_DIR, build_sae, build_source, sae_metadata
+from saeforge.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 STREAM_FILE = "stream.pt"
+SWEEP_FILE = "sweep.json"  # the summary: one row of metrics per point
 
 
 def assign_points(costs: list[int], world: int) -> list[int]:
@@ -55,9 +65,6 @@ class SweepRun:
     """The stream, this process's trainers, and the loop that feeds one to the other."""
 
     def __init__(self, cfgs, names, points, sweep_dir: Path, lm, ctx, mode: str, progress: bool):
-        from saeforge.activations.stream import hook_widths
-        from saeforge.models import resolve_hook
-
         self.cfgs, self.names, self.points, self.sweep_dir = cfgs, names, points, sweep_dir
         self.lm, self.ctx, self.mode, self.progress = lm, ctx, mode, progress
         self.main = ctx is None or ctx.is_main
@@ -73,20 +80,14 @@ class SweepRun:
         self.source = self._build_source()
         self.rows = None
         if mode == "data":
-            from saeforge.training.distributed import rank_rows
-
-            self.rows = rank_rows(self.B, ctx)
+            self.rows = ranks.rank_rows(self.B, ctx)
         self.members = [self._member(i) for i in self.mine]
 
     def _build_source(self):
-        from saeforge.training.run import build_source
-
         first, union = self.cfgs[0], [self.hook_points[h] for h in self.hooks]
         stream_points = union[0] if len(union) == 1 else union
         if self.mode in ("single", "data") and (self.mode == "single" or first.activations.cache):
             return build_source(first, self.lm, stream_points)  # a cache is read whole by every rank
-        from saeforge.activations import sharding
-
         if self.mode == "data":
             return sharding.ShardedActivationStream(self.lm, stream_points, first.data, first.activations, self.ctx,
                                                     seed=first.train.seed)
@@ -96,10 +97,6 @@ class SweepRun:
                                            seed=first.train.seed)
 
     def _member(self, i: int) -> _Member:
-        from saeforge.training.distributed import DataParallelTrainer
-        from saeforge.training.run import CONFIG, build_sae
-        from saeforge.training.trainer import Trainer
-
         cfg, name = self.cfgs[i], self.names[i]
         cols = [self.source.columns[h] for h in cfg.model.hook_names()]
         widths = [s.stop - s.start for s in cols]
@@ -125,7 +122,6 @@ class SweepRun:
         carry = state.pop("carry", None)
         by_hook = None if carry is None else {h: carry[:, s].clone() for h, s in self.source.columns.items()}
         if self.mode == "hooks":  # each rank holds its hooks' columns of the carried rows
-            import torch.distributed as dist
 
             parts = [None] * self.ctx.world if self.main else None
             dist.gather_object(by_hook, parts, dst=0)
@@ -140,8 +136,6 @@ class SweepRun:
         if self.main and (self.sweep_dir / STREAM_FILE).exists():
             box[0] = torch.load(self.sweep_dir / STREAM_FILE, map_location="cpu", weights_only=True)
         if self.ctx is not None:
-            import torch.distributed as dist
-
             dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return 0
@@ -220,9 +214,6 @@ class SweepRun:
     # ---- results -----------------------------------------------------------------------
     def finish(self, evaluate: bool) -> list[dict]:
         """Save (and evaluate) this process's SAEs; rank 0 gathers every row and writes sweep.json."""
-        from saeforge.saes.formats import save_sae
-        from saeforge.training.run import SAE_DIR, sae_metadata
-
         rows = []
         for m in self.members if (self.mode == "hooks" or self.main) else []:
             t, cfg, point = m.trainer, m.cfg, self.points[m.index]
@@ -234,8 +225,6 @@ class SweepRun:
             if self.mode == "hooks":
                 row["rank"] = self.ctx.rank
             if evaluate:
-                from saeforge.evals.report import evaluate as run_eval, write_eval_json
-
                 hook_out = self.hook_points[cfg.model.hook_out] if cfg.model.hook_out else None
                 metrics = run_eval(self.lm, self.hook_points[cfg.model.hook], final, cfg.data, cfg.eval,
                                    progress=self.progress and self.main, mean_ablation=cfg.eval.mean_ablation,
@@ -248,8 +237,6 @@ class SweepRun:
               "received_widths": sorted(getattr(self.source, "received_widths", ()))}
         ranks = [me]
         if self.ctx is not None:
-            import torch.distributed as dist
-
             gathered = [None] * self.ctx.world if self.main else None
             dist.gather_object((rows, me), gathered, dst=0)
             if self.main:

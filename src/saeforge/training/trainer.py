@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from saeforge.config import TrainConfig
+from saeforge.config import ConfigError, TrainConfig
 from saeforge.models.loading import bf16_is_fast
 from saeforge.io import atomic_path, atomic_write_text
 from saeforge.training.anneal import PAnneal, check_p_anneal
@@ -84,7 +84,7 @@ class Trainer:
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {d.get('version')} is not {CHECKPOINT_VERSION}")
+            raise ConfigError(f"checkpoint version {d.get('version')} is not {CHECKPOINT_VERSION}")
         self.sae.load_state_dict(d["sae"])
         self.opt.load_state_dict(d["opt"])
         self.step, self.scale = int(d["step"]), float(d["scale"])
@@ -149,7 +149,7 @@ class Trainer:
             return []
         head = [b for _, b in zip(range(self.cfg.norm_estimate_batches), batches)]
         if not head:
-            raise ValueError("the activation source produced no batches: is the corpus (or cache) empty?")
+            raise ConfigError("the activation source produced no batches: is the corpus (or cache) empty?")
         self.scale = self._estimate_scale([self.sae.split_io(x)[0] for x, _ in head])
         if self.sae.is_transcoder:  # the output side gets its own scale: E||scale_out * y|| = sqrt(d_out)
             d_in, d_out = self.sae.cfg.d_in, self.sae.d_out

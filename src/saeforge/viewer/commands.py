@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from saeforge.config import add_config_options, overrides
 from saeforge.viewer.config import IndexConfig
 
 
@@ -17,7 +18,6 @@ def _index_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.cli import overrides
     from saeforge.viewer.index import build_index
 
     cfg = IndexConfig(**{f.name: getattr(ns, f"index_{f.name}") for f in dataclasses.fields(IndexConfig)})
@@ -45,7 +45,6 @@ def cmd_export(ns: argparse.Namespace, base: dict) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
-    from saeforge.cli import add_config_options
 
     i = sub.add_parser("index", help="build a feature database (SQLite) for an SAE: contexts, histograms, logit lens",
                        description="Streams --tokens corpus tokens through the SAE's model and SAE. Resumable: run the "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saeforge.config import F, _check
+from saeforge.config import F, check
 
 
 @dataclass
@@ -25,9 +25,9 @@ class IndexConfig:
     name: str = F("", "SAE id in URLs and the API (default: the run folder's name).")
 
     def __post_init__(self) -> None:
-        _check(self.tokens > 0, "index.tokens must be positive")
-        _check(self.part in ("train", "heldout"), f"index.part={self.part!r}: expected train or heldout")
+        check(self.tokens > 0, "index.tokens must be positive")
+        check(self.part in ("train", "heldout"), f"index.part={self.part!r}: expected train or heldout")
         for f in ("top_k", "quantile_intervals", "per_interval", "hist_bins", "lm_batch_size", "checkpoint_every"):
-            _check(getattr(self, f) > 0, f"index.{f} must be positive")
-        _check(self.hist_bins % 2 == 0, "index.hist_bins must be even (bins merge in pairs)")
-        _check(self.left >= 0 and self.right >= 0, "index.left/right must be >= 0")
+            check(getattr(self, f) > 0, f"index.{f} must be positive")
+        check(self.hist_bins % 2 == 0, "index.hist_bins must be even (bins merge in pairs)")
+        check(self.left >= 0 and self.right >= 0, "index.left/right must be >= 0")

@@ -22,6 +22,7 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Iterable
+from saeforge.config import UserError
 
 FORMAT_VERSION = 1
 
@@ -45,7 +46,7 @@ CREATE INDEX vocab_text ON vocab(text);
 """
 
 
-class DBError(ValueError):
+class DBError(UserError, ValueError):
     """A file that is not a whole saeforge feature database; the message says how to rebuild it."""
 
 

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from saeforge.config import ConfigError
 from saeforge.viewer import db
+from saeforge.viewer.db import DBError
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.stats import FeatureStats
 
@@ -70,7 +72,7 @@ def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
         return False
     state = json.loads((folder / "state.json").read_text())
     if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{folder} holds a partial index built with other settings or another SAE; "
+        raise DBError(f"{folder} holds a partial index built with other settings or another SAE; "
                          "delete it (or pass --restart) to start over, or rerun with the same options to resume")
     tensors = load_file(str(folder / "stats.safetensors"))
     if (folder / "stats.safetensors").stat().st_size != state["tensor_bytes"]:
@@ -85,12 +87,12 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
     from tqdm import tqdm
 
     from saeforge.activations.stream import train_windows, window_activations
-    from saeforge.evals.saved import run_config_for
+    from saeforge.evals.setup import eval_setup_for
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import load_sae, read_cfg
 
     sae_dir, out = Path(sae_dir), Path(out)
-    run_cfg = run_config_for(sae_dir, overrides)
+    run_cfg = eval_setup_for(sae_dir, overrides)
     if lm is None:
         lm = load_model(run_cfg.model.name, dtype=run_cfg.model.dtype, device=run_cfg.model.device)
     sae = load_sae(sae_dir, device=str(lm.device))
@@ -126,7 +128,7 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
             _save_state(sdir, stats, fingerprint)
     bar.close()
     if stats.n_windows == 0:
-        raise ValueError(f"the {cfg.part} part of corpus {data_cfg.corpus!r} gave no windows of {T} tokens; "
+        raise ConfigError(f"the {cfg.part} part of corpus {data_cfg.corpus!r} gave no windows of {T} tokens; "
                          "use a larger corpus or a smaller --data.context_size")
 
     meta = {"format_version": db.FORMAT_VERSION, "model": run_cfg.model.name, "model_id": slug(run_cfg.model.name),

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from saeforge.config import UserError
 
 MAX_TOKENS = 256  # the live box is for a sentence or a paragraph, not a document
 
 
-class LiveError(RuntimeError):
+class LiveError(UserError, RuntimeError):
     """The model or SAE behind a database could not be loaded; the message says which and why."""
 
 

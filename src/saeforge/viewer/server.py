@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from saeforge.viewer.db import FeatureDB
+from saeforge.viewer.db import DBError, FeatureDB
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.steer import steer_router
 
@@ -76,7 +76,7 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         d = FeatureDB(p)
         key = (d.meta["model_id"], d.meta["sae_id"])
         if key in dbs:
-            raise ValueError(f"{p} and {dbs[key].path} both hold {key[0]}/{key[1]}; rebuild one with --name")
+            raise DBError(f"{p} and {dbs[key].path} both hold {key[0]}/{key[1]}; rebuild one with --name")
         dbs[key] = d
     assets = _read_assets()
     runner = LiveRunner() if live else None

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saeforge.viewer.db import DBError
+
 NEG_INF = float("-inf")
 
 
@@ -171,7 +173,7 @@ class FeatureStats:
     def load(self, tensors: dict[str, Tensor], counters: dict[str, int]) -> None:
         for k in ("fire_count_F", "act_sum_F", "max_F", "hist_width_F", "hist_FH"):
             if tensors[k].shape != getattr(self, k).shape:
-                raise ValueError(f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
+                raise DBError(f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
                                  f"{list(getattr(self, k).shape)}; delete the .index-state folder to start over")
             setattr(self, k, tensors[k])
         self.top = Kept.from_tensors(tensors, "top")
