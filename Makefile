@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   train + evaluate an SAE on the bundled SmolLM2-135M (no hub access needed)
-#   make test   run the test suite
+#   make test   the checks (ruff, import layers) and the whole test suite
+# While working: `make test-fast` (the unit tests, ~2 min on 2 cores) and `make lint`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PIP    := $(PY) -m pip
 # torch is pinned by constraints.txt so pip takes the local CPU wheel, not GBs of CUDA packages.
 PIPI   := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test install install-dev clean docs
+.PHONY: demo test test-fast lint format install install-dev clean docs
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +37,20 @@ DEMO_RUN := runs/demo-smollm2-topk
 demo: install
 	$(VENV)/bin/saeforge train $(if $(wildcard $(DEMO_RUN)/checkpoint.pt),--resume $(DEMO_RUN),--train.run_name $(notdir $(DEMO_RUN)))
 
-test: install-dev $(CHROMIUM)
+lint: install-dev
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
+	$(VENV)/bin/lint-imports --no-cache
+
+format: install-dev
+	$(VENV)/bin/ruff check --fix src tests bench tools
+	$(VENV)/bin/ruff format src tests bench tools
+
+test: lint $(CHROMIUM)
 	$(PY) -m pytest -q
+
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow and not distributed and not browser"
 
 docs: install
 	$(PY) tools/readme_config.py

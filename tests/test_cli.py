@@ -70,6 +70,23 @@ def test_bad_inputs_give_clear_errors(tiny_model_dirs, corpus, tmp_path, capsys)
     assert "train.lr" in capsys.readouterr().err
     assert main([*base, "--hook", HOOK, "--sae.k", "0"]) == 2
     assert "k" in capsys.readouterr().err
+    assert main(["train", "--config", tmp_path / "missing.json"]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """UserError subclasses are the user's to fix (exit 2, one line); any other exception is ours and propagates."""
+    import saeforge.training.commands as commands
+
+    assert main(["train", "--train.lr", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err == "saeforge: error: train.lr must be positive\n"
+
+    def broken_train(*args, **kwargs):
+        raise ValueError("an internal invariant broke")  # what a bug deep in training looks like
+
+    monkeypatch.setattr(commands, "train", broken_train)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["train", "--quiet"])
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dirs, corpus, tmp_path):

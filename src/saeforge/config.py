@@ -38,6 +38,10 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message says which field and what to do."""
 
 
+class UsageError(UserError, ValueError):
+    """An argument that cannot work (a prompt, a token, an option of a command); the message says what to give."""
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from saeforge.config import UsageError
 from saeforge.analysis.attribution import Attribution
 from saeforge.analysis.metrics import Metric
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, record_latents
@@ -51,7 +52,7 @@ def ablation_effects(lm: Any, sae: Any, hook: str, prompts: Sequence[str | Tenso
                      batch: int = 32) -> Attribution:
     """True single-feature ablation effects [F] on ``metric`` (see module doc); features not run score 0."""
     if mode not in ("zero", "mean"):
-        raise ValueError(f"mode={mode!r}: expected 'zero' or 'mean'")
+        raise UsageError(f"mode={mode!r}: expected 'zero' or 'mean'")
     prompts = as_prompts(lm, prompts)
     d_sae = sae.W_dec.shape[0]
     latents = [record_latents(lm, sae, hook, p) for p in prompts]

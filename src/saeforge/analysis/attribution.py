@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from saeforge.config import UsageError
 from saeforge.analysis.metrics import Metric
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, position_mask_T11, record_latents
 from saeforge.analysis.splice import Splice, check_feature
@@ -50,11 +51,11 @@ def baseline_1TF(baseline: str | Tensor, f_1TF: Tensor) -> Tensor:
     """The baseline latents, broadcast to f's shape: "zero", a mean vector [F], or latents [1, T, F]."""
     if isinstance(baseline, str):
         if baseline != "zero":
-            raise ValueError(f"baseline={baseline!r}: pass 'zero', a mean activation tensor [F], or latents [1, T, F]")
+            raise UsageError(f"baseline={baseline!r}: pass 'zero', a mean activation tensor [F], or latents [1, T, F]")
         return torch.zeros_like(f_1TF)
     baseline = baseline.to(f_1TF.device, f_1TF.dtype)
     if baseline.shape not in (f_1TF.shape[-1:], f_1TF.shape):
-        raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not fit latents {tuple(f_1TF.shape)}; "
+        raise UsageError(f"baseline of shape {tuple(baseline.shape)} does not fit latents {tuple(f_1TF.shape)}; "
                          f"expected [{f_1TF.shape[-1]}] or {list(f_1TF.shape)}")
     return baseline.expand_as(f_1TF)
 
@@ -102,7 +103,7 @@ def integrated_gradients(lm: Any, sae: Any, hook: str, prompts: Sequence[str | T
                          baseline: str | Tensor = "zero", steps: int = 16, batch: int = 16) -> Attribution:
     """Integrated gradients along the straight path baseline -> clean latents; scores [F] (see module doc)."""
     if steps < 1:
-        raise ValueError(f"steps={steps}: integrated gradients needs at least 1 step")
+        raise UsageError(f"steps={steps}: integrated gradients needs at least 1 step")
     prompts = as_prompts(lm, prompts)
     total_F, m_clean, m_base = 0.0, 0.0, 0.0
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
@@ -153,7 +154,7 @@ def feature_to_feature(lm: Any, up: tuple[Any, str], down: tuple[Any, str], prom
         with torch.enable_grad():
             _, (st_u, st_d) = forward_logits(lm, p.ids_1T, splices)
             if st_d.f_STF is None or not st_d.f_STF.requires_grad:
-                raise ValueError(f"downstream latents at {hook_d!r} do not depend on {hook_u!r}: the upstream hook must "
+                raise UsageError(f"downstream latents at {hook_d!r} do not depend on {hook_u!r}: the upstream hook must "
                                  "come earlier in the forward pass")
             acts_J = (st_d.f_STF[0, p.start :][:, js.to(st_d.f_STF.device)]).sum(0)
             rows = []

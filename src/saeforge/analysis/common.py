@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeforge.config import ConfigError
+from saeforge.config import ConfigError, UsageError
 
 
 def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str = "cpu", dtype: str = "float32"):
@@ -26,10 +26,10 @@ def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str
     if not model_name:
         raise ConfigError(f"{sae_dir}/cfg.json names no metadata.model_name; pass the model (--model NAME)")
     if not hook:
-        raise ValueError(f"{sae_dir}/cfg.json names no metadata.hook_name; pass the hook (--hook NAME)")
+        raise UsageError(f"{sae_dir}/cfg.json names no metadata.hook_name; pass the hook (--hook NAME)")
     sae = load_sae(sae_dir, device=device)
     if sae.is_transcoder:  # its decoder writes another hook's space: splicing it at `hook` would be wrong
-        raise ValueError(f"{sae_dir} is a transcoder ({hook} -> {meta.get('hook_name_out')}); the analysis tools "
+        raise UsageError(f"{sae_dir} is a transcoder ({hook} -> {meta.get('hook_name_out')}); the analysis tools "
                          "splice an SAE at one hook and do not take transcoders yet (evaluate it with `saeforge eval`)")
     sae.requires_grad_(False)
     sae.hook_name = hook
@@ -44,7 +44,7 @@ def prompt_ids(tokenizer: Any, prompt: str, prepend_bos: bool = True, device: to
     if prepend_bos and bos is not None:
         ids = [int(bos), *ids]
     if not ids:
-        raise ValueError(f"prompt {prompt!r} tokenises to nothing; give some text")
+        raise UsageError(f"prompt {prompt!r} tokenises to nothing; give some text")
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
@@ -53,7 +53,7 @@ def single_token(tokenizer: Any, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
-        raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
+        raise UsageError(f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
                          "(often with a leading space, e.g. ' Paris')")
     return int(ids[0])
 

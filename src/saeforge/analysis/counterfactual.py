@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saeforge.config import UsageError
 from saeforge.analysis.attribution import attribution_patching
 from saeforge.analysis.metrics import LogitDiff
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, position_mask_T11, record_latents
@@ -67,7 +68,7 @@ def flip_preference(lm: Any, sae: Any, hook: str, prompt_a: str | Tensor, prompt
     """Smallest set found (see module doc) of features whose B values flip A's preference between two token ids."""
     a, b = as_prompts(lm, [prompt_a, prompt_b])
     if a.length != b.length or a.start != b.start:
-        raise ValueError(f"counterfactual prompts must tokenise to the same length (got {a.length} and {b.length} "
+        raise UsageError(f"counterfactual prompts must tokenise to the same length (got {a.length} and {b.length} "
                          "tokens); reword one so the tokens line up, e.g. names of one token each")
     metric = LogitDiff(completion_a, completion_b)
     f_b_1TF = record_latents(lm, sae, hook, b)

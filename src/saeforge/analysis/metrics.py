@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from saeforge.config import UsageError
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 
@@ -60,7 +61,7 @@ class NextTokenLoss:
 
     def __call__(self, logits_STV: Tensor, ids_ST: Tensor) -> Tensor:
         if ids_ST.shape[1] - 1 <= self.start:
-            raise ValueError(f"next-token loss needs prompts longer than {self.start + 1} tokens (got {ids_ST.shape[1]})")
+            raise UsageError(f"next-token loss needs prompts longer than {self.start + 1} tokens (got {ids_ST.shape[1]})")
         logp_STV = torch.log_softmax(logits_STV[:, self.start : -1].float(), dim=-1)
         targets_ST1 = ids_ST[:, self.start + 1 :, None].to(logp_STV.device)
         return -logp_STV.gather(-1, targets_ST1).squeeze(-1).mean(dim=1)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from saeforge.config import UsageError
 from saeforge.analysis.common import hf_model, model_device, prompt_ids
 from saeforge.analysis.splice import Splice, spliced
 
@@ -32,7 +33,7 @@ def as_prompts(lm: Any, prompts: Sequence[str | Tensor] | str | Tensor) -> list[
     if isinstance(prompts, (str, Tensor)):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompts given; pass at least one prompt")
+        raise UsageError("no prompts given; pass at least one prompt")
     device = model_device(lm)
     bos = getattr(getattr(lm, "tokenizer", None), "bos_token_id", None)
     out = []
@@ -40,7 +41,7 @@ def as_prompts(lm: Any, prompts: Sequence[str | Tensor] | str | Tensor) -> list[
         ids = prompt_ids(lm.tokenizer, p, True, device) if isinstance(p, str) else p.reshape(1, -1).to(device)
         start = 1 if bos is not None and int(ids[0, 0]) == int(bos) else 0
         if ids.shape[1] <= start:
-            raise ValueError(f"prompt {p!r} has no tokens besides BOS; give some text")
+            raise UsageError(f"prompt {p!r} has no tokens besides BOS; give some text")
         out.append(Prompt(ids, start))
     return out
 

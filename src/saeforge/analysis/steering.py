@@ -26,7 +26,7 @@ from torch import Tensor
 
 from saeforge.analysis.common import hf_model, model_device, prompt_ids
 from saeforge.analysis.splice import Edit, Splice, SpliceState, check_feature, sae_hook_name, spliced
-from saeforge.config import F
+from saeforge.config import F, UsageError
 
 _FIRES_RE = re.compile(r"^fires:(\d+)(?:>(-?[0-9.eE+-]+))?$")
 
@@ -42,10 +42,10 @@ class Steer:
 
     def __post_init__(self) -> None:
         if self.positions not in ("all", "last") and not _FIRES_RE.match(self.positions):
-            raise ValueError(f"positions={self.positions!r}: expected 'all', 'last', 'fires:N' or 'fires:N>T' "
+            raise UsageError(f"positions={self.positions!r}: expected 'all', 'last', 'fires:N' or 'fires:N>T' "
                              "(e.g. 'fires:123' or 'fires:123>0.5')")
         if self.clamp is not None and self.alpha != 0:
-            raise ValueError(f"feature {self.feature}: give alpha or clamp, not both (alpha={self.alpha}, clamp={self.clamp})")
+            raise UsageError(f"feature {self.feature}: give alpha or clamp, not both (alpha={self.alpha}, clamp={self.clamp})")
 
 
 def positions_mask_ST(f_STF: Tensor, positions: str, sae: Any) -> Tensor:
@@ -117,7 +117,7 @@ def steer_generate(lm: Any, sae: Any, feature: int | Sequence[Steer], alpha: flo
     steers = list(feature) if isinstance(feature, (list, tuple)) else [Steer(int(feature), alpha, clamp, positions)]
     hook = hook or sae_hook_name(sae)
     if hook is None:
-        raise ValueError("steer_generate: pass hook= (this SAE does not know its hook; load it with load_for_analysis)")
+        raise UsageError("steer_generate: pass hook= (this SAE does not know its hook; load it with load_for_analysis)")
     splice = Splice(sae, hook, edits=[steer_edit(sae, steers)])
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     clean = generate(lm, prompt, (), **common)
