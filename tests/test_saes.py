@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from saeforge.config import ConfigError, RunConfig
-from saeforge.saes import LossContext, SAEConfig, config_class, formats, names, register, sae_class
+from saeforge.saes import LossContext, SAEConfig, config_class, formats, losses, names, register, sae_class
 from saeforge.saes.relu import ReLUConfig, ReLUSAE
 from saeforge.saes.topk import TopKConfig, TopKSAE
 
@@ -281,6 +281,25 @@ def test_topk_fast_paths_match_dense_reference_values_and_grads(sparse_decode, s
     assert_close(o1.f_BF, sae.encode(x))
     assert_close(sae.decode(o1.f_BF), o1.x_hat_BD)
     assert torch.equal(o1.fire_count_F(), (sae.encode(x) > 0).sum(0))
+
+
+@pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
+def test_topk_fvu_and_auxk_are_the_shared_losses(sparse_decode, sparse_grad):
+    """TopK's fused FVU/AuxK (dead columns sliced, sparse decode) against saes.losses' plain forms and float64."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(8))
+    dead = torch.rand(32, generator=torch.Generator().manual_seed(9)) < 0.5
+    sae = random_sae("topk", k=4, aux_k=3, sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
+    out = sae.training_loss(x, LossContext(dead_mask_F=dead))
+    with torch.no_grad():
+        e = x - out.x_hat_BD
+        want_auxk = losses.auxk_loss(sae.pre_acts_reference(x), dead, e, sae.W_dec, sae.aux_k)
+        assert out.parts["auxk"] > 0
+        assert_close(out.parts["auxk"], want_auxk)
+        assert_close(out.parts["fvu"], losses.fvu(x, out.x_hat_BD)[0])
+        x64, e64 = x.double(), e.double()
+        fvu64 = e64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+        assert_close(out.parts["fvu"], fvu64.float())
+        assert_close(losses.explained_variance(x, out.x_hat_BD), (1 - fvu64).float())
 
 
 def test_topk_trains_under_bf16_autocast_close_to_fp32():

@@ -7,11 +7,12 @@ FVU (normalised MSE) = sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2, i.e. me
 of the squared error over the batch's own total variance (so 1.0 = predicting the batch mean).
 AuxK: e = x - x_hat (detached). Among the latents in ctx.dead_mask_F, each row keeps its top
 aux_k pre-activations (ReLU'd); e_hat = W_dec^T z_aux (no bias: it predicts a residual).
-AuxK = sum_B ||e - e_hat||^2 / sum_B ||e - mean_B e||^2 -- normalised by the residual's own
-variance as in OpenAI's code, so dead latents get a signal of size ~1 however good the live
-ones already are. It is 0 (no graph) when no latent is dead. Its gradient reaches only the
-selected dead latents' W_enc columns, b_enc entries and W_dec rows -- and b_dec, which every
-latent shares through the input centring x - b_dec (as in the reference implementations).
+AuxK = FVU(e, e_hat) -- normalised by the residual's own variance as in OpenAI's code, so dead
+latents get a signal of size ~1 however good the live ones already are. It is 0 (no graph) when
+no latent is dead. Its gradient reaches only the selected dead latents' W_enc columns, b_enc
+entries and W_dec rows -- and b_dec, which every latent shares through the input centring
+x - b_dec (as in the reference implementations). Both formulas are losses.py's; here AuxK's
+selection and decode take the fast paths below (``losses.auxk_loss`` is its plain form).
 
 With ``tied`` the encoder is W_dec^T itself (one [F, D] parameter; see SAE.__getattr__): the fast
 encoder backward's W_enc gradient flows through the transpose into W_dec.
@@ -42,8 +43,9 @@ from torch import Tensor
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
+    StepOutput, unit_norm_rows_,
 )
+from saeforge.saes.losses import auxk, dead_topk, fvu
 from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked, transpose_tiled
 
 
@@ -124,16 +126,12 @@ class TopKSAE(SAE):
         n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
         if n_dead == 0:
             return vals_BK, idx_BK, vals_BK[:, :0], idx_BK[:, :0]
-        dead_mask_F = dead_mask_F.to(pre_BF.device)
-        k_aux = min(self.aux_k, n_dead)
         if self.cfg.sparse_decode:
-            # among the dead columns only: a [B, n_dead] slice instead of a masked [B, F] copy
-            dead_idx_N = dead_mask_F.nonzero().squeeze(1)
-            aux_vals_BA, j_BA = pre_BF[:, dead_idx_N].topk(k_aux, dim=-1, sorted=False)
+            # among the dead columns only: a [B, n_dead] slice instead of dead_topk's masked [B, F] copy
+            dead_idx_N = dead_mask_F.to(pre_BF.device).nonzero().squeeze(1)
+            aux_vals_BA, j_BA = pre_BF[:, dead_idx_N].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
             return vals_BK, idx_BK, aux_vals_BA, dead_idx_N[j_BA]
-        # dense reference: hide live latents behind -inf in a full [B, F] copy
-        aux_vals_BA, aux_idx_BA = pre_BF.masked_fill(~dead_mask_F, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
+        return (vals_BK, idx_BK, *dead_topk(pre_BF, dead_mask_F, self.aux_k))  # the plain reference
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
@@ -150,22 +148,17 @@ class TopKSAE(SAE):
         vals_BK, aux_vals_BA = torch.relu(pre_vals_BK), torch.relu(pre_aux_BA)
 
         x_hat_BD = self.add_skip(self._decode(vals_BK, idx_BK, bias=True), x_BD)
-        x_BD = y_BD.float()  # the target from here on
-        err_B = sum_sq_BD(x_BD - x_hat_BD)
-        total_var = total_variance(x_BD, ctx.ranks)  # over the global batch under data parallelism
-        fvu = err_B.sum() / total_var
+        loss_fvu, err_B = fvu(y_BD, x_hat_BD, ctx.ranks)  # over the global batch under data parallelism
         if aux_idx_BA.shape[1] == 0:
-            auxk = x_BD.new_zeros(())
-        else:
-            e_BD = (x_BD - x_hat_BD).detach()
-            e_var = total_variance(e_BD, ctx.ranks)
-            auxk = sum_sq_BD(e_BD - self._decode(aux_vals_BA, aux_idx_BA, bias=False)).sum() / e_var
-        loss = fvu + self.cfg.aux_coefficient * auxk
+            loss_auxk = loss_fvu.new_zeros(())
+        else:  # losses.auxk_loss's value, with the dead latents' selection and decode on the fast paths
+            loss_auxk = auxk(y_BD.float() - x_hat_BD, self._decode(aux_vals_BA, aux_idx_BA, bias=False), ctx.ranks)
+        loss = loss_fvu + self.cfg.aux_coefficient * loss_auxk
         with torch.no_grad():
             parts = {
-                "fvu": fvu.detach(),
+                "fvu": loss_fvu.detach(),
                 "mse": err_B.mean(),
-                "auxk": auxk.detach(),
+                "auxk": loss_auxk.detach(),
                 "l0": torch.count_nonzero(vals_BK).float() / B,
             }
         return StepOutput(loss, x_hat_BD, None, parts, top_vals_BK=vals_BK, top_idx_BK=idx_BK, d_sae=self.d_sae)
