@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saeforge.models.hooks import hf_model
+
 
 def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str = "cpu", dtype: str = "float32"):
     """(lm, sae, hook_name) for a saved SAE: the model and hook default to those in its cfg.json.
@@ -54,11 +56,6 @@ def single_token(tokenizer: Any, text: str) -> int:
         raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
                          "(often with a leading space, e.g. ' Paris')")
     return int(ids[0])
-
-
-def hf_model(model: Any) -> Any:
-    """The HF module of a LoadedModel, or the argument itself."""
-    return model.model if hasattr(model, "tokenizer") and hasattr(model, "family") else model
 
 
 def model_device(model: Any) -> torch.device:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from saeforge.models.hooks import LAYOUTS, family_of
+from saeforge.models.hooks import LAYOUTS, family_of, hf_model
 
 _ATTR = "_saeforge_compiled"
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def enable(model: Any, **compile_kwargs) -> int:
     Nothing compiles yet: a layer compiles on the first capture that runs it (and only layers up to
     the last hooked one ever run). ``compile_kwargs`` go to torch.compile (tests pass backend="eager").
     """
-    layers = decoder_layers(_hf(model))
+    layers = decoder_layers(hf_model(model))
     for layer in layers:
         if getattr(layer, _ATTR, None) is None:
             setattr(layer, _ATTR, _CompiledLayer(layer, compile_kwargs))
@@ -75,23 +75,19 @@ def enable(model: Any, **compile_kwargs) -> int:
 
 def disable(model: Any) -> None:
     """Drop the marks (and their compiled code): capture runs eagerly again."""
-    for layer in decoder_layers(_hf(model)):
+    for layer in decoder_layers(hf_model(model)):
         layer.__dict__.pop(_ATTR, None)
 
 
 @contextmanager
 def eager(model: Any) -> Iterator[None]:
     """Within the block capture runs eagerly; the marks and their compiled code come back after (for A/B timing)."""
-    saved = {layer: layer.__dict__.pop(_ATTR) for layer in decoder_layers(_hf(model)) if _ATTR in layer.__dict__}
+    saved = {layer: layer.__dict__.pop(_ATTR) for layer in decoder_layers(hf_model(model)) if _ATTR in layer.__dict__}
     try:
         yield
     finally:
         for layer, mark in saved.items():
             layer.__dict__[_ATTR] = mark
-
-
-def _hf(model: Any) -> nn.Module:
-    return model if isinstance(model, nn.Module) else model.model  # a LoadedModel
 
 
 class _CompiledLayer:

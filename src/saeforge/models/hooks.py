@@ -62,11 +62,19 @@ class _StopForward(Exception):
     """Raised from a hook once every requested activation is in hand; caught by capture()."""
 
 
-def _hf_model(model: Any) -> nn.Module:
-    # Accept a LoadedModel too; an HF causal LM has .config, a LoadedModel has .tokenizer and .family.
-    if hasattr(model, "tokenizer") and hasattr(model, "family") and isinstance(getattr(model, "model", None), nn.Module):
-        return model.model
-    return model
+def hf_model(model: Any) -> nn.Module:
+    """The HF causal LM itself, given it or a ``LoadedModel`` (whose ``.model`` it is).
+
+    An nn.Module comes back as is: an HF causal LM has a ``.model`` of its own (the decoder stack),
+    so unwrapping on the attribute alone would go one level too deep.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"expected an HF causal LM (a torch.nn.Module) or a LoadedModel from saeforge.models.load_model, "
+                        f"got {type(model).__name__}")
+    return inner
 
 
 def family_of(config: Any) -> str:
@@ -85,7 +93,7 @@ def n_layers_of(model: nn.Module) -> int:
 
 def list_hooks(model: Any) -> list[str]:
     """Every canonical hook name of ``model`` (layer-major). Empty for families without a layout."""
-    model = _hf_model(model)
+    model = hf_model(model)
     if family_of(model.config) not in LAYOUTS:
         return []
     return [f"blocks.{layer}.hook_{kind}" for layer in range(n_layers_of(model)) for kind in HOOK_KINDS]
@@ -190,7 +198,7 @@ def resolve_hook(model: Any, name: str | HookPoint) -> HookPoint:
     """Turn a canonical name or a raw module path into a HookPoint; HookError says what is valid."""
     if isinstance(name, HookPoint):
         return name
-    model = _hf_model(model)
+    model = hf_model(model)
     m = _CANONICAL_RE.match(name)
     if m:
         layer, kind = int(m.group(1)), m.group(2)
@@ -253,7 +261,7 @@ def capture(
     requested point has been seen, so later layers and the LM head never run. Inputs are moved to
     the model's device; the tensors come back there, in the model's dtype.
     """
-    model = _hf_model(model)
+    model = hf_model(model)
     points = [resolve_hook(model, p) for p in hook_points]
     if not points:
         raise HookError("capture() needs at least one hook point")
@@ -299,7 +307,7 @@ FINAL_NORMS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_n
 
 def final_norm(model: Any) -> nn.Module | None:
     """The model's final norm module (what the logit lens passes a residual direction through), or None."""
-    model = model if isinstance(model, nn.Module) else model.model  # a LoadedModel
+    model = hf_model(model)
     for path in FINAL_NORMS:
         try:
             return model.get_submodule(path)
