@@ -22,7 +22,8 @@ Decoder rows are kept unit norm: the trainer calls ``remove_parallel_grads()`` a
 ``after_step()`` after the optimiser step (re-projects rows to norm 1).
 
 Fast paths, each with the plain autograd reference beside it (the tests check that values and
-gradients agree; set the flag False to run the reference):
+gradients agree; ``sae.fast = FastPaths(...)`` with a flag False runs the reference -- a switch for
+tests and benchmarks, not config, so it is never saved):
 - sparse_decode: decoding touches only k rows per token, so it is a gather-sum,
   ``embedding_bag(idx_BK, W_dec, per_sample_weights=vals_BK, mode="sum")``, not a [B, F] x [F, D] matmul.
 - sparse_encoder_grad: only the selected pre-activations get a gradient, so W_enc's gradient is a
@@ -55,10 +56,7 @@ class TopKConfig(SAEConfig):
     k: int = F(32, "Active latents per token (the L0).")
     aux_k: int = F(0, "Dead latents per token used by the AuxK loss; 0 = d_in // 2 (the paper's heuristic).")
     aux_coefficient: float = F(1 / 32, "Weight of the AuxK dead-latent loss (the paper uses 1/32).")
-    sparse_decode: bool = F(True, "Training decodes with embedding_bag over the k active rows (False = dense reference).")
-    sparse_encoder_grad: bool = F(True, "Training computes W_enc's gradient from the selected entries only (False = dense reference).")
     tied: bool = F(False, "Tie the encoder to the decoder: W_enc is W_dec^T, one parameter (saved as both tensors).")
-    blocked_topk: bool = F(True, "Training picks the top k in two small stages, the same latents as torch.topk (False = torch.topk).")
 
     def __post_init__(self) -> None:
         SAEConfig.__post_init__(self)
@@ -68,6 +66,20 @@ class TopKConfig(SAEConfig):
             raise ConfigError(f"sae.aux_k={self.aux_k}: expected >= 0 (0 = d_in // 2)")
         if self.aux_coefficient < 0:
             raise ConfigError(f"sae.aux_coefficient={self.aux_coefficient}: expected >= 0")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which TopK training fast paths run (see the module docstring). Not in TopKConfig: each gives the
+    reference's results up to rounding, so users have nothing to choose; tests and benchmarks set
+    ``sae.fast`` to reach the references."""
+
+    sparse_decode: bool = True  # False: decode a dense [B, F] code with a matmul
+    sparse_encoder_grad: bool = True  # False: plain autograd through the dense [B, F] pre-activations
+    blocked_topk: bool = True  # False: one torch.topk over all F
+
+
+REFERENCE = FastPaths(sparse_decode=False, sparse_encoder_grad=False, blocked_topk=False)
 
 
 def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
@@ -88,6 +100,7 @@ def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor
 class TopKSAE(SAE):
     cfg: TopKConfig
     transcoder_ok = True
+    fast: FastPaths = FastPaths()  # every fast path on; set on an instance (e.g. to REFERENCE) for the plain paths
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -119,14 +132,14 @@ class TopKSAE(SAE):
 
     def select(self, pre_BF: Tensor, dead_mask_F: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pre-activation values and indices of the top k latents, and of the top aux_k dead latents ([B, 0] if none)."""
-        if self.cfg.blocked_topk:
+        if self.fast.blocked_topk:
             vals_BK, idx_BK = topk_blocked(pre_BF, self.cfg.k)
         else:
             vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
         if n_dead == 0:
             return vals_BK, idx_BK, vals_BK[:, :0], idx_BK[:, :0]
-        if self.cfg.sparse_decode:
+        if self.fast.sparse_decode:
             # among the dead columns only: a [B, n_dead] slice instead of dead_topk's masked [B, F] copy
             dead_idx_N = dead_mask_F.to(pre_BF.device).nonzero().squeeze(1)
             aux_vals_BA, j_BA = pre_BF[:, dead_idx_N].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
@@ -138,7 +151,7 @@ class TopKSAE(SAE):
         if B < 2:
             raise ValueError(f"TopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
-        if self.cfg.sparse_encoder_grad:
+        if self.fast.sparse_encoder_grad:
             x_in_BD, bias_F = self.encoder_inputs(x_BD)
             pre_vals_BK, idx_BK, pre_aux_BA, aux_idx_BA = _TopKEncoder.apply(
                 x_in_BD, self.W_enc, bias_F, lambda pre_BF: self.select(pre_BF, ctx.dead_mask_F)
@@ -164,7 +177,7 @@ class TopKSAE(SAE):
         return StepOutput(loss, x_hat_BD, None, parts, top_vals_BK=vals_BK, top_idx_BK=idx_BK, d_sae=self.d_sae)
 
     def _decode(self, vals_BK: Tensor, idx_BK: Tensor, bias: bool) -> Tensor:
-        if self.cfg.sparse_decode:
+        if self.fast.sparse_decode:
             return self.decode_sparse(vals_BK, idx_BK, bias=bias)
         z_BF = vals_BK.new_zeros(vals_BK.shape[0], self.d_sae).scatter(-1, idx_BK, vals_BK)
         return self.decode(z_BF) if bias else z_BF @ self.W_dec
