@@ -143,7 +143,7 @@ def main() -> None:
 
     from saeforge.saes import LossContext
     from saeforge.saes.relu import ReLUConfig, ReLUSAE
-    from saeforge.saes.topk import TopKConfig, TopKSAE
+    from saeforge.saes.topk import REFERENCE, FastPaths, TopKConfig, TopKSAE
 
     torch.manual_seed(0)
     B, D, F = args.batch, args.d_in, args.d_sae
@@ -151,14 +151,15 @@ def main() -> None:
     dead_F = torch.rand(F) < args.dead_fraction
     ctx = LossContext(dead_mask_F=dead_F if dead_F.any() else None)
 
-    def topk(**kw):
-        return TopKSAE(TopKConfig(d_in=D, d_sae=F, k=args.k, **kw))
+    def topk(fast=FastPaths()):
+        sae = TopKSAE(TopKConfig(d_in=D, d_sae=F, k=args.k))
+        sae.fast = fast
+        return sae
 
-    dense = dict(sparse_decode=False, sparse_encoder_grad=False, blocked_topk=False)
     setups = [
         Setup("relu", ReLUSAE(ReLUConfig(d_in=D, d_sae=F)), fused_adam=True),
-        Setup("topk dense reference", topk(**dense), fused_adam=False),
-        Setup("topk before", topk(blocked_topk=False), fused_adam=False, before=True),
+        Setup("topk dense reference", topk(REFERENCE), fused_adam=False),
+        Setup("topk before", topk(FastPaths(blocked_topk=False)), fused_adam=False, before=True),
         Setup("topk now", topk(), fused_adam=True),
     ]
     bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

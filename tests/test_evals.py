@@ -253,7 +253,7 @@ def test_excluded_positions_keep_clean_activation(tiny_lm):
     for name in ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_in"):
         hook = hooks.resolve_hook(model, name)
         clean_STD = hooks.capture(model, [hook], tokens_ST)[name]
-        with splice.spliced(hook, splice.zero_replacement, excluded_ST):
+        with splice.replaced(hook, splice.zero_replacement, excluded_ST):
             # capture's recorder is registered after the splice, so it sees the replaced tensor
             spliced_STD = hooks.capture(model, [hook], tokens_ST)[name]
             logits_STV = model(input_ids=tokens_ST).logits

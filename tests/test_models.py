@@ -13,7 +13,7 @@ import pytest
 import tiny
 import torch
 
-from saeforge.models import LoadedModel, ModelLoadError, capture, load_model, resolve_device, resolve_dtype
+from saeforge.models import LoadedModel, ModelLoadError, capture, hf_model, load_model, resolve_device, resolve_dtype
 from saeforge.models import bundled
 
 # HF Llama module names -> llama.cpp GGUF tensor names (what convert_hf_to_gguf.py writes).
@@ -127,6 +127,10 @@ def test_load_model_from_folder(tiny_family, tiny_model_dirs, tiny_tokenizer, id
     # hooks accept the LoadedModel itself
     acts = capture(lm, ["blocks.0.hook_resid_post"], ids_ST)
     assert acts["blocks.0.hook_resid_post"].shape == (1, ids_ST.shape[1], tiny.D_MODEL)
+    # hf_model is the one way in: a LoadedModel gives its .model, an HF model itself (not its own .model)
+    assert hf_model(lm) is lm.model and hf_model(lm.model) is lm.model
+    with pytest.raises(TypeError, match="LoadedModel"):
+        hf_model(lm.tokenizer)
 
 
 def test_load_model_casts_to_requested_dtype(tiny_model_dirs):

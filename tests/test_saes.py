@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from saeforge.config import ConfigError
+from saeforge.saes import LossContext, SAEConfig, config_class, formats, losses, names, register, sae_class
 from saeforge.training.config import RunConfig
-from saeforge.saes import LossContext, SAEConfig, config_class, formats, names, register, sae_class
 from saeforge.saes.relu import ReLUConfig, ReLUSAE
-from saeforge.saes.topk import TopKConfig, TopKSAE
+from saeforge.saes.topk import FastPaths, TopKConfig, TopKSAE
 
 
 def set_params(sae, W_enc, b_enc, W_dec, b_dec):
@@ -188,8 +188,15 @@ TOPK_X = torch.tensor([[3.0, 1.0], [1.0, 3.0], [-1.0, -1.0]])
 TOPK_DEAD = torch.tensor([True, False, True])
 
 
-def tiny_topk(**kw):
-    return set_params(TopKSAE(TopKConfig(d_in=2, d_sae=3, k=1, aux_k=1, **kw)), **TOPK_PARAMS)
+def tiny_topk(sparse_decode=True, sparse_grad=True, **kw):
+    sae = set_params(TopKSAE(TopKConfig(d_in=2, d_sae=3, k=1, aux_k=1, **kw)), **TOPK_PARAMS)
+    return with_paths(sae, sparse_decode, sparse_grad)
+
+
+def with_paths(sae, sparse_decode, sparse_grad):
+    """``sae`` with TopK's decode / encoder-gradient fast paths on or off (not config: never saved)."""
+    sae.fast = FastPaths(sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
+    return sae
 
 
 FAST_PATHS = [  # (sparse_decode, sparse_encoder_grad); (False, False) is the plain autograd reference
@@ -199,7 +206,7 @@ FAST_PATHS = [  # (sparse_decode, sparse_encoder_grad); (False, False) is the pl
 
 @pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
 def test_topk_forward_and_loss_by_hand(sparse_decode, sparse_grad):
-    sae = tiny_topk(aux_coefficient=0.5, sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
+    sae = tiny_topk(sparse_decode, sparse_grad, aux_coefficient=0.5)
     assert_close(sae.encode(TOPK_X), torch.tensor([[0.0, 0.0, 2.5], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
     assert_close(sae(TOPK_X), torch.tensor([[2.5, 2.0], [1.0, 3.0], [1.0, 0.0]]))
     out = sae.training_loss(TOPK_X, LossContext())
@@ -228,7 +235,7 @@ def test_auxk_is_zero_without_dead_latents():
 @pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
 def test_auxk_gradient_reaches_only_dead_latents(sparse_decode, sparse_grad, encoder_backward):
     # gradient of AuxK alone = gradient with the dead mask minus gradient without it (aux_coefficient 1)
-    sae = tiny_topk(aux_coefficient=1.0, sparse_decode=sparse_decode, sparse_encoder_grad=sparse_grad)
+    sae = tiny_topk(sparse_decode, sparse_grad, aux_coefficient=1.0)
     sae.training_loss(TOPK_X, LossContext()).loss.backward()
     without = grads(sae)
     sae.zero_grad()
@@ -265,8 +272,7 @@ def test_topk_fast_paths_match_dense_reference_values_and_grads(sparse_decode, s
     dead = torch.rand(32, generator=torch.Generator().manual_seed(9)) < 0.5
     results = []
     for fast in ((sparse_decode, sparse_grad), (False, False)):
-        sae = random_sae("topk", k=4, aux_k=3, sparse_decode=fast[0], sparse_encoder_grad=fast[1],
-                         apply_b_dec_to_input=apply_b_dec)
+        sae = with_paths(random_sae("topk", k=4, aux_k=3, apply_b_dec_to_input=apply_b_dec), *fast)
         out = sae.training_loss(x, LossContext(dead_mask_F=dead))
         out.loss.backward()
         results.append((sae, out, grads(sae)))
@@ -284,13 +290,32 @@ def test_topk_fast_paths_match_dense_reference_values_and_grads(sparse_decode, s
     assert torch.equal(o1.fire_count_F(), (sae.encode(x) > 0).sum(0))
 
 
+@pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS)
+def test_topk_fvu_and_auxk_are_the_shared_losses(sparse_decode, sparse_grad):
+    """TopK's fused FVU/AuxK (dead columns sliced, sparse decode) against saes.losses' plain forms and float64."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(8))
+    dead = torch.rand(32, generator=torch.Generator().manual_seed(9)) < 0.5
+    sae = with_paths(random_sae("topk", k=4, aux_k=3), sparse_decode, sparse_grad)
+    out = sae.training_loss(x, LossContext(dead_mask_F=dead))
+    with torch.no_grad():
+        e = x - out.x_hat_BD
+        want_auxk = losses.auxk_loss(sae.pre_acts_reference(x), dead, e, sae.W_dec, sae.aux_k)
+        assert out.parts["auxk"] > 0
+        assert_close(out.parts["auxk"], want_auxk)
+        assert_close(out.parts["fvu"], losses.fvu(x, out.x_hat_BD)[0])
+        x64, e64 = x.double(), e.double()
+        fvu64 = e64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+        assert_close(out.parts["fvu"], fvu64.float())
+        assert_close(losses.explained_variance(x, out.x_hat_BD), (1 - fvu64).float())
+
+
 def test_topk_trains_under_bf16_autocast_close_to_fp32():
     x = torch.randn(256, 8, generator=torch.Generator().manual_seed(10))
     dead = torch.arange(32) % 3 == 0
     outs = {}
     for sparse in (True, False):
         for bf16 in (True, False):
-            sae = random_sae("topk", k=4, sparse_decode=sparse, sparse_encoder_grad=sparse)
+            sae = with_paths(random_sae("topk", k=4), sparse, sparse)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = sae.training_loss(x, LossContext(dead_mask_F=dead))
             out.loss.backward()
@@ -348,6 +373,31 @@ def test_save_load_round_trip_is_exact_with_saelens_keys(tmp_path, arch):
     for name, p in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
     assert formats.load_sparsity(folder) is None
+
+
+def test_topk_cfg_json_with_the_retired_fast_path_switches_still_loads(tmp_path):
+    # sparse_decode / sparse_encoder_grad / blocked_topk were TopKConfig fields (saved in every cfg.json)
+    # until they became FastPaths, which is not config: an old folder loads, the switches ignored.
+    sae = random_sae("topk", k=4)
+    folder = formats.save_sae(sae, tmp_path / "sae", META)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert not {"sparse_decode", "sparse_encoder_grad", "blocked_topk"} & set(cfg)
+    cfg.update(sparse_decode=False, sparse_encoder_grad=True, blocked_topk=False)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    loaded = formats.load_sae(folder)
+    assert loaded.cfg == sae.cfg and loaded.fast == FastPaths()
+    assert torch.equal(loaded.W_dec, sae.W_dec) and torch.equal(loaded.W_enc, sae.W_enc)
+
+
+def test_an_old_run_config_with_the_retired_switches_still_resumes(tmp_path):
+    # A run folder's config.json from before FastPaths holds the three switches in its sae section.
+    cfg = RunConfig.from_dict({"sae": {"architecture": "topk", "k": 8}})
+    old = cfg.to_dict()
+    old["sae"].update(sparse_decode=True, sparse_encoder_grad=False, blocked_topk=True)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunConfig.load(tmp_path / "config.json") == cfg
+    with pytest.raises(ConfigError, match="unknown sae fields"):
+        RunConfig.from_dict({"sae": {"architecture": "topk", "sparse_decoder": True}})
 
 
 def test_sparsity_file_written_and_read(tmp_path):

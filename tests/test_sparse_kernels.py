@@ -9,7 +9,7 @@ import torch.nn.functional as Fn
 from torch.testing import assert_close
 
 from saeforge.saes import LossContext, sparse
-from saeforge.saes.topk import TopKConfig, TopKSAE
+from saeforge.saes.topk import REFERENCE, FastPaths, TopKConfig, TopKSAE
 
 
 def unique_indices(B, S, F, seed):
@@ -107,9 +107,8 @@ def test_topk_training_step_fast_defaults_match_the_plain_reference(dead_fractio
     ctx = LossContext(dead_mask_F=dead if dead.any() else None)
     runs = []
     for fast in (True, False):
-        cfg = TopKConfig(d_in=D, d_sae=F, k=k, aux_k=24, sparse_decode=fast, sparse_encoder_grad=fast,
-                         blocked_topk=fast, tied=tied)
-        sae = TopKSAE(cfg)
+        sae = TopKSAE(TopKConfig(d_in=D, d_sae=F, k=k, aux_k=24, tied=tied))
+        sae.fast = FastPaths() if fast else REFERENCE
         with torch.no_grad():
             for p in sae.parameters():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from saeforge.config import ConfigError, TrainConfig
+from saeforge.evals.dictionaries import mmcs
 from saeforge.saes import config_class, sae_class
-from saeforge.toy import ToyConfig, ToyData, mmcs, train_toy
+from saeforge.toy import ToyConfig, ToyData, train_toy
 
 
 @pytest.fixture

@@ -291,7 +291,7 @@ def test_identity_transcoder_between_two_names_of_one_tensor_scores_one(lm, corp
 def test_splice_replaces_the_output_hook_with_the_prediction_from_the_input_hook(lm, corpus):
     """Hand-checked: W_dec = 0, so mlp_out becomes W_skip x_in + b_dec; resid_post moves by exactly that change."""
     from saeforge.data import excluded_mask
-    from saeforge.evals.splice import recording, spliced, transcoder_replacement
+    from saeforge.evals.splice import recording, replaced, transcoder_replacement
 
     sae = make("relu", d_in=64, d_out=64, d_sae=8, skip=True)
     g = torch.Generator().manual_seed(5)
@@ -304,7 +304,7 @@ def test_splice_replaces_the_output_hook_with_the_prediction_from_the_input_hook
     p_in, p_out, p_post = (resolve_hook(lm, n) for n in (HOOK_IN, HOOK_OUT, "blocks.0.hook_resid_post"))
     clean = capture(lm, [p_in, p_out, p_post], tokens)
     box: dict = {}
-    with recording(p_in, box), spliced(p_out, transcoder_replacement(sae, box, HOOK_IN, HOOK_OUT), excluded):
+    with recording(p_in, box), replaced(p_out, transcoder_replacement(sae, box, HOOK_IN, HOOK_OUT), excluded):
         post = capture(lm, [p_post], tokens)[p_post.name]
     want_mlp = clean[HOOK_IN] @ sae.W_skip.detach().T + sae.b_dec.detach()
     want_mlp = torch.where(excluded[..., None], clean[HOOK_OUT], want_mlp)  # excluded positions stay clean

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F, TrainConfig, add_config_options, from_dict, overrides
+from saeforge.evals.dictionaries import mmcs
 
 
 @dataclass
@@ -90,13 +91,6 @@ class ToyData:
         g = torch.Generator().manual_seed(seed)
         while True:
             yield self.sample(batch_size, g)
-
-
-def mmcs(A_ND: Tensor, B_MD: Tensor) -> float:
-    """Mean over rows of A of the max cosine similarity to any row of B (float64)."""
-    A = torch.nn.functional.normalize(A_ND.double(), dim=1)
-    B = torch.nn.functional.normalize(B_MD.double(), dim=1)
-    return (A @ B.T).max(dim=1).values.mean().item()
 
 
 # Sparsity settings that work on the default toy data (inputs normalised to E||x|| = sqrt(d)).

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, UsageError
+from saeforge.models import hf_model
 
 
 def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str = "cpu", dtype: str = "float32"):
@@ -56,11 +57,6 @@ def single_token(tokenizer: Any, text: str) -> int:
         raise UsageError(f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
                          "(often with a leading space, e.g. ' Paris')")
     return int(ids[0])
-
-
-def hf_model(model: Any) -> Any:
-    """The HF module of a LoadedModel, or the argument itself."""
-    return model.model if hasattr(model, "tokenizer") and hasattr(model, "family") else model
 
 
 def model_device(model: Any) -> torch.device:

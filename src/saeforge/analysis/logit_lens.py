@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saeforge.analysis.common import hf_model
 from saeforge.analysis.splice import check_feature
 from saeforge.models.hooks import final_norm
+from saeforge.models.layout import hf_model
 
 @torch.no_grad()
 def direction_logits_V(model: Any, direction_D: Tensor) -> Tensor:

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from saeforge.analysis.common import model_device, prompt_ids
 from saeforge.config import UsageError
-from saeforge.analysis.common import hf_model, model_device, prompt_ids
 from saeforge.analysis.splice import Splice, spliced
+from saeforge.models.layout import hf_model
 
 
 @dataclass

@@ -128,8 +128,7 @@ def spliced(model: Any, splices: Sequence[Splice] | Splice) -> Iterator[list[Spl
     """
     if isinstance(splices, Splice):
         splices = [splices]
-    hf = getattr(model, "model", model) if hasattr(model, "tokenizer") else model
-    states = [SpliceState(sp, resolve_hook(hf, sp.hook)) for sp in splices]
+    states = [SpliceState(sp, resolve_hook(model, sp.hook)) for sp in splices]
     handles = []
     try:
         for state in states:

@@ -35,13 +35,15 @@ def max_cosine(A_FD: torch.Tensor, B_GD: torch.Tensor) -> torch.Tensor:
     """For each row of A, the max cosine to any row of B: float64 [F]."""
     if A_FD.shape[1] != B_GD.shape[1]:
         raise ValueError(f"dictionaries of different widths: A rows have d={A_FD.shape[1]}, B rows d={B_GD.shape[1]}; "
-                         "compare SAEs trained on the same hook")
+                         "compare SAEs trained on the same hook (or toy features of the SAE's d_in)")
     a, b = unit_rows(A_FD), unit_rows(B_GD)
     return torch.cat([(a[i : i + CHUNK_ROWS] @ b.T).amax(1) for i in range(0, len(a), CHUNK_ROWS)])
 
 
-def mmcs(W_dec_a_FD: torch.Tensor, W_dec_b_GD: torch.Tensor) -> float:
-    return float(max_cosine(W_dec_a_FD, W_dec_b_GD).mean())
+def mmcs(A_FD: torch.Tensor, B_GD: torch.Tensor) -> float:
+    """Mean over the rows of A of the max cosine to any row of B: decoder rows against decoder rows, or
+    toy.py's true features against decoder rows. Any dtype or device; computed in float64 on the CPU."""
+    return float(max_cosine(A_FD, B_GD).mean())
 
 
 def split_latents(wide, narrow, threshold: float = 0.7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

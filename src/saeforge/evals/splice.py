@@ -112,8 +112,11 @@ def mean_replacement(mean_x_D: torch.Tensor) -> Replacement:
 
 
 @contextmanager
-def spliced(hook, replacement: Replacement, excluded_ST: torch.Tensor) -> Iterator[None]:
-    """While active, the hook's activation becomes ``replacement(x)`` at non-excluded positions."""
+def replaced(hook, replacement: Replacement, excluded_ST: torch.Tensor) -> Iterator[None]:
+    """While active, the hook's activation becomes ``replacement(x)`` at non-excluded positions.
+
+    Not ``analysis.splice.spliced``, which keeps the SAE's error term: here x is replaced outright.
+    """
 
     def fn(x_STD: torch.Tensor) -> torch.Tensor:
         if x_STD.shape[:2] != excluded_ST.shape:
@@ -229,7 +232,7 @@ def spliced_ce_kl(
             # the transcoder's input is recorded in the same forward; registered first, it also comes first
             # when both hooks sit on one module
             reading = recording(hook_in, box) if hook_in is not None and name == "sae" else nullcontext()
-            with reading, spliced(hook, replacement, excluded_ST):
+            with reading, replaced(hook, replacement, excluded_ST):
                 logits_new_STV = model(input_ids=tokens_ST, use_cache=False).logits
             # The clean per-position sum is the same for every variant: collect it with the first only.
             clean_T = (pos["clean"] if i == 0 else torch.zeros_like(pos["clean"])) if by_position else None

@@ -22,10 +22,18 @@ MODEL_TYPE_FAMILY: dict[str, str] = {
 
 
 def hf_model(model: Any) -> nn.Module:
-    """The Hugging Face module of ``model``: a LoadedModel's ``.model``, or ``model`` itself (an HF causal LM)."""
-    if hasattr(model, "tokenizer") and hasattr(model, "family") and isinstance(getattr(model, "model", None), nn.Module):
-        return model.model
-    return model
+    """The HF causal LM itself, given it or a ``LoadedModel`` (whose ``.model`` it is).
+
+    An nn.Module comes back as is: an HF causal LM has a ``.model`` of its own (the decoder stack),
+    so unwrapping on the attribute alone would go one level too deep.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"expected an HF causal LM (a torch.nn.Module) or a LoadedModel from saeforge.models.load_model, "
+                        f"got {type(model).__name__}")
+    return inner
 
 
 def family_of(config: Any) -> str:

@@ -368,26 +368,3 @@ def remove_parallel_grad_(W_FD: Tensor) -> None:
 def unit_norm_rows_(W_FD: Tensor) -> None:
     """Re-project every row to unit norm, in place (after the optimiser step)."""
     W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-def sum_sq_BD(r_BD: Tensor) -> Tensor:
-    """sum over D of r^2, per row, in float32 (bf16 residuals would lose the small errors)."""
-    r_BD = r_BD.float()
-    return (r_BD * r_BD).sum(dim=-1)
-
-
-
-def total_variance(x_BD: Tensor, ranks: Ranks | None = None) -> Tensor:
-    """sum_B ||x - mean_B x||^2 in float32, clamped above 0: FVU's denominator (no gradient flows into it).
-
-    With ``ranks`` the sum is over the global batch (one all-reduce of [sum x, sum ||x||^2, rows] in
-    float64), divided by the rank count: this rank's share, so err_local / share, averaged over the
-    ranks, is sum err / total variance, the one-process FVU.
-    """
-    if ranks is None:
-        x_BD = x_BD.float()
-        return sum_sq_BD(x_BD - x_BD.mean(dim=0)).sum().clamp_min(1e-12)
-    x_BD = x_BD.detach().double()
-    s = ranks.sum(torch.cat([x_BD.sum(dim=0), (x_BD * x_BD).sum().reshape(1), x_BD.new_tensor([len(x_BD)])]))
-    total = s[-2] - s[:-2].pow(2).sum() / s[-1]
-    return (total / ranks.world).float().clamp_min(1e-12 / ranks.world)

@@ -2,7 +2,7 @@
 
 Training: z = ReLU(W_enc^T (x - b_dec) + b_enc); keep the B * k largest entries of z across the
 whole [B, F] batch (rows may keep more or fewer than k); x_hat = W_dec^T f + b_dec;
-L = FVU(x, x_hat) + aux_coefficient * AuxK, with FVU and AuxK exactly as in topk.py.
+L = FVU(x, x_hat) + aux_coefficient * AuxK, with FVU and AuxK from losses.py, as in topk.py.
 
 Data parallel (training/distributed.py): the B * k are chosen over the *global* batch, not B/N * k
 over each rank's rows (``global_batch_topk_mask``: one all-gather of each rank's top B * k values),
@@ -33,8 +33,9 @@ from torch import Tensor
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
     LossContext, Ranks, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
+    StepOutput, unit_norm_rows_,
 )
+from saeforge.saes.losses import auxk_loss, fvu
 
 
 @dataclass
@@ -81,30 +82,6 @@ def global_batch_topk_mask(z_BF: Tensor, k: int, ranks: Ranks) -> tuple[Tensor, 
         return z_BF >= cut, cut
     positive = kept[kept > 0]  # fewer than B*k positives: all of them are kept (and gathered)
     return z_BF > 0, (positive.min() if positive.numel() else None)
-
-
-def fvu(x_BD: Tensor, x_hat_BD: Tensor, total_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(FVU, per-row squared error): sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2.
-
-    ``total_var``: the denominator when already known (``base.total_variance``, e.g. over the global batch).
-    """
-    x_BD = x_BD.float()
-    err_B = sum_sq_BD(x_BD - x_hat_BD)
-    return err_B.sum() / (total_variance(x_BD) if total_var is None else total_var), err_B
-
-
-def auxk_loss(z_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int,
-              ranks: Ranks | None = None) -> Tensor:
-    """TopK's AuxK (dense form): the residual e (detached) rebuilt from each row's top aux_k dead latents,
-    normalised by e's own variance (the global batch's with ``ranks``); 0 without dead latents."""
-    n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
-    if n_dead == 0:
-        return e_BD.new_zeros(())
-    masked_BF = z_BF.masked_fill(~dead_mask_F.to(z_BF.device), float("-inf"))
-    vals_BA, idx_BA = masked_BF.topk(min(aux_k, n_dead), dim=-1, sorted=False)
-    e_hat_BD = torch.zeros_like(z_BF).scatter(-1, idx_BA, torch.relu(vals_BA)) @ W_dec_FD
-    e_BD = e_BD.detach().float()
-    return sum_sq_BD(e_BD - e_hat_BD).sum() / total_variance(e_BD, ranks)
 
 
 class BatchTopKSAE(SAE):
@@ -168,7 +145,7 @@ class BatchTopKSAE(SAE):
             raise ConfigError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         x_hat_BD = self.decode(f_BF)
-        loss_fvu, err_B = fvu(x_BD, x_hat_BD, total_variance(x_BD, ctx.ranks))
+        loss_fvu, err_B = fvu(x_BD, x_hat_BD, ctx.ranks)
         auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD.float(), self.W_dec, self.aux_k, ctx.ranks)
         loss = loss_fvu + self.cfg.aux_coefficient * auxk
         with torch.no_grad():

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, unit_norm_rows_,
+    StepOutput, unit_norm_rows_,
 )
+from saeforge.saes.losses import sum_sq_BD
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput, sum_sq_BD
+from saeforge.saes.base import SAE, LossContext, SAEConfig, StepOutput
+from saeforge.saes.losses import sum_sq_BD
 
 
 @dataclass

@@ -8,7 +8,7 @@ Latents are split into nested prefixes m_1 < m_2 < ... < m_G = d_sae (the cumula
 
 with f the BatchTopK latents of the whole dictionary (so the full x_hat is x_hat_G). The first
 groups are pushed towards general features, later ones refine them; this counters feature
-absorption. FVU (normalised MSE) per prefix and AuxK are as in batchtopk.py / topk.py. The weights
+absorption. FVU (normalised MSE) per prefix and AuxK are losses.py's, as in batchtopk.py / topk.py. The weights
 w_g default to 1/G each (so the loss is on BatchTopK's scale); the paper's sum is w_g = 1.
 
 Everything else -- init, inference threshold, unit-norm decoder, saving as a JumpReLU -- is
@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F
-from saeforge.saes.base import LossContext, StepOutput, total_variance
-from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE, auxk_loss, fvu
+from saeforge.saes.base import LossContext, StepOutput
+from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saeforge.saes.losses import auxk_loss, fvu, total_variance
 
 
 @dataclass
@@ -75,7 +76,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             # each prefix adds its group's rows to the previous prefix's reconstruction
             x_hat_BD = x_hat_BD + (f_BF[:, start:start + size] @ self.W_dec[start:start + size]).float()
             start += size
-            fvu_g, err_B = fvu(x_BD, x_hat_BD, total_var)
+            fvu_g, err_B = fvu(x_BD, x_hat_BD, total_var=total_var)
             loss = loss + w * fvu_g
             parts[f"fvu_{g}"] = fvu_g.detach()
         auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD, self.W_dec, self.aux_k, ctx.ranks)

@@ -7,11 +7,12 @@ FVU (normalised MSE) = sum_B ||x - x_hat||^2 / sum_B ||x - mean_B x||^2, i.e. me
 of the squared error over the batch's own total variance (so 1.0 = predicting the batch mean).
 AuxK: e = x - x_hat (detached). Among the latents in ctx.dead_mask_F, each row keeps its top
 aux_k pre-activations (ReLU'd); e_hat = W_dec^T z_aux (no bias: it predicts a residual).
-AuxK = sum_B ||e - e_hat||^2 / sum_B ||e - mean_B e||^2 -- normalised by the residual's own
-variance as in OpenAI's code, so dead latents get a signal of size ~1 however good the live
-ones already are. It is 0 (no graph) when no latent is dead. Its gradient reaches only the
-selected dead latents' W_enc columns, b_enc entries and W_dec rows -- and b_dec, which every
-latent shares through the input centring x - b_dec (as in the reference implementations).
+AuxK = FVU(e, e_hat) -- normalised by the residual's own variance as in OpenAI's code, so dead
+latents get a signal of size ~1 however good the live ones already are. It is 0 (no graph) when
+no latent is dead. Its gradient reaches only the selected dead latents' W_enc columns, b_enc
+entries and W_dec rows -- and b_dec, which every latent shares through the input centring
+x - b_dec (as in the reference implementations). Both formulas are losses.py's; here AuxK's
+selection and decode take the fast paths below (``losses.auxk_loss`` is its plain form).
 
 With ``tied`` the encoder is W_dec^T itself (one [F, D] parameter; see SAE.__getattr__): the fast
 encoder backward's W_enc gradient flows through the transpose into W_dec.
@@ -21,7 +22,8 @@ Decoder rows are kept unit norm: the trainer calls ``remove_parallel_grads()`` a
 ``after_step()`` after the optimiser step (re-projects rows to norm 1).
 
 Fast paths, each with the plain autograd reference beside it (the tests check that values and
-gradients agree; set the flag False to run the reference):
+gradients agree; ``sae.fast = FastPaths(...)`` with a flag False runs the reference -- a switch for
+tests and benchmarks, not config, so it is never saved):
 - sparse_decode: decoding touches only k rows per token, so it is a gather-sum,
   ``embedding_bag(idx_BK, W_dec, per_sample_weights=vals_BK, mode="sum")``, not a [B, F] x [F, D] matmul.
 - sparse_encoder_grad: only the selected pre-activations get a gradient, so W_enc's gradient is a
@@ -42,8 +44,9 @@ from torch import Tensor
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
     LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, sum_sq_BD, total_variance, unit_norm_rows_,
+    StepOutput, unit_norm_rows_,
 )
+from saeforge.saes.losses import auxk, dead_topk, fvu
 from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked, transpose_tiled
 
 
@@ -53,10 +56,7 @@ class TopKConfig(SAEConfig):
     k: int = F(32, "Active latents per token (the L0).")
     aux_k: int = F(0, "Dead latents per token used by the AuxK loss; 0 = d_in // 2 (the paper's heuristic).")
     aux_coefficient: float = F(1 / 32, "Weight of the AuxK dead-latent loss (the paper uses 1/32).")
-    sparse_decode: bool = F(True, "Training decodes with embedding_bag over the k active rows (False = dense reference).")
-    sparse_encoder_grad: bool = F(True, "Training computes W_enc's gradient from the selected entries only (False = dense reference).")
     tied: bool = F(False, "Tie the encoder to the decoder: W_enc is W_dec^T, one parameter (saved as both tensors).")
-    blocked_topk: bool = F(True, "Training picks the top k in two small stages, the same latents as torch.topk (False = torch.topk).")
 
     def __post_init__(self) -> None:
         SAEConfig.__post_init__(self)
@@ -66,6 +66,20 @@ class TopKConfig(SAEConfig):
             raise ConfigError(f"sae.aux_k={self.aux_k}: expected >= 0 (0 = d_in // 2)")
         if self.aux_coefficient < 0:
             raise ConfigError(f"sae.aux_coefficient={self.aux_coefficient}: expected >= 0")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which TopK training fast paths run (see the module docstring). Not in TopKConfig: each gives the
+    reference's results up to rounding, so users have nothing to choose; tests and benchmarks set
+    ``sae.fast`` to reach the references."""
+
+    sparse_decode: bool = True  # False: decode a dense [B, F] code with a matmul
+    sparse_encoder_grad: bool = True  # False: plain autograd through the dense [B, F] pre-activations
+    blocked_topk: bool = True  # False: one torch.topk over all F
+
+
+REFERENCE = FastPaths(sparse_decode=False, sparse_encoder_grad=False, blocked_topk=False)
 
 
 def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
@@ -86,6 +100,7 @@ def geometric_median(x_ND: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor
 class TopKSAE(SAE):
     cfg: TopKConfig
     transcoder_ok = True
+    fast: FastPaths = FastPaths()  # every fast path on; set on an instance (e.g. to REFERENCE) for the plain paths
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -117,30 +132,26 @@ class TopKSAE(SAE):
 
     def select(self, pre_BF: Tensor, dead_mask_F: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pre-activation values and indices of the top k latents, and of the top aux_k dead latents ([B, 0] if none)."""
-        if self.cfg.blocked_topk:
+        if self.fast.blocked_topk:
             vals_BK, idx_BK = topk_blocked(pre_BF, self.cfg.k)
         else:
             vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         n_dead = 0 if dead_mask_F is None else int(dead_mask_F.sum())
         if n_dead == 0:
             return vals_BK, idx_BK, vals_BK[:, :0], idx_BK[:, :0]
-        dead_mask_F = dead_mask_F.to(pre_BF.device)
-        k_aux = min(self.aux_k, n_dead)
-        if self.cfg.sparse_decode:
-            # among the dead columns only: a [B, n_dead] slice instead of a masked [B, F] copy
-            dead_idx_N = dead_mask_F.nonzero().squeeze(1)
-            aux_vals_BA, j_BA = pre_BF[:, dead_idx_N].topk(k_aux, dim=-1, sorted=False)
+        if self.fast.sparse_decode:
+            # among the dead columns only: a [B, n_dead] slice instead of dead_topk's masked [B, F] copy
+            dead_idx_N = dead_mask_F.to(pre_BF.device).nonzero().squeeze(1)
+            aux_vals_BA, j_BA = pre_BF[:, dead_idx_N].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
             return vals_BK, idx_BK, aux_vals_BA, dead_idx_N[j_BA]
-        # dense reference: hide live latents behind -inf in a full [B, F] copy
-        aux_vals_BA, aux_idx_BA = pre_BF.masked_fill(~dead_mask_F, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
+        return (vals_BK, idx_BK, *dead_topk(pre_BF, dead_mask_F, self.aux_k))  # the plain reference
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
             raise ConfigError(f"TopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
         x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
-        if self.cfg.sparse_encoder_grad:
+        if self.fast.sparse_encoder_grad:
             x_in_BD, bias_F = self.encoder_inputs(x_BD)
             pre_vals_BK, idx_BK, pre_aux_BA, aux_idx_BA = _TopKEncoder.apply(
                 x_in_BD, self.W_enc, bias_F, lambda pre_BF: self.select(pre_BF, ctx.dead_mask_F)
@@ -150,28 +161,23 @@ class TopKSAE(SAE):
         vals_BK, aux_vals_BA = torch.relu(pre_vals_BK), torch.relu(pre_aux_BA)
 
         x_hat_BD = self.add_skip(self._decode(vals_BK, idx_BK, bias=True), x_BD)
-        x_BD = y_BD.float()  # the target from here on
-        err_B = sum_sq_BD(x_BD - x_hat_BD)
-        total_var = total_variance(x_BD, ctx.ranks)  # over the global batch under data parallelism
-        fvu = err_B.sum() / total_var
+        loss_fvu, err_B = fvu(y_BD, x_hat_BD, ctx.ranks)  # over the global batch under data parallelism
         if aux_idx_BA.shape[1] == 0:
-            auxk = x_BD.new_zeros(())
-        else:
-            e_BD = (x_BD - x_hat_BD).detach()
-            e_var = total_variance(e_BD, ctx.ranks)
-            auxk = sum_sq_BD(e_BD - self._decode(aux_vals_BA, aux_idx_BA, bias=False)).sum() / e_var
-        loss = fvu + self.cfg.aux_coefficient * auxk
+            loss_auxk = loss_fvu.new_zeros(())
+        else:  # losses.auxk_loss's value, with the dead latents' selection and decode on the fast paths
+            loss_auxk = auxk(y_BD.float() - x_hat_BD, self._decode(aux_vals_BA, aux_idx_BA, bias=False), ctx.ranks)
+        loss = loss_fvu + self.cfg.aux_coefficient * loss_auxk
         with torch.no_grad():
             parts = {
-                "fvu": fvu.detach(),
+                "fvu": loss_fvu.detach(),
                 "mse": err_B.mean(),
-                "auxk": auxk.detach(),
+                "auxk": loss_auxk.detach(),
                 "l0": torch.count_nonzero(vals_BK).float() / B,
             }
         return StepOutput(loss, x_hat_BD, None, parts, top_vals_BK=vals_BK, top_idx_BK=idx_BK, d_sae=self.d_sae)
 
     def _decode(self, vals_BK: Tensor, idx_BK: Tensor, bias: bool) -> Tensor:
-        if self.cfg.sparse_decode:
+        if self.fast.sparse_decode:
             return self.decode_sparse(vals_BK, idx_BK, bias=bias)
         z_BF = vals_BK.new_zeros(vals_BK.shape[0], self.d_sae).scatter(-1, idx_BK, vals_BK)
         return self.decode(z_BF) if bias else z_BF @ self.W_dec

@@ -31,6 +31,10 @@ from saeforge.training.anneal import check_p_anneal
 from saeforge.training.dead import check_dead_latents
 
 
+# TopK's fast-path switches (now saes.topk.FastPaths, not config): same latents, same losses up to rounding.
+RETIRED_SAE_FIELDS = ("sparse_decode", "sparse_encoder_grad", "blocked_topk")
+
+
 def _sae_config_default() -> Any:
     return config_class("topk")()
 
@@ -76,7 +80,8 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         unknown = set(d) - set(cls.SECTIONS)
         check(not unknown, f"unknown config sections {sorted(unknown)}; valid: {list(cls.SECTIONS)}")
-        sae_d = dict(d.get("sae", {}))
+        # Fields that older saeforge versions wrote and that never changed a result: an old run folder resumes.
+        sae_d = {k: v for k, v in d.get("sae", {}).items() if k not in RETIRED_SAE_FIELDS}
         sae_cls = config_class(sae_d.get("architecture", "topk"))
         return cls(
             model=from_dict(ModelConfig, d.get("model", {}), "model"),

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, TrainConfig
-from saeforge.saes.base import sum_sq_BD
+from saeforge.saes.losses import sum_sq_BD
 
 GHOST_ARCHS = ("relu", "gated")
 RESAMPLE_ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "gated", "jumprelu")

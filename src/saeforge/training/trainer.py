@@ -21,6 +21,7 @@ import torch
 from saeforge.config import ConfigError, TrainConfig
 from saeforge.models.loading import bf16_is_fast
 from saeforge.io import atomic_path, atomic_write_text
+from saeforge.saes.losses import explained_variance
 from saeforge.training.anneal import PAnneal, check_p_anneal
 from saeforge.training.dead import make_handler
 from saeforge.training.schedules import lr_factor, sparsity_factor
@@ -251,14 +252,7 @@ class Trainer:
                 parts["p"], parts["lambda_scale"] = torch.tensor(p), torch.tensor(self.anneal.lambda_scale)
             if (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == self.n_steps:
                 y_BD = self.sae.split_io(x_BD)[1]  # what x_hat reconstructs (a transcoder's output columns)
-                resid = (y_BD - out.x_hat_BD.float()).pow(2).sum()
-                if self.ranks is None:
-                    total = (y_BD - y_BD.mean(0)).pow(2).sum()
-                else:  # the global batch's: both are this rank's share (see saes.base.total_variance)
-                    from saeforge.saes.base import total_variance
-
-                    resid, total = self.ranks.sum(resid) / self.ranks.world, total_variance(y_BD, self.ranks)
-                parts["explained_variance"] = 1 - resid / total
+                parts["explained_variance"] = explained_variance(y_BD, out.x_hat_BD, self.ranks)  # the global batch's
                 parts["l0"] = fires_F.sum() / n_rows
         self.dead.after_step(self, x_BD, out)  # resampling (after the firing counts it reads)
         return parts
