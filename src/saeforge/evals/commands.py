@@ -1,4 +1,4 @@
-"""``saeforge eval SAE_DIR`` and ``saeforge compare SAE_A SAE_B ...`` (see cli.COMMAND_MODULES)."""
+"""``saeforge eval SAE_DIR``, ``saeforge compare SAE_A SAE_B ...`` and ``saeforge report RUN_DIR`` (see cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from saeforge.config import add_config_options, overrides
 from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
+from saeforge.evals.curves import TRAINING_PAGE, write_training_report
 from saeforge.evals.html import render_compare, write_html
 from saeforge.evals.report import _json_safe, format_table
 from saeforge.evals.saved import evaluate_saved
@@ -34,6 +35,12 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     add_config_options(c, ["model", "data", "eval"], None)
     c.set_defaults(func=cmd_compare)
 
+    r = sub.add_parser("report", help="training curves of a run (or of every point of a sweep) from metrics.jsonl: "
+                                      "a self-contained HTML page")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="run folder (runs/NAME, holding metrics.jsonl) or sweep folder")
+    r.add_argument("--out", default=None, help=f"HTML file to write (default RUN_DIR/{TRAINING_PAGE})")
+    r.set_defaults(func=cmd_report)
+
 
 def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
     metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
@@ -59,4 +66,9 @@ def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
                         for (n, m), d in zip(entries, ns.sae_dirs)], "pairs": _json_safe(pairs)}
     atomic_write_text(out.with_suffix(".json"), json.dumps(numbers, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace, base: dict) -> int:
+    print(f"wrote {write_training_report(ns.run_dir, ns.out)}")
     return 0

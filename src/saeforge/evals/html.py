@@ -132,8 +132,10 @@ def dictionary_section(pairs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_report(name: str, m: dict[str, Any], others: Sequence[tuple[str, dict[str, Any]]] = (),
-                  trained_context: int | None = None) -> str:
-    """One SAE's page: metrics table, density histogram, per-position curves, and where it sits among ``others``."""
+                  trained_context: int | None = None, sections: Sequence[str] = ()) -> str:
+    """One SAE's page: metrics table, density histogram, per-position curves, and where it sits among ``others``.
+
+    ``sections``: further HTML blocks appended at the end (the training curves, evals/curves.py)."""
     body = [f"<h1>SAE report: {escape(name)}</h1>",
             f'<p class="note">{escape(str(m.get("model")))} at {escape(str(m.get("hook")))}, held-out text of '
             f'{escape(str(m.get("corpus")))}, windows of {m.get("context_size")} tokens'
@@ -151,6 +153,7 @@ def render_report(name: str, m: dict[str, Any], others: Sequence[tuple[str, dict
         body += ["<h2>Against other SAEs</h2>", '<div class="plots">', *pareto_plots(entries, highlight=0), "</div>",
                  compare_table(entries)]
     body += dictionary_section(m.get("dictionaries", []))
+    body += sections
     return _page(f"SAE report: {name}", body)
 
 

@@ -14,7 +14,8 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder.
 
     ``report`` also runs first-letter absorption and writes ``report.html`` there (self-contained:
-    metrics, density, per-position curves). ``compare`` folders are scored on the same tokens and placed beside it on the page
+    metrics, density, per-position curves, and the training curves when the SAE sits in its run folder).
+    ``compare`` folders are scored on the same tokens and placed beside it on the page
     (and MMCS / stitching against each that reads the same hook).
     """
     from saeforge.evals.report import evaluate, write_eval_json
@@ -43,10 +44,11 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     write_eval_json(metrics, sae_dir)
     if report:
         from saeforge.evals.compare import sae_label, trained_context
+        from saeforge.evals.curves import sae_training_section
         from saeforge.evals.html import render_report, write_html
 
-        write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir)),
-                   Path(sae_dir) / "report.html")
+        write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir),
+                                 sae_training_section(sae_dir)), Path(sae_dir) / "report.html")
     return metrics, Path(sae_dir)
 
 
