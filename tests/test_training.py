@@ -112,6 +112,8 @@ def test_resume_equals_uninterrupted(tmp_path, arch, extra):
         first.fit(_Positioned(src, after=33))  # dies between checkpoints (7, 14, ..., 28 saved)
     ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     assert ck["step"] == 28
+    with open(tmp_path / "cut" / METRICS, "a") as fh:  # killed while appending a log line
+        fh.write('{"step": 35, "loss": 0.1')
 
     second = Trainer(make_sae(arch, seed=99), cfg, 128, tmp_path / "cut", progress=False)
     src2 = synthetic_source()

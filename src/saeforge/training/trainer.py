@@ -115,11 +115,23 @@ class Trainer:
         return True
 
     def _truncate_log(self) -> None:
-        # Lines logged after the checkpoint belong to the lost part of the run: drop them.
+        # Lines logged after the checkpoint belong to the lost part of the run: drop them. The log is appended
+        # to, so a process killed mid-write leaves a half line at the end: it too came after the checkpoint.
         log = self.run_dir / METRICS
-        if log.exists():
-            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+        if not log.exists():
+            return
+        lines = [ln for ln in log.read_text().splitlines() if ln]
+        keep = []
+        for i, ln in enumerate(lines):
+            try:
+                step = json.loads(ln)["step"]
+            except (json.JSONDecodeError, KeyError):
+                if i == len(lines) - 1:
+                    break
+                raise ConfigError(f"{log} line {i + 1} is damaged ({ln[:80]!r}); fix or delete that line to resume") from None
+            if step <= self.step:
+                keep.append(ln)
+        atomic_write_text(log, "".join(ln + "\n" for ln in keep))
 
     # ---- training --------------------------------------------------------------------
     @property
