@@ -51,6 +51,28 @@ def test_config_prints_json_that_round_trips(capsys):
     assert d["train"]["total_tokens"] == 500_000
 
 
+def test_every_subcommand_prints_its_help(capsys):
+    from saeforge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"train", "eval", "compare", "cache", "index", "config"} <= set(sub.choices)  # those with % in a help
+    for name, parser in sub.choices.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0, name
+        assert out.startswith(f"usage: saeforge {name}"), (name, out[:200])
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        assert "--help" in options and len(options) > 1, name
+        missing = [o for o in options if o not in out]
+        assert not missing, (name, missing)
+    # the SAE options follow --arch: relu's own field is offered, topk's k is not
+    with pytest.raises(SystemExit):
+        main(["train", "--arch", "relu", "--help"])
+    out = capsys.readouterr().out
+    assert "--sae.l1_coefficient" in out and "--sae.k " not in out and "(~20-35% faster forward" in out
+
+
 def test_bad_inputs_give_clear_errors(tiny_model_dirs, corpus, tmp_path, capsys):
     model = tiny_model_dirs["llama"]
     base = ["train", "--model", model, "--corpus", corpus, "--data.holdout_fraction", 0.2,

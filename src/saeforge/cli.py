@@ -45,9 +45,10 @@ def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_
         group = p.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"{f.metadata.get('help', '')} (default: {default!r})"
+            # argparse %-formats help (for %(default)s): a literal "~20-35%" in a field's text must be %%
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar=type(default).__name__.upper(),
-                               help=f"{f.metadata.get('help', '')} (default: {default!r})")
+                               metavar=type(default).__name__.upper(), help=text.replace("%", "%%"))
     for short, target in SHORTHANDS.items():
         if target.split(".")[0] in classes:
             p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")
