@@ -199,14 +199,19 @@ def test_payload_is_data_in_json_and_absent_from_html(http):
 def test_live_activations_equal_a_direct_forward(http, built):
     from saeforge.data import excluded_mask
     from saeforge.evals.saved import run_config_for
-    from saeforge.models import load_model, resolve_hook
+    from saeforge.models import load_model, resolve_dtype, resolve_hook
     from saeforge.models.hooks import capture
     from saeforge.saes.formats import load_sae
+    from saeforge.viewer.db import FeatureDB
 
     text = "def add(a, b):\n    return a + b"
     res = http.post("/api/activations", json={"text": text, "top": 3}).json()["results"]
     assert [(r["model"], r["sae"]) for r in res] == [("llama", "a"), ("llama", "b")]
-    lm = load_model(str(built["model"]))
+    # The live box runs the LM in the index's dtype (auto: bf16 where bf16 is fast), so the direct forward does too:
+    # the same weights, shapes and kernels give the same numbers, in either dtype.
+    dtype = FeatureDB(built["dbs"]["a"]).meta["model_dtype"]
+    assert dtype == str(resolve_dtype("auto")).replace("torch.", "")
+    lm = load_model(str(built["model"]), dtype=dtype)
     for r in res:
         sae = load_sae(built["root"] / r["sae"])
         ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
