@@ -178,13 +178,15 @@ def test_cli_build_then_killed_build_resumes_to_the_same_database(sae_dir, tmp_p
         index_mod.build_index(sae_dir, cut, IndexConfig(**CFG), OVR, progress=False)
 
 
-def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("bf16_fast", ["0", "1"], ids=["auto=float32", "auto=bf16"])
+def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path, monkeypatch, bf16_fast):
     from saeforge.models import load_model, resolve_dtype
     from saeforge.saes.formats import load_sae
     from saeforge.viewer import lens
     from saeforge.viewer.index import build_index
 
-    # model.dtype stays auto (bf16 where bf16 is fast): the logit lens is float32 arithmetic whatever the LM's dtype
+    # model.dtype stays auto, run both ways on any CPU: the logit lens is float32 arithmetic whatever the LM's dtype
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", bf16_fast)
     out = build_index(sae_dir, tmp_path / "f.db", IndexConfig(**CFG), OVR, progress=False)
     db = FeatureDB(out)
     lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32")
@@ -194,7 +196,7 @@ def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path):
     # The values: float32 arithmetic on the weights the index's LM holds (bf16-rounded when auto picked bf16).
     # float32 reassociation moves them by ~1e-7 relative; bf16 arithmetic (unit roundoff 2^-8) by ~1e-3.
     used = load_model(str(tiny_model_dirs["llama"]), dtype=db.meta["model_dtype"])
-    assert used.dtype == resolve_dtype("auto")
+    assert used.dtype == resolve_dtype("auto") == {"0": torch.float32, "1": torch.bfloat16}[bf16_fast]
     logits_used = copy.deepcopy(used.model.model.norm).float()(W) @ used.model.lm_head.weight.float().T
     Wn = W / W.norm(dim=1, keepdim=True)
     cos = Wn @ Wn.T
