@@ -4,7 +4,9 @@
 
 Each rank writes OUT/ARCH-rank{R}.pt, so a test can check that the ranks hold the same SAE (which
 a checkpoint written by rank 0 alone cannot show). ``train_one(..., ctx=None)`` is the one-process
-reference, with the same components as `saeforge train`.
+reference, with the same components as `saeforge train`. model.dtype and train.autocast are auto: the
+caller picks the precision with SAEFORGE_BF16_FAST, which torchrun passes on to the workers; each saved
+state records the LM dtype and autocast flag that were used.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def train_one(lm, model: str, corpus: str, arch: str, ctx=None) -> dict:
         trainer = DataParallelTrainer(build_sae(cfg, source.d_in, lm.device)[0], cfg.train, B, None, ctx, progress=False)
     trainer.fit(source)
     return {"sae": trainer.sae.state_dict(), "step": trainer.step, "late_fired": trainer.late_fired_F,
-            "tokens_since_fired": trainer.tokens_since_fired_F}
+            "tokens_since_fired": trainer.tokens_since_fired_F, "lm_dtype": str(lm.dtype).replace("torch.", ""),
+            "autocast": trainer.autocast}
 
 
 def main(out: str, model: str, corpus: str, *archs: str) -> None:
@@ -59,7 +62,7 @@ def main(out: str, model: str, corpus: str, *archs: str) -> None:
     from saeforge.activations import ranks
 
     ctx = ranks.init()
-    lm = load_model(model, device="cpu")
+    lm = load_model(model, dtype="auto", device="cpu")
     for arch in archs:
         torch.save(train_one(lm, model, corpus, arch, ctx), Path(out) / f"{arch}-rank{ctx.rank}.pt")
     ranks.shutdown()

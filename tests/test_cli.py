@@ -51,6 +51,28 @@ def test_config_prints_json_that_round_trips(capsys):
     assert d["train"]["total_tokens"] == 500_000
 
 
+def test_every_subcommand_prints_its_help(capsys):
+    from saeforge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"train", "eval", "compare", "cache", "index", "config"} <= set(sub.choices)  # those with % in a help
+    for name, parser in sub.choices.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0, name
+        assert out.startswith(f"usage: saeforge {name}"), (name, out[:200])
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        assert "--help" in options and len(options) > 1, name
+        missing = [o for o in options if o not in out]
+        assert not missing, (name, missing)
+    # the SAE options follow --arch: relu's own field is offered, topk's k is not
+    with pytest.raises(SystemExit):
+        main(["train", "--arch", "relu", "--help"])
+    out = capsys.readouterr().out
+    assert "--sae.l1_coefficient" in out and "--sae.k " not in out and "(~20-35% faster forward" in out
+
+
 def test_bad_inputs_give_clear_errors(tiny_model_dirs, corpus, tmp_path, capsys):
     model = tiny_model_dirs["llama"]
     base = ["train", "--model", model, "--corpus", corpus, "--data.holdout_fraction", 0.2,
@@ -139,6 +161,56 @@ def test_train_from_cache_then_eval(tiny_model_dirs, corpus, tmp_path):
     ev2 = json.loads((tmp_path / "c" / "sae" / "eval.json").read_text())
     assert "wrote" in out2 and ev2["explained_variance"] == pytest.approx(ev["explained_variance"], rel=1e-6)
     assert ev2["ce_score"] == pytest.approx(ev["ce_score"], rel=1e-5)
+
+
+def test_eval_on_another_corpus_keeps_the_training_result(tiny_model_dirs, corpus, tmp_path, capsys):
+    import difflib, heapq, pprint, random, string  # noqa: E401
+
+    import inspect
+
+    from saeforge.evals.saved import corpus_slug
+
+    other = tmp_path / "other"  # a second corpus: other standard-library modules
+    other.mkdir()
+    for mod in (difflib, heapq, pprint, random, string):
+        (other / f"{mod.__name__}.txt").write_text(inspect.getsource(mod))
+    small = ["--eval.tokens", 1024, "--eval.ce_tokens", 256, "--quiet"]
+    args = [a for a in train_args(tiny_model_dirs["llama"], corpus, tmp_path, "r", tokens=4096) if a != "--no-eval"]
+    assert main([str(a) for a in [*args, "--sae.d_sae", 256, *small]]) == 0
+    sae_dir = tmp_path / "r" / "sae"
+    trained = (sae_dir / "eval.json").read_bytes()
+    own = json.loads(trained)
+    assert own["corpus"] == str(corpus)
+    capsys.readouterr()
+
+    assert main([str(a) for a in ["eval", sae_dir, "--data.corpus", other, "--report", *small]]) == 0
+    out = capsys.readouterr().out
+    assert (sae_dir / "eval.json").read_bytes() == trained  # the training result is untouched
+    slug = corpus_slug(str(other))
+    assert slug.startswith("other-") and len(slug) == len("other-") + 8
+    elsewhere = json.loads((sae_dir / f"eval.{slug}.json").read_text())
+    assert (sae_dir / f"report.{slug}.html").exists() and not (sae_dir / "report.html").exists()
+    assert f"wrote {sae_dir / f'eval.{slug}.json'} and {sae_dir / f'report.{slug}.html'}" in out
+    corpus_line = next(ln for ln in out.splitlines() if ln.startswith("corpus (held-out part)"))
+    assert corpus_line.split()[-1] == str(other)
+    assert elsewhere["corpus"] == str(other) and elsewhere["n_tokens"] > 0
+    for key in ("explained_variance", "ce_clean", "mse"):
+        assert elsewhere[key] != own[key], key  # other text, other numbers
+
+    # --out puts it where the user says; the SAE folder gains nothing
+    before = sorted(p.name for p in sae_dir.iterdir())
+    assert main([str(a) for a in ["eval", sae_dir, "--data.corpus", other, "--out", tmp_path / "mine.json", *small]]) == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["explained_variance"] == elsewhere["explained_variance"]
+    assert sorted(p.name for p in sae_dir.iterdir()) == before and not (tmp_path / "mine.html").exists()
+    capsys.readouterr()
+    assert main([str(a) for a in ["eval", sae_dir, "--out", tmp_path / "page.html", *small]]) == 2
+    assert "name the JSON file" in capsys.readouterr().err
+
+    # the own corpus, spelled another way (trailing slash), is still the training result's file
+    assert main([str(a) for a in ["eval", sae_dir, "--data.corpus", f"{corpus}/", *small]]) == 0
+    again = json.loads((sae_dir / "eval.json").read_text())
+    assert again["explained_variance"] == pytest.approx(own["explained_variance"], rel=1e-6)
+    assert sorted(p.name for p in sae_dir.glob("eval*.json")) == sorted(["eval.json", f"eval.{slug}.json"])
 
 
 def test_sae_on_a_model_of_another_width_is_refused(tiny_model_dirs, corpus, tmp_path, capsys):

@@ -6,6 +6,9 @@ Tolerances (relative Frobenius norm of each weight's difference vs the one-proce
 every architecture, measured ~1e-7: ReLU + L1 (loss = mean over rows) by construction; TopK,
 BatchTopK and Matryoshka because their FVU/AuxK denominators and BatchTopK's selection are the
 global batch's (LossContext.ranks). Ranks agree with each other bit for bit (tests/dp_worker.py).
+These are float32 tolerances: the module sets SAEFORGE_BF16_FAST=0, so `auto` (LM dtype, autocast) is
+float32 here and in the torchrun workers, which inherit the environment, on any CPU. The bf16 path has
+its own tests (tests/test_distributed_bf16.py).
 """
 
 import json
@@ -23,6 +26,14 @@ from safetensors.torch import load_file
 HOOK = "blocks.1.hook_resid_post"
 B = 256  # global batch
 TOKENS = 16384  # 64 steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float32_auto():
+    """auto = float32 for this module: in this process and in every subprocess it starts (they inherit os.environ)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAEFORGE_BF16_FAST", "0")
+        yield
 
 
 def torchrun(*args, nproc=2, **kw):
@@ -138,7 +149,7 @@ def batch_stat_runs(tiny_model_dirs, text_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     model, corpus = str(tiny_model_dirs["llama"]), str(text_corpus)
     finish(torchrun(Path(__file__).with_name("dp_worker.py"), out, model, corpus, *BATCH_STATS))
-    lm = load_model(model, device="cpu")
+    lm = load_model(model, dtype="auto", device="cpu")
     return {arch: (train_one(lm, model, corpus, arch),
                    [torch.load(out / f"{arch}-rank{r}.pt", weights_only=True) for r in (0, 1)])
             for arch in BATCH_STATS}
@@ -147,6 +158,7 @@ def batch_stat_runs(tiny_model_dirs, text_corpus, tmp_path_factory):
 @pytest.mark.parametrize("arch", BATCH_STATS)
 def test_batch_statistics_are_global_so_two_processes_train_the_one_process_sae(batch_stat_runs, arch):
     one, (r0, r1) = batch_stat_runs[arch]
+    assert (one["lm_dtype"], one["autocast"]) == (r0["lm_dtype"], r0["autocast"]) == ("float32", False)
     # every rank holds the same SAE, bit for bit: same averaged gradients, same global threshold statistic
     for name, t in r0["sae"].items():
         assert torch.equal(t, r1["sae"][name]), name

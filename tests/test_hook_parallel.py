@@ -3,7 +3,8 @@
 Reference: the same sweep in one process. Tolerance: relative Frobenius difference of each weight
 1e-5 for both modes. Hook-parallel trainers see the one-process batches' columns exactly (only the
 LM runs on other window batches; measured 0.0 here); data-parallel adds float rounding of the
-gradient all-reduce and global-batch statistics (measured ~1e-7).
+gradient all-reduce and global-batch statistics (measured ~1e-7). Float32 tolerances: the module sets
+SAEFORGE_BF16_FAST=0, so `auto` is float32 in this process and in the torchrun workers (they inherit it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from saeforge.cli import main
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 POINTS = [f"hook={h}" for h in HOOKS]
 STEPS = 64  # 16384 tokens / 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float32_auto():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAEFORGE_BF16_FAST", "0")
+        yield
 
 
 def sweep_args(model, corpus, out, name, *extra):

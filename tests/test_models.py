@@ -115,6 +115,31 @@ def test_resolve_dtype():
         resolve_dtype("fp8")
 
 
+def test_bf16_fast_env_forces_what_auto_resolves_to(monkeypatch, tiny_model_dirs):
+    from saeforge.models.loading import bf16_is_fast
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "1")
+    assert bf16_is_fast(cpu) is True and resolve_dtype("auto") is torch.bfloat16
+    lm = load_model(str(tiny_model_dirs["llama"]), dtype="auto", device="cpu")
+    assert lm.dtype is torch.bfloat16 and {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "0")
+    assert bf16_is_fast(cpu) is False and resolve_dtype(" AUTO ") is torch.float32
+    assert load_model(str(tiny_model_dirs["llama"]), dtype="auto", device="cpu").dtype is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16  # an explicit dtype is never overridden
+    # unset or empty: the CPU decides (AVX512-BF16 or AMX tiles)
+    detected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "")
+    assert bf16_is_fast(cpu) is detected
+    monkeypatch.delenv("SAEFORGE_BF16_FAST")
+    assert bf16_is_fast(cpu) is detected
+    assert resolve_dtype("auto") is (torch.bfloat16 if detected else torch.float32)
+    for bad in ("yes", "true", "2"):
+        monkeypatch.setenv("SAEFORGE_BF16_FAST", bad)
+        with pytest.raises(ValueError, match=rf"SAEFORGE_BF16_FAST='{bad}'.*1 .*0 .*unset"):
+            resolve_dtype("auto")
+
+
 def test_load_model_from_folder(tiny_family, tiny_model_dirs, tiny_tokenizer, ids_ST):
     lm = load_model(str(tiny_model_dirs[tiny_family]), device="cpu")
     assert isinstance(lm, LoadedModel)

@@ -143,6 +143,18 @@ class _Positioned:
         return self.source.state_dict()
 
 
+def test_autocast_auto_follows_the_bf16_fast_switch(monkeypatch):
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "1")
+    assert Trainer(make_sae("topk"), train_cfg(), 128, progress=False).autocast is True
+    assert Trainer(make_sae("topk"), train_cfg(autocast="off"), 128, progress=False).autocast is False
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "0")
+    assert Trainer(make_sae("topk"), train_cfg(), 128, progress=False).autocast is False
+    assert Trainer(make_sae("topk"), train_cfg(autocast="on"), 128, progress=False).autocast is True
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", "fast")
+    with pytest.raises(ValueError, match="SAEFORGE_BF16_FAST='fast'"):
+        Trainer(make_sae("topk"), train_cfg(), 128, progress=False)
+
+
 def test_dead_latents_are_counted(tmp_path):
     sae = make_sae("relu")
     with torch.no_grad():

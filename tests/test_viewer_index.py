@@ -1,5 +1,6 @@
 """Feature database: streamed statistics vs brute force over all tokens, and a build that survives a kill."""
 
+import copy
 import json
 import sqlite3
 
@@ -177,18 +178,26 @@ def test_cli_build_then_killed_build_resumes_to_the_same_database(sae_dir, tmp_p
         index_mod.build_index(sae_dir, cut, IndexConfig(**CFG), OVR, progress=False)
 
 
-def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path):
-    from saeforge.models import load_model
+@pytest.mark.parametrize("bf16_fast", ["0", "1"], ids=["auto=float32", "auto=bf16"])
+def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path, monkeypatch, bf16_fast):
+    from saeforge.models import load_model, resolve_dtype
     from saeforge.saes.formats import load_sae
     from saeforge.viewer import lens
     from saeforge.viewer.index import build_index
 
+    # model.dtype stays auto, run both ways on any CPU: the logit lens is float32 arithmetic whatever the LM's dtype
+    monkeypatch.setenv("SAEFORGE_BF16_FAST", bf16_fast)
     out = build_index(sae_dir, tmp_path / "f.db", IndexConfig(**CFG), OVR, progress=False)
     db = FeatureDB(out)
-    lm = load_model(str(tiny_model_dirs["llama"]))
+    lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32")
     sae = load_sae(sae_dir)
     W = sae.W_dec.detach()
     logits = lm.model.model.norm(W) @ lm.model.lm_head.weight.T  # llama: final RMSNorm, then the unembedding
+    # The values: float32 arithmetic on the weights the index's LM holds (bf16-rounded when auto picked bf16).
+    # float32 reassociation moves them by ~1e-7 relative; bf16 arithmetic (unit roundoff 2^-8) by ~1e-3.
+    used = load_model(str(tiny_model_dirs["llama"]), dtype=db.meta["model_dtype"])
+    assert used.dtype == resolve_dtype("auto") == {"0": torch.float32, "1": torch.bfloat16}[bf16_fast]
+    logits_used = copy.deepcopy(used.model.model.norm).float()(W) @ used.model.lm_head.weight.float().T
     Wn = W / W.norm(dim=1, keepdim=True)
     cos = Wn @ Wn.T
     alive = [r["index"] for r in db.list_features(limit=500, alive_only=True)]
@@ -197,6 +206,8 @@ def test_database_contents_match_the_sae(sae_dir, tiny_model_dirs, tmp_path):
         f = db.feature(i)
         assert [t for t, _, _ in f["pos"]] == logits[i].topk(4).indices.tolist()
         assert [t for t, _, _ in f["neg"]] == logits[i].topk(4, largest=False).indices.tolist()
+        for t, _, v in f["pos"] + f["neg"]:
+            assert v == pytest.approx(float(logits_used[i, t]), rel=1e-5, abs=1e-6), (i, t)
         cos[i, i] = -2
         assert [n["index"] for n in f["neighbours"]] == cos[i].topk(3).indices.tolist()
         top = [c for c in f["contexts"] if c["kind"] == "top"]

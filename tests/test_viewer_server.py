@@ -168,6 +168,26 @@ def test_bad_requests_get_json_errors_never_tracebacks(http):
     assert r.status_code == 404 and "llama/nope" in r.json()["error"]
 
 
+def test_negative_or_out_of_range_paging_is_a_422(http):
+    cases = [("/api/features/llama/a", {"offset": -5}, "offset"), ("/api/features/llama/a", {"limit": -1}, "limit"),
+             ("/api/features/llama/a", {"limit": 0}, "limit"), ("/api/features/llama/a", {"limit": 501}, "limit"),
+             ("/api/search", {"q": "a", "limit": 0}, "limit"), ("/api/search", {"q": "a", "limit": -3}, "limit"),
+             ("/api/search", {"q": "a", "limit": 501}, "limit")]
+    for url, params, name in cases:
+        r = http.get(url, params=params)
+        assert r.status_code == 422, (url, params, r.status_code, r.text)
+        assert name in r.json()["error"] and "Traceback" not in r.text, r.text
+    # the bounds themselves are accepted, and they page exactly
+    all_ = http.get("/api/features/llama/a", params={"limit": 500, "sort": "index", "order": "asc"}).json()
+    assert [f["index"] for f in all_["features"]] == list(range(128))
+    last = http.get("/api/features/llama/a", params={"limit": 1, "offset": 127, "sort": "index"}).json()
+    assert last["offset"] == 127 and [f["index"] for f in last["features"]] == [0]  # desc: the smallest comes last
+    assert http.get("/api/features/llama/a", params={"offset": 0, "limit": 1}).status_code == 200
+    one, many = (http.get("/api/search", params={"q": "e", "model": "llama", "sae": "a", "limit": n}).json()["results"]
+                 for n in (1, 500))
+    assert len(many) > 1 and one == many[:1]
+
+
 def test_payload_is_data_in_json_and_absent_from_html(http):
     idx, f = _payload_feature(http)
     page = http.get(f"/feature/llama/a/{idx}")
@@ -179,14 +199,19 @@ def test_payload_is_data_in_json_and_absent_from_html(http):
 def test_live_activations_equal_a_direct_forward(http, built):
     from saeforge.data import excluded_mask
     from saeforge.evals.setup import eval_setup_for
-    from saeforge.models import load_model, resolve_hook
+    from saeforge.models import load_model, resolve_dtype, resolve_hook
     from saeforge.models.hooks import capture
     from saeforge.saes.formats import load_sae
+    from saeforge.viewer.db import FeatureDB
 
     text = "def add(a, b):\n    return a + b"
     res = http.post("/api/activations", json={"text": text, "top": 3}).json()["results"]
     assert [(r["model"], r["sae"]) for r in res] == [("llama", "a"), ("llama", "b")]
-    lm = load_model(str(built["model"]))
+    # The live box runs the LM in the index's dtype (auto: bf16 where bf16 is fast), so the direct forward does too:
+    # the same weights, shapes and kernels give the same numbers, in either dtype.
+    dtype = FeatureDB(built["dbs"]["a"]).meta["model_dtype"]
+    assert dtype == str(resolve_dtype("auto")).replace("torch.", "")
+    lm = load_model(str(built["model"]), dtype=dtype)
     for r in res:
         sae = load_sae(built["root"] / r["sae"])
         ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]

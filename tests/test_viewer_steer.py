@@ -70,10 +70,18 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def direct(built):
-    """(lm, sae, hook) loaded independently of the server, as a Python user would."""
-    from saeforge.analysis.common import load_for_analysis
+    """(lm, sae, hook) loaded independently of the server, as a Python user would, in the LM dtype the server uses.
 
-    return load_for_analysis(built["sae_dir"])
+    The live model runs in the index's dtype (auto: bf16 where bf16 is fast); greedy text from a float32 forward
+    can differ from a bf16 one wherever two next-token logits are within bf16's rounding, so compare like with like.
+    """
+    from saeforge.analysis.common import load_for_analysis
+    from saeforge.models import resolve_dtype
+    from saeforge.viewer.db import FeatureDB
+
+    dtype = FeatureDB(built["dbs"][0]).meta["model_dtype"]
+    assert dtype == str(resolve_dtype("auto")).replace("torch.", "")
+    return load_for_analysis(built["sae_dir"], dtype=dtype)
 
 
 # ---- API -------------------------------------------------------------------------------

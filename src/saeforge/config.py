@@ -52,7 +52,7 @@ class ModelConfig:
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
     hook_out: str = F("", "Transcoder: the hook point the decoder predicts from model.hook (e.g. blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out); it must come after model.hook in the forward. Empty = an ordinary SAE reconstructing model.hook.")
-    dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32), float32, bfloat16, float16.")
+    dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32; SAEFORGE_BF16_FAST=1/0 forces that call), float32, bfloat16, float16.")
     device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
     compile: str = F("auto", "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).")
 
@@ -121,7 +121,7 @@ class TrainConfig:
     p_anneal_start_fraction: float = F(0.2, "p-annealing starts after this fraction of the steps.")
     p_anneal_end_fraction: float = F(0.8, "p reaches p_end at this fraction of the steps (before the LR decay).")
     p_anneal_updates: int = F(10, "Times p changes in the window; each change rescales lambda to keep the penalty's size.")
-    autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast), on, off.")
+    autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast; SAEFORGE_BF16_FAST=1/0 forces that call), on, off.")
     parallel: str = F(
         "auto",
         "Sweeps under torchrun: data (every rank trains every SAE on its rows of each batch), hooks (each SAE on one "
@@ -248,9 +248,10 @@ def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_
         group = p.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"{f.metadata.get('help', '')} (default: {default!r})"
+            # argparse %-formats help (for %(default)s): a literal "~20-35%" in a field's text must be %%
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar=type(default).__name__.upper(),
-                               help=f"{f.metadata.get('help', '')} (default: {default!r})")
+                               metavar=type(default).__name__.upper(), help=text.replace("%", "%%"))
     for short, target in SHORTHANDS.items():
         if target.split(".")[0] in classes:
             p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")

@@ -16,9 +16,14 @@ from saeforge.io import atomic_write_text
 
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
-    e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json")
+    e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json",
+                       description="On the SAE's own corpus the result is SAE_DIR/eval.json (what training wrote); "
+                                   "on another --data.corpus it is SAE_DIR/eval.<corpus-slug>.json, so each corpus "
+                                   "keeps its own result.")
     e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    e.add_argument("--report", action="store_true", help="also write SAE_DIR/report.html (self-contained page with plots)")
+    e.add_argument("--report", action="store_true", help="also write SAE_DIR/report.html (report.<corpus-slug>.html "
+                   "on another corpus; beside --out FILE with its stem): a self-contained page with plots")
+    e.add_argument("--out", metavar="FILE", help="write the eval JSON here instead of into SAE_DIR")
     e.add_argument("--compare", nargs="+", default=None, metavar="OTHER_SAE_DIR",
                    help="score these SAEs on the same tokens and show where this one sits among them")
     add_config_options(e, ["model", "data", "eval"], None)
@@ -43,10 +48,10 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
-    metrics, sae_dir = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
-                                      compare=ns.compare)
+    metrics, written = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
+                                      compare=ns.compare, out=ns.out)
     print(format_table(metrics))
-    print(f"wrote {Path(sae_dir) / 'eval.json'}" + (f" and {Path(sae_dir) / 'report.html'}" if ns.report else ""))
+    print("wrote " + " and ".join(map(str, written)))
     return 0
 
 

@@ -226,6 +226,7 @@ _ROWS: list[tuple[str, str, Any]] = [
     ("model", "model", str),
     ("hook", "hook", str),
     ("output hook (transcoder)", "hook_out", str),
+    ("corpus (held-out part)", "corpus", str),
     ("tokens scored (reconstruction)", "n_tokens",
      lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
     ("explained variance", "explained_variance", lambda m: f"{m['explained_variance']:.4f}"),
@@ -285,11 +286,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_eval_json(metrics: dict[str, Any], folder: str | Path) -> Path:
-    """Write ``folder/eval.json`` atomically: every scalar and the frequency histogram, no per-latent tensors."""
+def write_eval_json(metrics: dict[str, Any], folder: str | Path, name: str = "eval.json") -> Path:
+    """Write ``folder/name`` atomically: every scalar and the frequency histogram, no per-latent tensors.
+
+    ``name`` stays eval.json for the SAE's own corpus; evals/saved.py names results on other corpora.
+    """
     from saeforge.io import atomic_write_text
 
     safe = {k: _json_safe(v) for k, v in metrics.items() if not (isinstance(v, torch.Tensor) and v.numel() != 1)}
-    path = Path(folder) / "eval.json"
+    path = Path(folder) / name
     atomic_write_text(path, json.dumps(safe, indent=2) + "\n")
     return path

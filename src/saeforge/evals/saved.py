@@ -1,28 +1,80 @@
-"""Evaluate an SAE folder on the held-out text of the corpus it was trained on (see evals/setup.py)."""
+"""Evaluate an SAE folder on the held-out text of the corpus it was trained on (see evals/setup.py).
+
+One result per corpus: the held-out part of the SAE's own corpus (what training evaluates) goes to
+``eval.json`` / ``report.html``; another corpus (``--data.corpus``) to ``eval.<slug>.json`` /
+``report.<slug>.html`` beside it, so evaluating elsewhere never replaces the training result.
+Every eval JSON names its corpus (``"corpus"``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 
-from saeforge.config import EvalSetup
+from saeforge.config import ConfigError, DataConfig, EvalSetup
 from saeforge.evals.setup import eval_setup_for
+
+
+def trained_corpus(sae_dir: str | Path) -> str:
+    """The corpus the SAE was trained on, as its cfg.json says (DataConfig's default when it names none)."""
+    meta = json.loads((Path(sae_dir) / "cfg.json").read_text()).get("metadata", {}) or {}
+    data = (meta.get("saeforge_config") or {}).get("data") or {}
+    return str(data.get("corpus") or meta.get("dataset_path") or DataConfig().corpus)
+
+
+def _same_corpus(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()  # one folder, spelled two ways
+
+
+def corpus_slug(corpus: str) -> str:
+    """Short, filesystem-safe and stable: the corpus's last path component (or hub id part), at most 32 of
+    [A-Za-z0-9_-], then 8 hex digits of a hash of its full name (two folders both called data differ)."""
+    path = Path(corpus).expanduser()
+    full = str(path.resolve()) if path.exists() else corpus
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(corpus.rstrip("/")).name).strip("-")[:32].strip("-") or "corpus"
+    return f"{stem}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+
+
+def eval_paths(sae_dir: str | Path, corpus: str, out: str | Path | None = None) -> tuple[Path, Path]:
+    """(eval JSON, report page) for an eval of ``sae_dir`` on ``corpus``: see the module docstring.
+
+    ``out`` (``saeforge eval --out FILE``) puts the JSON at FILE and the page beside it as FILE's stem + .html.
+    """
+    if out is not None:
+        out = Path(out)
+        if out.suffix == ".html":
+            raise ConfigError(f"--out {out}: name the JSON file (e.g. {out.with_suffix('.json')}); "
+                              "the --report page is written beside it with the .html suffix")
+        return out, out.with_suffix(".html")
+    sae_dir = Path(sae_dir)
+    if _same_corpus(corpus, trained_corpus(sae_dir)):
+        return sae_dir / "eval.json", sae_dir / "report.html"
+    slug = corpus_slug(corpus)
+    return sae_dir / f"eval.{slug}.json", sae_dir / f"report.{slug}.html"
 
 
 def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None, progress: bool = True,
                    lm=None, report: bool = False, compare: list[str | Path] | None = None,
-                   mdl_tokens: int = 8192) -> tuple[dict, Path]:
-    """Load the SAE and its model, evaluate on held-out text, write eval.json into the SAE folder.
+                   mdl_tokens: int = 8192, out: str | Path | None = None) -> tuple[dict, list[Path]]:
+    """Load the SAE and its model, evaluate on held-out text, write the eval JSON; returns (metrics, files written).
 
-    ``report`` also runs first-letter absorption and writes ``report.html`` there (self-contained:
-    metrics, density, per-position curves, and the training curves when the SAE sits in its run folder).
-    ``compare`` folders are scored on the same tokens and placed beside it on the page
-    (and MMCS / stitching against each that reads the same hook).
+    The JSON is SAE_DIR/eval.json on the SAE's own corpus, SAE_DIR/eval.<slug>.json on another, or ``out``
+    (see eval_paths). ``report`` also runs first-letter absorption and writes the matching report page
+    (self-contained: metrics, density, per-position curves, and the training curves when the SAE sits in its
+    run folder). ``compare`` folders are scored on the same tokens and placed beside it on the page (and
+    MMCS / stitching against each that reads the same hook).
     """
     from saeforge.evals.report import evaluate, write_eval_json
     from saeforge.models import load_model, resolve_hook
     from saeforge.saes.formats import load_sae
 
     cfg = eval_setup_for(sae_dir, overrides)
+    json_path, html_path = eval_paths(sae_dir, cfg.data.corpus, out)  # before the work: a bad --out fails fast
     if lm is None:
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     others: list = []
@@ -41,15 +93,17 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     if report:
         metrics["absorption"] = (_absorption(lm, cfg, sae_dir) if not cfg.model.hook_out else
                                  {"error": "first-letter absorption is defined for SAEs of one hook, not transcoders"})
-    write_eval_json(metrics, sae_dir)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    written = [write_eval_json(metrics, json_path.parent, json_path.name)]
     if report:
         from saeforge.evals.compare import sae_label, trained_context
         from saeforge.evals.curves import sae_training_section
         from saeforge.evals.html import render_report, write_html
 
         write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir),
-                                 sae_training_section(sae_dir)), Path(sae_dir) / "report.html")
-    return metrics, Path(sae_dir)
+                                 sae_training_section(sae_dir)), html_path)
+        written.append(html_path)
+    return metrics, written
 
 
 def _absorption(lm, cfg: EvalSetup, sae_dir: str | Path) -> dict:

@@ -6,12 +6,14 @@ with a pad token, and the few facts the rest of the pipeline needs (family, n_la
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saeforge.config import ConfigError
 from saeforge.models import bundled
 from saeforge.models.errors import ModelLoadError
 from saeforge.models.layout import family_of, n_layers_of
@@ -51,12 +53,24 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     raise ModelLoadError(f"device {spec!r} not understood; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+BF16_FAST_ENV = "SAEFORGE_BF16_FAST"
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """True where bf16 matmuls beat float32: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX.
 
     Elsewhere (plain AVX-512 or AVX2 CPUs) torch emulates bf16 and a matmul runs ~4x *slower*
     than in float32 (measured: 47 vs 202 GFLOP/s on a 2-core AVX-512 Xeon without AVX512-BF16).
+    ``$SAEFORGE_BF16_FAST`` overrides the detection: 1 = fast, 0 = slow, unset or empty = detect. It is
+    the one switch behind every ``auto`` (model.dtype, train.autocast), so the same machine can run
+    both precisions (tests do; so can a user comparing them), and torchrun's workers inherit it.
     """
+    forced = os.environ.get(BF16_FAST_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ConfigError(f"{BF16_FAST_ENV}={forced!r} not understood; set it to 1 (bf16 is fast: auto picks "
+                             "bf16), 0 (bf16 is slow: auto picks float32), or leave it unset/empty to detect")
+        return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)

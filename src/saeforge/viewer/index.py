@@ -4,6 +4,8 @@ Memory is bounded by the number of features (FeatureStats), never by the token c
 ``checkpoint_every`` LM passes the accumulators are written to ``OUT.index-state/`` (safetensors +
 JSON, each file written atomically); a killed build started again with the same arguments resumes
 there. The SQLite file is built under a temporary name and renamed when whole, then the state goes.
+Activations come from the LM in its dtype (model.dtype; bf16 where auto picks it), encoded by the SAE in
+its own dtype; the numbers computed from weights alone (logit lens, neighbour cosines) are float32 whatever that dtype.
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ model's final norm and the unembedding; the largest and smallest logits say whic
 feature promotes / suppresses. The final norm rescales the row to unit RMS (RMSNorm) or also centres
 it (LayerNorm, GPT-2 / NeoX), exactly as it would a residual. Only meaningful when the SAE reads the
 residual stream (or a block output added to it): d_in must equal d_model, else the lens is skipped.
+Computed in float32 whatever the LM's dtype (the norm and unembedding are upcast copies, a one-off
+cost): the database stores these numbers, and bf16's 2^-8 rounding reorders near-tied logits.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -23,14 +26,15 @@ def logit_lens(model: nn.Module, W_dec_FD: Tensor, n: int, chunk: int = 256) -> 
     if unembed is None or unembed.weight.shape[1] != W_dec_FD.shape[1]:
         return None
     norm = final_norm(model)
-    W_U_VD = unembed.weight
+    norm = copy.deepcopy(norm).float() if norm is not None else None  # a few d_model vectors
+    W_U_VD = unembed.weight.float()  # V x D; a copy only when the LM is not float32
     bias_V = getattr(unembed, "bias", None)
     out: list[list[Tensor]] = [[], [], [], []]
     for rows_CD in W_dec_FD.split(chunk):
-        h_CD = rows_CD.to(W_U_VD.device, W_U_VD.dtype)
+        h_CD = rows_CD.to(W_U_VD.device, torch.float32)
         if norm is not None:
             h_CD = norm(h_CD)
-        logits_CV = (h_CD @ W_U_VD.T).float()
+        logits_CV = h_CD @ W_U_VD.T
         if bias_V is not None:
             logits_CV += bias_V.float()
         top, bottom = logits_CV.topk(n, dim=1), logits_CV.topk(n, dim=1, largest=False)

@@ -4,6 +4,10 @@ Models and SAEs are loaded on first use (a model is shared by the SAEs that read
 database's meta says (model name, SAE folder, hook): nothing a request sends names a file. Forward
 passes are serialised by one lock: two CPU cores gain nothing from running them in parallel, and
 hook-based splices (steering) must not see another request's forward on the same shared model.
+The LM runs in the dtype the index ran it in (meta ``model_dtype``: bf16 where ``model.dtype=auto`` chose
+it), as the stored contexts did; the SAE encodes in its own dtype (float32 as saeforge trains it). So live
+values match the database's activations, and differ from a float32 forward by bf16 rounding (~2^-8
+relative) when the LM is bf16.
 """
 
 from __future__ import annotations

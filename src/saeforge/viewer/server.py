@@ -3,7 +3,8 @@
 Pages are static HTML + one script that fetches the API and builds the DOM with textContent only,
 so token text (untrusted corpus content) is never parsed as HTML. Databases are the ones named on the
 command line, looked up by (model id, SAE id); a request can name only those, never a file.
-Errors are JSON ``{"error": ...}`` with a 4xx code; anything unexpected is a 500 with no traceback.
+Errors are JSON ``{"error": ...}`` with a 4xx code (422 for a malformed or out-of-range parameter: a list's
+``offset`` must be >= 0 and ``limit`` within 1..500); anything unexpected is a 500 with no traceback.
 
 Steering (issue 7) lives in ``steer.py``: ``POST /api/steer/...`` as its own router, and the feature
 page's ``#steer-slot`` panel.
@@ -23,6 +24,7 @@ from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+MAX_LIMIT = 500  # rows per list request; a larger limit is a 422 like any other bad input, not silently cut
 PAGES = ("index.html", "feature.html", "live.html")
 
 
@@ -65,7 +67,7 @@ def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(db_paths: list[str | Path], live: bool = True):
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
@@ -154,14 +156,13 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         return {"saes": [{k: d.meta.get(k) for k in keys} | {"live": live} for d in dbs.values()]}
 
     @app.get("/api/features/{model}/{sae}", summary="Feature list, sorted")
-    def features(model: str, sae: str, sort: str = "density", order: str = "desc", offset: int = 0, limit: int = 50,
-                 alive_only: bool = False):
+    def features(model: str, sae: str, sort: str = "density", order: str = "desc", offset: int = Query(0, ge=0),
+                 limit: int = Query(50, ge=1, le=MAX_LIMIT), alive_only: bool = False):
         d = get_db(model, sae)
         if sort not in ("density", "max_act", "index") or order not in ("asc", "desc"):
             raise HTTPException(400, "sort must be density, max_act or index; order asc or desc")
-        limit = max(1, min(limit, 500))
         return {"total": d.d_sae, "offset": offset,
-                "features": d.list_features(sort, order == "desc", max(offset, 0), limit, alive_only)}
+                "features": d.list_features(sort, order == "desc", offset, limit, alive_only)}
 
     @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
     def feature(model: str, sae: str, index: int):
@@ -169,11 +170,10 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         return neuronpedia_feature(d, f)
 
     @app.get("/api/search", summary="Features whose top contexts peak on a token containing q")
-    def search(q: str, model: str | None = None, sae: str | None = None, limit: int = 50):
+    def search(q: str, model: str | None = None, sae: str | None = None, limit: int = Query(50, ge=1, le=MAX_LIMIT)):
         if not q.strip():
             raise HTTPException(400, "q must not be empty")
         targets = [get_db(model, sae)] if model and sae else list(dbs.values())
-        limit = max(1, min(limit, 500))
         return {"q": q, "results": [{"model": d.meta["model_id"], "sae": d.meta["sae_id"], **r}
                                     for d in targets for r in d.search(q, limit)]}
 
