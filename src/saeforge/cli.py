@@ -21,6 +21,8 @@ from typing import Sequence
 from saeforge.config import SECTION_CLASSES, ConfigError, UserError, add_config_options, merged
 from saeforge.saes.base import SAEConfig
 from saeforge.saes.registry import config_class, names
+from saeforge.models import list_hooks, load_model
+from saeforge.training.config import RunConfig
 
 # Each stage adds its own subcommands: ``add_commands(sub, arch)`` adds subparsers with
 # ``set_defaults(func=...)``; ``func(ns, base_config_dict) -> exit code``. Listed in --help order.
@@ -51,8 +53,6 @@ def _architecture(argv: Sequence[str]) -> tuple[str, dict]:
 
 
 def cmd_hooks(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.models import list_hooks, load_model
-
     lm = load_model(ns.model_name, dtype="float32", device="cpu")
     for name in list_hooks(lm.model):
         print(name)
@@ -60,8 +60,6 @@ def cmd_hooks(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_config(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.training.config import RunConfig
-
     if ns.markdown:
         print(config_markdown())
         return 0

@@ -28,6 +28,8 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F, TrainConfig, add_config_options, from_dict, overrides
 from saeforge.evals.dictionaries import mmcs
+from saeforge.saes.registry import config_class, sae_class, names
+from saeforge.training.trainer import Trainer
 
 
 @dataclass
@@ -107,9 +109,6 @@ TOY_SAE_DEFAULTS: dict[str, dict] = {
 def train_toy(arch: str, toy: ToyConfig, sae_overrides: dict | None = None, train: TrainConfig | None = None,
               d_sae: int = 0, batch_size: int = 1024, eval_rows: int = 8192, progress: bool = False) -> dict:
     """Train one SAE on toy data; returns mmcs, l0, explained_variance, seconds and the exported SAE."""
-    from saeforge.saes.registry import config_class, sae_class
-    from saeforge.training.trainer import Trainer
-
     data = ToyData(toy)
     fields = {**TOY_SAE_DEFAULTS.get(arch, {}), **(sae_overrides or {})}
     fields.update(architecture=arch, d_in=toy.d, d_sae=d_sae or fields.get("d_sae", toy.n_features))
@@ -133,8 +132,6 @@ def train_toy(arch: str, toy: ToyConfig, sae_overrides: dict | None = None, trai
 
 # ---- CLI: saeforge toy ------------------------------------------------------------------
 def add_commands(sub, arch: str) -> None:
-    from saeforge.saes.registry import config_class, names
-
     p = sub.add_parser("toy", help="train an SAE on toy superposition data; print MMCS vs the true features, L0, EV",
                        description=f"Architectures: {', '.join(names())}. Unset sparsity options take toy defaults "
                                    f"({TOY_SAE_DEFAULTS}); --sae.d_sae defaults to toy.n_features.")

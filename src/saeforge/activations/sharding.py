@@ -35,6 +35,7 @@ from saeforge.activations.stream import (
 from saeforge.config import ActivationsConfig, DataConfig
 from saeforge.io import atomic_write_text
 from saeforge.activations.ranks import DistContext, all_gather_rows, rank_rows
+from saeforge.data import excluded_mask
 
 
 def share(n: int, ctx: DistContext) -> tuple[int, int]:
@@ -190,8 +191,6 @@ class KeepColumns:
 # ---- parallel cache writing -------------------------------------------------------------
 def windows_needed(tokenizer, data_cfg: DataConfig, n_tokens: int, part: str) -> int:
     """How many packed windows hold at least ``n_tokens`` kept rows (tokenising only, no LM)."""
-    from saeforge.data import excluded_mask
-
     rows = 0
     for i, w_T in enumerate(train_windows(tokenizer, data_cfg, part)):
         rows += int((~excluded_mask(w_T[None], tokenizer, data_cfg)).sum())

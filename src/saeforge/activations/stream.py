@@ -20,6 +20,8 @@ import torch
 
 from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.config import ActivationsConfig, DataConfig
+from saeforge.data import iter_documents, pack_windows, split_documents, excluded_mask
+from saeforge.models.hooks import capture
 
 
 @dataclass
@@ -33,8 +35,6 @@ class WindowActivations:
 
 def train_windows(tokenizer, data_cfg: DataConfig, part: str = "train") -> Iterator[torch.Tensor]:
     """Packed token windows (LongTensor[T]) of one part of the corpus, in a deterministic order."""
-    from saeforge.data import iter_documents, pack_windows, split_documents
-
     return pack_windows(split_documents(iter_documents(data_cfg), data_cfg, part), tokenizer, data_cfg)
 
 
@@ -49,8 +49,6 @@ def as_points(hook_points) -> list:
 
 def hook_widths(lm, hook_points) -> list[int]:
     """Width at each hook (not always d_model: a raw module path may point inside the MLP); one probe forward."""
-    from saeforge.models.hooks import capture
-
     points = as_points(hook_points)
     probe_ST = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
     acts = capture(lm.model, points, probe_ST)
@@ -80,9 +78,6 @@ def hook_columns(lm, hook_points) -> dict[str, slice]:
 def window_activations(lm, hook_points, windows_ST: torch.Tensor, data_cfg: DataConfig, lm_batch_size: int
                        ) -> Iterator[WindowActivations]:
     """Run the LM over ``windows_ST`` in batches and yield the activations at the hook point(s), concatenated."""
-    from saeforge.data import excluded_mask
-    from saeforge.models.hooks import capture
-
     points = as_points(hook_points)
     for tokens_ST in windows_ST.split(lm_batch_size):
         acts = capture(lm.model, points, tokens_ST.to(lm.device))
@@ -139,8 +134,6 @@ class ActivationStream:
         windows = list(itertools.islice(self._windows, S))
         self._next_window += len(windows)
         if windows and rows_wanted is not None:
-            from saeforge.data import excluded_mask
-
             kept = (~excluded_mask(torch.stack(windows), self.lm.tokenizer, self.data_cfg)).sum(1).cumsum(0)
             windows = windows[: int(torch.searchsorted(kept, rows_wanted)) + 1]
         return windows

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+from saeforge.analysis.common import load_for_analysis, single_token
+from saeforge.analysis.steering import Steer, steer_generate
+from saeforge.analysis.metrics import LogitDiff, NextTokenLoss, TokenLogit
+from saeforge.analysis.ablation import ablation_effects
+from saeforge.analysis.attribution import attribution_patching, integrated_gradients
+from saeforge.analysis.logit_lens import top_tokens
+from saeforge.analysis.counterfactual import flip_preference
 
 METHODS = ("atp", "ig", "zero-ablation", "mean-ablation")
 
@@ -52,8 +59,6 @@ def add_commands(sub: Any, arch: str) -> None:
 
 
 def _load(ns: argparse.Namespace):
-    from saeforge.analysis.common import load_for_analysis
-
     lm, sae, hook = load_for_analysis(ns.sae, ns.model, device=ns.device)
     if ns.hook:
         hook = sae.hook_name = ns.hook
@@ -61,8 +66,6 @@ def _load(ns: argparse.Namespace):
 
 
 def _steers(ns: argparse.Namespace) -> list:
-    from saeforge.analysis.steering import Steer
-
     n = len(ns.feature)
     if ns.clamp and ns.alpha:
         raise SystemExit("saeforge steer: give --alpha or --clamp, not both")
@@ -78,8 +81,6 @@ def _steers(ns: argparse.Namespace) -> list:
 
 
 def cmd_steer(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.analysis.steering import steer_generate
-
     lm, sae, hook = _load(ns)
     steers = _steers(ns)
     res = steer_generate(lm, sae, steers, prompt=ns.prompt, hook=hook, max_new_tokens=ns.max_new_tokens,
@@ -95,9 +96,6 @@ def cmd_steer(ns: argparse.Namespace, base: dict) -> int:
 
 
 def _metric(ns: argparse.Namespace, tok: Any):
-    from saeforge.analysis.common import single_token
-    from saeforge.analysis.metrics import LogitDiff, NextTokenLoss, TokenLogit
-
     if ns.loss:
         if ns.target or ns.other or ns.counterfactual:
             raise SystemExit("saeforge attribute: --loss measures the prompt's own loss; drop --target/--other/--counterfactual")
@@ -113,10 +111,6 @@ def _metric(ns: argparse.Namespace, tok: Any):
 
 
 def cmd_attribute(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.analysis.ablation import ablation_effects
-    from saeforge.analysis.attribution import attribution_patching, integrated_gradients
-    from saeforge.analysis.logit_lens import top_tokens
-
     lm, sae, hook = _load(ns)
     metric = _metric(ns, lm.tokenizer)
     if ns.counterfactual:
@@ -138,8 +132,6 @@ def cmd_attribute(ns: argparse.Namespace, base: dict) -> int:
 
 
 def _flip(ns: argparse.Namespace, lm: Any, sae: Any, hook: str, metric: Any) -> int:
-    from saeforge.analysis.counterfactual import flip_preference
-
     if len(ns.prompt) != 1:
         raise SystemExit("saeforge attribute --counterfactual takes exactly one --prompt (prompt A)")
     r = flip_preference(lm, sae, hook, ns.prompt[0], ns.counterfactual, metric.target, metric.other)

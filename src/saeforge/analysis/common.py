@@ -10,6 +10,8 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, UsageError
 from saeforge.models import hf_model
+from saeforge.models import load_model
+from saeforge.saes.formats import load_sae, read_cfg
 
 
 def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str = "cpu", dtype: str = "float32"):
@@ -18,9 +20,6 @@ def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str
     float32 by default: analysis runs few tokens, and bf16 would round edits on the residual stream.
     ``sae.hook_name`` is set so width errors can say where the SAE belongs.
     """
-    from saeforge.models import load_model
-    from saeforge.saes.formats import load_sae, read_cfg
-
     meta = read_cfg(sae_dir).get("metadata") or {}
     model_name = model or meta.get("model_name")
     hook = meta.get("hook_name")

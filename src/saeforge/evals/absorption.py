@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from saeforge.evals.splice import run_sae
+from saeforge.models.hooks import capture
 
 WORD = re.compile(r"^ ?[A-Za-z]{2,}$")
 COS_MIN, PROJ_FRACTION = 0.025, 0.4
@@ -57,8 +58,6 @@ def first_letter_tokens(tokenizer, per_letter: int = 120, min_per_letter: int = 
 
 @torch.inference_mode()
 def token_activations(lm, hook, ids_N: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    from saeforge.models.hooks import capture
-
     bos = lm.tokenizer.bos_token_id
     out = []
     for a in range(0, len(ids_N), batch_size):

@@ -15,6 +15,14 @@ from typing import Any, Iterator
 import torch
 
 from saeforge.config import ConfigError
+from saeforge.data import excluded_mask
+from saeforge.evals.report import _batches, heldout_windows, evaluate
+from saeforge.models.hooks import capture
+from saeforge.evals.dictionaries import compare_dictionaries
+from saeforge.evals.setup import eval_setup_for
+from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import load_sae
+from saeforge.evals.html import COMPARE_KEYS
 
 MDL_TOKENS = 8192  # activation rows kept for MDL (and stitching): ~19 MB at d_in 576
 
@@ -36,10 +44,6 @@ def trained_context(sae_dir: str | Path) -> int | None:
 @torch.inference_mode()
 def activation_batches(lm, hook, data_cfg, n_rows: int, batch_size: int) -> Iterator[torch.Tensor]:
     """Non-excluded held-out activation rows x_ND (float32), ``n_rows`` in all, one LM batch at a time."""
-    from saeforge.data import excluded_mask
-    from saeforge.evals.report import _batches, heldout_windows
-    from saeforge.models.hooks import capture
-
     left = n_rows
     for tokens_ST in _batches(heldout_windows(lm, data_cfg), batch_size):
         x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
@@ -54,12 +58,6 @@ def compare_saved(sae_dirs: list[str | Path], overrides: dict[str, dict] | None 
                   lm=None, threshold: float = 0.7, mdl_tokens: int = MDL_TOKENS
                   ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
     """(entries, pairs): [(label, metrics)] per SAE on shared tokens; MMCS/stitching per same-hook pair."""
-    from saeforge.evals.dictionaries import compare_dictionaries
-    from saeforge.evals.report import evaluate
-    from saeforge.evals.setup import eval_setup_for
-    from saeforge.models import load_model, resolve_hook
-    from saeforge.saes.formats import load_sae
-
     if not sae_dirs:
         raise ConfigError("compare needs at least one SAE folder")
     base = eval_setup_for(sae_dirs[0], overrides)
@@ -100,8 +98,6 @@ def load_eval_json(sae_dir: str | Path) -> dict[str, Any] | None:
 
 def format_compare_table(entries: list[tuple[str, dict[str, Any]]]) -> str:
     """Plain-text side-by-side table for the terminal."""
-    from saeforge.evals.html import COMPARE_KEYS
-
     def cell(v: Any) -> str:
         if v is None:
             return "-"

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saeforge.evals import svg
+from saeforge.evals.report import _ROWS
+from saeforge.io import atomic_write_text
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #222; }
@@ -46,8 +48,6 @@ def _num(v: Any) -> str:
 
 def metrics_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows: the text table's rows (report._ROWS), so page and terminal agree."""
-    from saeforge.evals.report import _ROWS
-
     return [(label, fmt(m) if fmt is not str else str(m[key])) for label, key, fmt in _ROWS if key in m]
 
 
@@ -174,7 +174,5 @@ def render_compare(entries: Sequence[tuple[str, dict[str, Any]]], pairs: Sequenc
 
 
 def write_html(text: str, path: str | Path) -> Path:
-    from saeforge.io import atomic_write_text
-
     atomic_write_text(path, text)
     return Path(path)

@@ -30,6 +30,10 @@ from saeforge.config import ConfigError, DataConfig, EvalConfig
 from saeforge.evals.metrics import ReconstructionStats
 from saeforge.evals.positions import PositionStats, by_position
 from saeforge.evals.splice import run_sae, spliced_ce_kl
+from saeforge.data import iter_documents, pack_windows, split_documents, excluded_mask
+from saeforge.models.hooks import capture, resolve_hook
+from saeforge.io import atomic_write_text
+from saeforge.evals.mdl import description_length
 
 
 def _sae_d_in(sae: object) -> int | None:
@@ -78,8 +82,6 @@ def _batches(windows_T: Iterable[torch.Tensor], batch_size: int) -> Iterator[tor
 
 def heldout_windows(lm, data_cfg: DataConfig) -> Iterator[torch.Tensor]:
     """A fresh lazy stream of held-out windows; packing is deterministic, so every call yields the same ones."""
-    from saeforge.data import iter_documents, pack_windows, split_documents
-
     docs = split_documents(iter_documents(data_cfg), data_cfg, "heldout")
     return pack_windows(docs, lm.tokenizer, data_cfg)
 
@@ -103,9 +105,6 @@ def reconstruction_stats(
     ``hook_out``: a transcoder's output hook; the statistics then compare its prediction with that hook.
     """
     from tqdm.auto import tqdm
-
-    from saeforge.data import excluded_mask
-    from saeforge.models.hooks import capture
 
     stats: ReconstructionStats | None = None
     pos: PositionStats | None = None
@@ -155,8 +154,6 @@ def evaluate(
     Windows stream twice from the packer (reconstruction, then CE on the first ``ce_tokens``), so
     memory does not grow with the token budget.
     """
-    from saeforge.models.hooks import resolve_hook
-
     hook = resolve_hook(lm.model, hook_point)
     out = None if hook_out is None else resolve_hook(lm.model, hook_out)
     if out is not None:
@@ -188,8 +185,6 @@ def evaluate(
     ce_sums = None
     n_available = rp.n_windows
     if n_ce > 0:
-        from saeforge.data import excluded_mask
-
         pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg))
                  for tok_ST in _batches(islice(heldout_windows(lm, data_cfg), n_ce), eval_cfg.batch_size))
         # The mean over the scored eval tokens: the standard "mean ablation" baseline.
@@ -209,8 +204,6 @@ def evaluate(
         )
     metrics["by_position"] = by_position(rp.positions, ce_sums, position_buckets)
     if mdl_tokens > 0 and rp.sample_ND is not None:
-        from saeforge.evals.mdl import description_length
-
         metrics["mdl"] = description_length(sae, rp.sample_ND)
     return metrics
 
@@ -291,8 +284,6 @@ def write_eval_json(metrics: dict[str, Any], folder: str | Path, name: str = "ev
 
     ``name`` stays eval.json for the SAE's own corpus; evals/saved.py names results on other corpora.
     """
-    from saeforge.io import atomic_write_text
-
     safe = {k: _json_safe(v) for k, v in metrics.items() if not (isinstance(v, torch.Tensor) and v.numel() != 1)}
     path = Path(folder) / name
     atomic_write_text(path, json.dumps(safe, indent=2) + "\n")

@@ -15,6 +15,13 @@ from pathlib import Path
 
 from saeforge.config import ConfigError, DataConfig, EvalSetup
 from saeforge.evals.setup import eval_setup_for
+from saeforge.evals.report import evaluate, write_eval_json
+from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import load_sae
+from saeforge.evals.absorption import first_letter_absorption
+from saeforge.evals.compare import compare_saved, sae_label, trained_context
+from saeforge.evals.curves import sae_training_section
+from saeforge.evals.html import render_report, write_html
 
 
 def trained_corpus(sae_dir: str | Path) -> str:
@@ -69,18 +76,12 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     run folder). ``compare`` folders are scored on the same tokens and placed beside it on the page (and
     MMCS / stitching against each that reads the same hook).
     """
-    from saeforge.evals.report import evaluate, write_eval_json
-    from saeforge.models import load_model, resolve_hook
-    from saeforge.saes.formats import load_sae
-
     cfg = eval_setup_for(sae_dir, overrides)
     json_path, html_path = eval_paths(sae_dir, cfg.data.corpus, out)  # before the work: a bad --out fails fast
     if lm is None:
         lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     others: list = []
     if compare:
-        from saeforge.evals.compare import compare_saved
-
         entries, pairs = compare_saved([sae_dir, *compare], overrides, progress=progress, lm=lm, mdl_tokens=mdl_tokens)
         (_, metrics), others = entries[0], entries[1:]
         metrics["dictionaries"] = [p for p in pairs if entries[0][0] in (p["a"], p["b"])]
@@ -96,10 +97,6 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     json_path.parent.mkdir(parents=True, exist_ok=True)
     written = [write_eval_json(metrics, json_path.parent, json_path.name)]
     if report:
-        from saeforge.evals.compare import sae_label, trained_context
-        from saeforge.evals.curves import sae_training_section
-        from saeforge.evals.html import render_report, write_html
-
         write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir),
                                  sae_training_section(sae_dir)), html_path)
         written.append(html_path)
@@ -108,10 +105,6 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
 
 def _absorption(lm, cfg: EvalSetup, sae_dir: str | Path) -> dict:
     """First-letter absorption, or {"error": why} when the vocabulary has too few single-word tokens."""
-    from saeforge.evals.absorption import first_letter_absorption
-    from saeforge.models import resolve_hook
-    from saeforge.saes.formats import load_sae
-
     try:
         return first_letter_absorption(lm, resolve_hook(lm.model, cfg.model.hook), load_sae(sae_dir, device=str(lm.device)))
     except ValueError as e:

@@ -36,6 +36,7 @@ from saeforge.saes.base import (
     StepOutput, unit_norm_rows_,
 )
 from saeforge.saes.losses import auxk_loss, fvu
+from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 
 
 @dataclass
@@ -165,8 +166,6 @@ class BatchTopKSAE(SAE):
 
         Needs a trained theta (>= 0); folding the input scale first is fine (it keeps pre-activations).
         """
-        from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
-
         if self.threshold < 0:
             raise ValueError("this BatchTopK SAE has no inference threshold yet (train at least one step first)")
         cfg = self.cfg

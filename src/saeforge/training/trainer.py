@@ -25,6 +25,7 @@ from saeforge.saes.losses import explained_variance
 from saeforge.training.anneal import PAnneal, check_p_anneal
 from saeforge.training.dead import make_handler
 from saeforge.training.schedules import lr_factor, sparsity_factor
+from saeforge.saes.base import LossContext
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -224,8 +225,6 @@ class Trainer:
         bar.close()
 
     def _step(self, x_BD: torch.Tensor) -> dict[str, torch.Tensor]:
-        from saeforge.saes.base import LossContext
-
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(self.step, self.n_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from saeforge.config import add_config_options, overrides
 from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.index import build_index
+from saeforge.viewer.server import serve
+from saeforge.viewer.export import export_neuronpedia
 
 
 def _index_options(p: argparse.ArgumentParser) -> None:
@@ -18,8 +21,6 @@ def _index_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.viewer.index import build_index
-
     cfg = IndexConfig(**{f.name: getattr(ns, f"index_{f.name}") for f in dataclasses.fields(IndexConfig)})
     out = Path(ns.out) if ns.out else Path(ns.sae_dir) / "features.db"
     build_index(ns.sae_dir, out, cfg, overrides(ns), progress=not ns.quiet, restart=ns.restart)
@@ -28,8 +29,6 @@ def cmd_index(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.viewer.server import serve
-
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"saeforge serve: listening on {ns.host}: anyone who can reach it can run text through the model")
     serve(ns.db, host=ns.host, port=ns.port, live=not ns.no_live)
@@ -37,8 +36,6 @@ def cmd_serve(ns: argparse.Namespace, base: dict) -> int:
 
 
 def cmd_export(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.viewer.export import export_neuronpedia
-
     files = export_neuronpedia(ns.db, ns.out, batch_size=ns.batch_size, progress=not ns.quiet)
     print(f"wrote {len(files)} files to {ns.out}")
     return 0

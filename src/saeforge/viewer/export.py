@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.viewer.db import FeatureDB
+from saeforge.io import atomic_write_text
 
 EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                 "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
@@ -52,8 +53,6 @@ def feature_record(d: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
 
 def export_neuronpedia(db_path: str | Path, out: str | Path, batch_size: int = 128, progress: bool = True) -> list[Path]:
     from tqdm import tqdm
-
-    from saeforge.io import atomic_write_text
 
     d = FeatureDB(db_path)
     out = Path(out)

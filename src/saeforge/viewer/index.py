@@ -27,6 +27,12 @@ from saeforge.viewer import db
 from saeforge.viewer.db import DBError
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.stats import FeatureStats
+from saeforge.io import atomic_path, atomic_write_text
+from saeforge.activations.stream import train_windows, window_activations
+from saeforge.evals.setup import eval_setup_for
+from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import load_sae, read_cfg
+from saeforge.viewer import lens
 
 STATE_SUFFIX = ".index-state"
 
@@ -54,8 +60,6 @@ def _fingerprint(sae_dir: Path, cfg: IndexConfig, run_cfg: Any) -> dict[str, Any
 
 def _save_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) -> None:
     from safetensors.torch import save_file
-
-    from saeforge.io import atomic_path, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors, counters = stats.state()
@@ -87,11 +91,6 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
                 progress: bool = True, restart: bool = False, lm=None) -> Path:
     """Build the feature database for ``sae_dir`` at ``out``; returns ``out``. See the module docstring."""
     from tqdm import tqdm
-
-    from saeforge.activations.stream import train_windows, window_activations
-    from saeforge.evals.setup import eval_setup_for
-    from saeforge.models import load_model, resolve_hook
-    from saeforge.saes.formats import load_sae, read_cfg
 
     sae_dir, out = Path(sae_dir), Path(out)
     run_cfg = eval_setup_for(sae_dir, overrides)
@@ -145,8 +144,6 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
 
 
 def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any], cfg: IndexConfig) -> None:
-    from saeforge.viewer import lens
-
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     con = db.create(tmp)

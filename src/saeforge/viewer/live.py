@@ -19,6 +19,12 @@ from typing import Any, Iterator
 
 import torch
 from saeforge.config import UserError
+from saeforge.config import from_dict, DataConfig
+from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import load_sae
+from saeforge.data.packing import _bos_id
+from saeforge.data import excluded_mask
+from saeforge.models.hooks import capture
 
 MAX_TOKENS = 256  # the live box is for a sentence or a paragraph, not a document
 
@@ -55,10 +61,6 @@ class LiveRunner:
             yield self._load(key, meta)
 
     def _load(self, key: str, meta: dict[str, Any]) -> Loaded:
-        from saeforge.config import from_dict, DataConfig
-        from saeforge.models import load_model, resolve_hook
-        from saeforge.saes.formats import load_sae
-
         if key not in self._saes:
             try:
                 name = meta["model"]
@@ -74,8 +76,6 @@ class LiveRunner:
         return self._saes[key]
 
     def tokenize(self, loaded: Loaded, text: str) -> torch.Tensor:
-        from saeforge.data.packing import _bos_id
-
         ids = loaded.lm.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_tokens - 1]
         bos = _bos_id(loaded.lm.tokenizer) if loaded.data_cfg.prepend_bos else None
         return torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long)[None]
@@ -83,9 +83,6 @@ class LiveRunner:
     @torch.no_grad()
     def latents(self, key: str, meta: dict[str, Any], text: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(token ids, f_TF latents, keep_T) for ``text`` under the SAE ``key``; special positions are zeroed."""
-        from saeforge.data import excluded_mask
-        from saeforge.models.hooks import capture
-
         with self.loaded(key, meta) as loaded:
             tokens_ST = self.tokenize(loaded, text)
             acts = capture(loaded.lm.model, [loaded.hook], tokens_ST.to(loaded.lm.device))[loaded.hook.name][0]

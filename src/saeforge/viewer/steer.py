@@ -11,6 +11,7 @@ runner's lock serialises generations, so a long one would stall every other live
 from typing import Any, Callable, Literal
 
 from saeforge.viewer.live import LiveError, LiveRunner
+from saeforge.analysis.steering import steer_generate
 
 MAX_PROMPT_CHARS = 2000
 MAX_ALPHA = 1000.0  # latent units; real SAEs' activations reach the hundreds, nothing sensible is beyond this
@@ -22,8 +23,6 @@ def steer_router(get_feature: Callable[[str, str, int], Any], runner: LiveRunner
     """An APIRouter for ``create_app``: ``get_feature`` raises its 404 for unknown SAEs/features."""
     from fastapi import APIRouter, HTTPException
     from pydantic import BaseModel, Field
-
-    from saeforge.analysis.steering import steer_generate
 
     router = APIRouter()
 
