@@ -40,8 +40,9 @@ def matmul_gflops(dtype: torch.dtype) -> float:
     return 2 * 4096 * 576 * 4608 / timed(lambda: a @ b, 5) / 1e9
 
 
-def lm_ceiling(model: str, hook: str, dtype: str, compile_too: bool, seqs: int = 16, ctx: int = 128, batches: int = 4
-               ) -> tuple[float, float | None, float | None, str]:
+def lm_ceiling(
+    model: str, hook: str, dtype: str, compile_too: bool, seqs: int = 16, ctx: int = 128, batches: int = 4
+) -> tuple[float, float | None, float | None, str]:
     """LM-forward tokens/s eager, and (with ``compile_too``) compiled plus the compile's seconds.
 
     Each timing runs ``batches`` LM batches of ``seqs`` x ``ctx`` tokens (saeforge's default LM batch);
@@ -95,9 +96,28 @@ def end_to_end(model: str, hook: str, tokens: int, *extra: str) -> tuple[float, 
     """saeforge train over ``tokens`` live tokens: tokens/s of its training loop (LM forward included), and the
     share of that loop spent waiting for batches (metrics.jsonl's source_s / elapsed_s: the LM's part)."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "saeforge.cli", "train", "--model", model, "--hook", hook,
-                        "--tokens", str(tokens), "--train.out_dir", out, "--name", "ceiling", "--no-eval", "--quiet",
-                        *extra], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "saeforge.cli",
+                "train",
+                "--model",
+                model,
+                "--hook",
+                hook,
+                "--tokens",
+                str(tokens),
+                "--train.out_dir",
+                out,
+                "--name",
+                "ceiling",
+                "--no-eval",
+                "--quiet",
+                *extra,
+            ],
+            check=True,
+        )
         last = json.loads((Path(out) / "ceiling" / "metrics.jsonl").read_text().splitlines()[-1])
         return last["tokens_per_s"], last["source_s"] / last["elapsed_s"]
 
@@ -108,13 +128,18 @@ def main() -> None:
     ap.add_argument("--hook", default="blocks.3.hook_resid_post")
     ap.add_argument("--tokens", type=int, default=262_144, help="live training tokens for the end-to-end figure")
     ap.add_argument("--compile", action="store_true", help="also time the compiled LM forward (models/compiled.py)")
-    ap.add_argument("--prefetch-too", action="store_true",
-                    help="also run end to end with --activations.prefetch true (the LM's next chunk in a background thread)")
+    ap.add_argument(
+        "--prefetch-too",
+        action="store_true",
+        help="also run end to end with --activations.prefetch true (the LM's next chunk in a background thread)",
+    )
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [("matmul float32 (GFLOP/s)", matmul_gflops(torch.float32)),
-            ("matmul bfloat16 (GFLOP/s)", matmul_gflops(torch.bfloat16))]
+    rows = [
+        ("matmul float32 (GFLOP/s)", matmul_gflops(torch.float32)),
+        ("matmul bfloat16 (GFLOP/s)", matmul_gflops(torch.bfloat16)),
+    ]
     lm_tok_s, lm_compiled_tok_s, compile_s, lm_dtype = lm_ceiling(args.model, args.hook, "auto", args.compile)
     rows.append((f"LM forward to {args.hook}, {lm_dtype}, eager (tok/s)", lm_tok_s))
     if lm_compiled_tok_s is not None:
@@ -130,7 +155,10 @@ def main() -> None:
     e2e, lm_share = end_to_end(args.model, args.hook, args.tokens)
     rows.append((f"saeforge train, end to end, {args.tokens:,} tokens (tok/s)", e2e))
     rows.append(("  share of it spent waiting for the LM's activations", lm_share))
-    rows += [("  ratio to LM-forward ceiling (eager)", e2e / lm_tok_s), ("  ratio to LM + step in series", e2e / serial)]
+    rows += [
+        ("  ratio to LM-forward ceiling (eager)", e2e / lm_tok_s),
+        ("  ratio to LM + step in series", e2e / serial),
+    ]
     if lm_compiled_tok_s is not None:
         rows.append(("  ratio to LM-forward ceiling (compiled)", e2e / lm_compiled_tok_s))
     width = max(len(name) for name, _ in rows)

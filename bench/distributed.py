@@ -23,10 +23,34 @@ from pathlib import Path
 
 
 def run(nproc: int, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "saeforge.cli", "train", "--nproc", str(nproc), "--model", args.model,
-           "--hook", args.hook, "--tokens", str(args.tokens), "--activations.batch_size", str(args.batch),
-           "--activations.shuffle_sequences", "64", "--sae.d_sae", str(args.d_sae), "--train.log_every_steps", "1000000",
-           "--train.out_dir", str(out), "--name", f"p{nproc}", "--no-eval", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saeforge.cli",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--model",
+        args.model,
+        "--hook",
+        args.hook,
+        "--tokens",
+        str(args.tokens),
+        "--activations.batch_size",
+        str(args.batch),
+        "--activations.shuffle_sequences",
+        "64",
+        "--sae.d_sae",
+        str(args.d_sae),
+        "--train.log_every_steps",
+        "1000000",
+        "--train.out_dir",
+        str(out),
+        "--name",
+        f"p{nproc}",
+        "--no-eval",
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -36,18 +60,50 @@ def run(nproc: int, args, out: Path) -> dict:
 
 def run_hooks(nproc: int, args, out: Path) -> dict:
     name = f"h{nproc}"
-    cmd = [sys.executable, "-m", "saeforge.cli", "train", "--nproc", str(nproc), "--model", args.model,
-           "--tokens", str(args.tokens), "--activations.batch_size", str(args.batch),
-           "--activations.shuffle_sequences", "64", "--sae.d_sae", str(args.d_sae), "--train.log_every_steps", "1000000",
-           "--train.checkpoint_every_steps", "1000000", "--train.parallel", "hooks", "--train.out_dir", str(out),
-           "--name", name, "--no-eval", "--quiet", "--sweep", "model.hook=" + ",".join(args.hooks)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saeforge.cli",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--model",
+        args.model,
+        "--tokens",
+        str(args.tokens),
+        "--activations.batch_size",
+        str(args.batch),
+        "--activations.shuffle_sequences",
+        "64",
+        "--sae.d_sae",
+        str(args.d_sae),
+        "--train.log_every_steps",
+        "1000000",
+        "--train.checkpoint_every_steps",
+        "1000000",
+        "--train.parallel",
+        "hooks",
+        "--train.out_dir",
+        str(out),
+        "--name",
+        name,
+        "--no-eval",
+        "--quiet",
+        "--sweep",
+        "model.hook=" + ",".join(args.hooks),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     summary = json.loads((out / name / "sweep.json").read_text())
     widths = [r["row_width"] for r in summary["ranks"]]
-    return {"nproc": nproc, "tokens_per_s": args.tokens / summary["sweep_seconds"], "wall_s": wall,
-            "parallel": summary["parallel"], "widths": widths}
+    return {
+        "nproc": nproc,
+        "tokens_per_s": args.tokens / summary["sweep_seconds"],
+        "wall_s": wall,
+        "parallel": summary["parallel"],
+        "widths": widths,
+    }
 
 
 def main() -> None:
@@ -64,17 +120,23 @@ def main() -> None:
     if "data" in args.mode:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [run(n, args, Path(tmp)) for n in args.nproc]
-        print(f"data-parallel: {args.model} {args.hook}, {args.tokens} tokens, global batch {args.batch}, d_sae {args.d_sae}")
+        print(
+            f"data-parallel: {args.model} {args.hook}, {args.tokens} tokens, global batch {args.batch}, d_sae {args.d_sae}"
+        )
         print("| processes | tokens/s (trainer) | wall s (incl. start-up) | final loss |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['nproc']} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | {r['loss']:.4f} |")
     if "hooks" in args.mode:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [run_hooks(n, args, Path(tmp)) for n in args.nproc]
-        print(f"hook-parallel sweep: {args.model} {', '.join(args.hooks)} (one TopK SAE each), {args.tokens} tokens, "
-              f"global batch {args.batch}, d_sae {args.d_sae}")
-        print("| processes | mode | stream tokens/s (every SAE sees each) | wall s (incl. start-up) | row width per rank |"
-              "\n|---|---|---|---|---|")
+        print(
+            f"hook-parallel sweep: {args.model} {', '.join(args.hooks)} (one TopK SAE each), {args.tokens} tokens, "
+            f"global batch {args.batch}, d_sae {args.d_sae}"
+        )
+        print(
+            "| processes | mode | stream tokens/s (every SAE sees each) | wall s (incl. start-up) | row width per rank |"
+            "\n|---|---|---|---|---|"
+        )
         for r in rows:
             print(f"| {r['nproc']} | {r['parallel']} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | {r['widths']} |")
 

@@ -31,8 +31,12 @@ def derive(src: Path, dst: Path, k: int | None = None, keep: int | None = None) 
         cfg["metadata"]["saeforge_config"]["sae"]["k"] = k
     if keep is not None:
         w = load_file(str(dst / "sae_weights.safetensors"))
-        w = {"W_enc": w["W_enc"][:, :keep].contiguous(), "b_enc": w["b_enc"][:keep].contiguous(),
-             "W_dec": w["W_dec"][:keep].contiguous(), "b_dec": w["b_dec"]}
+        w = {
+            "W_enc": w["W_enc"][:, :keep].contiguous(),
+            "b_enc": w["b_enc"][:keep].contiguous(),
+            "W_dec": w["W_dec"][:keep].contiguous(),
+            "b_dec": w["b_dec"],
+        }
         save_file(w, str(dst / "sae_weights.safetensors"))
         (dst / "sparsity.safetensors").unlink(missing_ok=True)
         cfg["d_sae"] = keep
@@ -57,15 +61,34 @@ def main() -> None:
     from saeforge import cli
 
     t0 = time.perf_counter()
-    cli.main(["eval", str(main_sae), "--report", "--compare", str(k16), str(half), "--quiet",
-              "--data.context_size", str(a.context), "--eval.tokens", str(a.tokens), "--eval.ce_tokens", str(a.ce_tokens)])
+    cli.main(
+        [
+            "eval",
+            str(main_sae),
+            "--report",
+            "--compare",
+            str(k16),
+            str(half),
+            "--quiet",
+            "--data.context_size",
+            str(a.context),
+            "--eval.tokens",
+            str(a.tokens),
+            "--eval.ce_tokens",
+            str(a.ce_tokens),
+        ]
+    )
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     m = json.loads((main_sae / "eval.json").read_text())
     bp = m["by_position"]
-    print(f"\n3 SAEs, {a.tokens} recon + {a.ce_tokens} CE tokens each at context {a.context}: {dt:.1f} s, "
-          f"peak RSS {peak:.0f} MiB")
-    print("EV by position:", [f"{s}-{e - 1}:{v:.3f}" for s, e, v in zip(bp["start"], bp["end"], bp["explained_variance"])])
+    print(
+        f"\n3 SAEs, {a.tokens} recon + {a.ce_tokens} CE tokens each at context {a.context}: {dt:.1f} s, "
+        f"peak RSS {peak:.0f} MiB"
+    )
+    print(
+        "EV by position:", [f"{s}-{e - 1}:{v:.3f}" for s, e, v in zip(bp["start"], bp["end"], bp["explained_variance"])]
+    )
     print("CE score by position:", [f"{s}-{e - 1}:{v:.3f}" for s, e, v in zip(bp["start"], bp["end"], bp["ce_score"])])
     print("MDL:", {k: m["mdl"][k] for k in ("dl_bits", "n_bins", "epsilon", "mse_unquantised")})
     print("dictionaries:", json.dumps(m["dictionaries"], indent=1))

@@ -75,8 +75,8 @@ def restore(monkeypatch: dict) -> None:
 
 class Setup:
     def __init__(self, name: str, sae, fused_adam: bool, before: bool = False):
-        from saeforge.training.trainer import make_adam
         from saeforge.config import TrainConfig
+        from saeforge.training.trainer import make_adam
 
         self.name, self.sae, self.before = name, sae, before
         self.opt = make_adam(sae.parameters(), TrainConfig(lr=1e-4), fused=fused_adam)
@@ -111,8 +111,10 @@ def breakdown(setup: Setup, x_BD, ctx, bf16: bool, reps: int, top: int) -> None:
     phases: dict = {}
     for _ in range(reps):
         setup.step(x_BD, ctx, bf16, phases)
-    print(f"\n== {setup.name}: median ms per phase: " + ", ".join(
-        f"{k} {statistics.median(v) * 1e3:.0f}" for k, v in phases.items()))
+    print(
+        f"\n== {setup.name}: median ms per phase: "
+        + ", ".join(f"{k} {statistics.median(v) * 1e3:.0f}" for k, v in phases.items())
+    )
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(3):
             setup.step(x_BD, ctx, bf16)
@@ -135,8 +137,13 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
     ap.add_argument("--breakdown", action="store_true", help="per-phase times and the costliest ops, before and now")
     ap.add_argument("--top", type=int, default=18, help="ops listed per setup with --breakdown")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default). On a loaded machine "
-                    "--threads 1 measures the work itself: 2 threads then also wait for each other at every op")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default). On a loaded machine "
+        "--threads 1 measures the work itself: 2 threads then also wait for each other at every op",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,7 +158,7 @@ def main() -> None:
     dead_F = torch.rand(F) < args.dead_fraction
     ctx = LossContext(dead_mask_F=dead_F if dead_F.any() else None)
 
-    def topk(fast=FastPaths()):
+    def topk(fast=FastPaths()):  # noqa: B008 (FastPaths is frozen: one shared default is fine)
         sae = TopKSAE(TopKConfig(d_in=D, d_sae=F, k=args.k))
         sae.fast = fast
         return sae
@@ -163,9 +170,11 @@ def main() -> None:
         Setup("topk now", topk(), fused_adam=True),
     ]
     bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, d_in {D}, d_sae {F}, k {args.k}, "
-          f"dead {int(dead_F.sum())}, {'bf16 autocast' if args.bf16 else 'fp32'} (bf16 matmul hardware: {bf16_hw}), "
-          f"load avg {os.getloadavg()[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, d_in {D}, d_sae {F}, k {args.k}, "
+        f"dead {int(dead_F.sum())}, {'bf16 autocast' if args.bf16 else 'fp32'} (bf16 matmul hardware: {bf16_hw}), "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
     wall: dict = {s.name: [] for s in setups}
     cpu: dict = {s.name: [] for s in setups}
     for rep in range(args.reps + 2):
@@ -180,8 +189,10 @@ def main() -> None:
         w, c = statistics.median(wall[s.name]), statistics.median(cpu[s.name])
         print(f"{s.name:<22} {B / w:>9,.0f} {w * 1e3:>8.0f} {c * 1e3:>8.0f}")
     b, n = statistics.median(cpu["topk before"]), statistics.median(cpu["topk now"])
-    print(f"topk now vs before: {statistics.median(wall['topk before']) / statistics.median(wall['topk now']):.2f}x "
-          f"wall, {b / n:.2f}x CPU time (load avg {os.getloadavg()[0]:.2f})")
+    print(
+        f"topk now vs before: {statistics.median(wall['topk before']) / statistics.median(wall['topk now']):.2f}x "
+        f"wall, {b / n:.2f}x CPU time (load avg {os.getloadavg()[0]:.2f})"
+    )
     if args.breakdown:
         for s in setups[2:]:
             breakdown(s, x_BD, ctx, args.bf16, args.reps, args.top)

@@ -28,8 +28,13 @@ from saeforge.analysis.metrics import LogitDiff, spearman
 from saeforge.analysis.steering import Steer, steer_generate, steered_logits
 from saeforge.saes.formats import load_sparsity
 
-PROMPTS = ["The weather today is", "My favourite thing to do is", "He opened the door and saw",
-           "In the beginning there was", "The report says that"]
+PROMPTS = [
+    "The weather today is",
+    "My favourite thing to do is",
+    "He opened the door and saw",
+    "In the beginning there was",
+    "The report says that",
+]
 
 
 def main() -> None:
@@ -46,15 +51,21 @@ def main() -> None:
     print(f"loaded {lm.name} + SAE ({sae.d_sae} latents at {hook}) in {time.perf_counter() - t0:.1f} s")
     sparsity_F = load_sparsity(args.sae)
     live = (sparsity_F > -4).nonzero().squeeze(1) if sparsity_F is not None else torch.arange(sae.d_sae)
-    feats = live[torch.randperm(len(live), generator=torch.Generator().manual_seed(args.seed))[: args.features]].tolist()
+    feats = live[
+        torch.randperm(len(live), generator=torch.Generator().manual_seed(args.seed))[: args.features]
+    ].tolist()
     alphas = [float(a) for a in args.alphas.split(",")]
     ids = [prompt_ids(lm.tokenizer, p) for p in PROMPTS]
-    print(f"{len(feats)} live features (log10 freq > -4) drawn with seed {args.seed}; steering at the last position "
-          f"of {len(PROMPTS)} prompts; decoder row norm {float(sae.W_dec.norm(dim=1).mean()):.2f} (latent units x this "
-          f"= residual norm added; residual norm at the last position ~{_resid_norm(lm, hook, ids):.0f})")
+    print(
+        f"{len(feats)} live features (log10 freq > -4) drawn with seed {args.seed}; steering at the last position "
+        f"of {len(PROMPTS)} prompts; decoder row norm {float(sae.W_dec.norm(dim=1).mean()):.2f} (latent units x this "
+        f"= residual norm added; residual norm at the last position ~{_resid_norm(lm, hook, ids):.0f})"
+    )
 
     summary = {a: [] for a in alphas}
-    print(f"\n{'feature':>7} {'alpha':>5} {'top':>7} {'bottom':>7} {'vocab':>7} {'lift':>7} {'rank before->after':>20}  top tokens")
+    print(
+        f"\n{'feature':>7} {'alpha':>5} {'top':>7} {'bottom':>7} {'vocab':>7} {'lift':>7} {'rank before->after':>20}  top tokens"
+    )
     t0 = time.perf_counter()
     for feat in feats:
         lens_V = direction_logits_V(lm, sae.W_dec[feat])
@@ -73,8 +84,10 @@ def main() -> None:
                 r1.append(float(_ranks(s_V, top_K).median()))
             top, bot, voc = (statistics.mean(v) for v in (d_top, d_bot, d_voc))
             summary[a].append((top - voc, bot - voc))
-            print(f"{feat:>7} {a:>5g} {top:>7.2f} {bot:>7.2f} {voc:>7.2f} {top - voc:>7.2f} "
-                  f"{statistics.median(r0):>9.0f} -> {statistics.median(r1):<8.0f}  {words}")
+            print(
+                f"{feat:>7} {a:>5g} {top:>7.2f} {bot:>7.2f} {voc:>7.2f} {top - voc:>7.2f} "
+                f"{statistics.median(r0):>9.0f} -> {statistics.median(r1):<8.0f}  {words}"
+            )
     n_fwd = len(feats) * len(alphas) * len(PROMPTS) * 2
     print(f"({n_fwd} forwards in {time.perf_counter() - t0:.1f} s)")
 
@@ -83,9 +96,11 @@ def main() -> None:
         lifts = [x for x, _ in summary[a]]
         drops = [y for _, y in summary[a]]
         up = sum(x > 0 for x in lifts)
-        print(f"  alpha {a:>4g}: mean lift {statistics.mean(lifts):+.2f}, median {statistics.median(lifts):+.2f}, "
-              f"top tokens rose more than the vocab for {up}/{len(lifts)} features; "
-              f"bottom-10 mean {statistics.mean(drops):+.2f}")
+        print(
+            f"  alpha {a:>4g}: mean lift {statistics.mean(lifts):+.2f}, median {statistics.median(lifts):+.2f}, "
+            f"top tokens rose more than the vocab for {up}/{len(lifts)} features; "
+            f"bottom-10 mean {statistics.mean(drops):+.2f}"
+        )
 
     _attribution_check(lm, sae, hook)
     t0 = time.perf_counter()
@@ -122,8 +137,12 @@ def _attribution_check(lm, sae, hook) -> None:
     top_true = set(f for f, _ in true.ranked(10))
     top_atp = set(f for f, _ in atp.ranked(10))
     print(f"\nattribution on {prompt!r}, metric logit[' Paris'] - logit[' London'] = {atp.metric_clean:.2f}:")
-    print(f"  attribution patching {t_atp:.2f} s; true zero ablation of {int(active.sum())} active features {t_abl:.1f} s")
-    print(f"  Spearman(AtP, true ablation) over active features = {rho:.3f}; top-10 overlap {len(top_true & top_atp)}/10")
+    print(
+        f"  attribution patching {t_atp:.2f} s; true zero ablation of {int(active.sum())} active features {t_abl:.1f} s"
+    )
+    print(
+        f"  Spearman(AtP, true ablation) over active features = {rho:.3f}; top-10 overlap {len(top_true & top_atp)}/10"
+    )
 
 
 if __name__ == "__main__":

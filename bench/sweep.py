@@ -12,7 +12,6 @@ import argparse
 import tempfile
 import time
 
-from saeforge.training.config import RunConfig
 from saeforge.models import load_model
 from saeforge.training.run import train
 from saeforge.training.sweep import parse_sweep, point_configs, train_sweep
@@ -26,14 +25,18 @@ def main() -> None:
     p.add_argument("--cache", default="")
     a = p.parse_args()
     out = tempfile.mkdtemp(prefix="sweep-bench-")
-    base = {"model": {"name": "smollm2-135m", "hook": "blocks.3.hook_resid_post"},
-            "activations": {"batch_size": 4096, "cache": a.cache},
-            "sae": {"architecture": "topk", "d_sae": a.d_sae},
-            "train": {"total_tokens": a.tokens, "out_dir": out, "checkpoint_every_steps": 10**6}}
+    base = {
+        "model": {"name": "smollm2-135m", "hook": "blocks.3.hook_resid_post"},
+        "activations": {"batch_size": 4096, "cache": a.cache},
+        "sae": {"architecture": "topk", "d_sae": a.d_sae},
+        "train": {"total_tokens": a.tokens, "out_dir": out, "checkpoint_every_steps": 10**6},
+    }
     lm = load_model("smollm2-135m", dtype="auto")
     points = parse_sweep([a.sweep])
     t0 = time.perf_counter()
-    train_sweep({**base, "train": {**base["train"], "run_name": "sweep"}}, points, evaluate=False, progress=False, lm=lm)
+    train_sweep(
+        {**base, "train": {**base["train"], "run_name": "sweep"}}, points, evaluate=False, progress=False, lm=lm
+    )
     t_sweep = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i, cfg in enumerate(point_configs(base, points)):
@@ -42,7 +45,7 @@ def main() -> None:
     t_solo = time.perf_counter() - t0
     src = f"cache {a.cache}" if a.cache else "live LM"
     print(f"{len(points)} TopK SAEs x {a.tokens:,} tokens, d_sae {a.d_sae}, {src}")
-    print(f"| setup | seconds | tokens/s per SAE |\n|---|---|---|")
+    print("| setup | seconds | tokens/s per SAE |\n|---|---|---|")
     print(f"| one sweep | {t_sweep:.1f} | {len(points) * a.tokens / t_sweep:,.0f} |")
     print(f"| {len(points)} separate runs | {t_solo:.1f} | {len(points) * a.tokens / t_solo:,.0f} |")
     print(f"sweep / separate = {t_sweep / t_solo:.2f}")

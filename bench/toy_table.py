@@ -32,14 +32,19 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     toy = ToyConfig(d=a.d, n_features=a.features, correlated=a.correlated)
-    print(f"toy data: d={toy.d}, {toy.n_features} features, ~{toy.mean_active} active, "
-          f"{'correlated' if toy.correlated else 'uncorrelated'}; {int(a.tokens):,} tokens, batch {a.batch_size}, "
-          f"lr {a.lr}, {torch.get_num_threads()} threads")
+    print(
+        f"toy data: d={toy.d}, {toy.n_features} features, ~{toy.mean_active} active, "
+        f"{'correlated' if toy.correlated else 'uncorrelated'}; {int(a.tokens):,} tokens, batch {a.batch_size}, "
+        f"lr {a.lr}, {torch.get_num_threads()} threads"
+    )
     print("| arch | MMCS | L0 | EV | seconds |\n|---|---|---|---|---|")
     for arch in a.arch.split(","):
         train = TrainConfig(total_tokens=int(a.tokens), lr=a.lr, lr_warmup_steps=20)
         r = train_toy(arch, toy, {}, train, d_sae=a.width, batch_size=a.batch_size)
-        print(f"| {arch} | {r['mmcs']:.4f} | {r['l0']:.2f} | {r['explained_variance']:.4f} | {r['seconds']:.1f} |", flush=True)
+        print(
+            f"| {arch} | {r['mmcs']:.4f} | {r['l0']:.2f} | {r['explained_variance']:.4f} | {r['seconds']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ def main() -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "saeforge.cli", "serve", args.db, "--no-live", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saeforge.cli", "serve", args.db, "--no-live", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:
@@ -74,15 +77,24 @@ def main() -> None:
         lat, errors = asyncio.run(load(base, model, sae, d_sae, args.clients, args.seconds))
         lat.sort()
         q = statistics.quantiles(lat, n=100)
-        print(f"{len(lat)} requests in {args.seconds:.0f} s from {args.clients} clients: {len(lat) / args.seconds:,.0f} req/s, "
-              f"errors {errors}; latency p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms")
+        print(
+            f"{len(lat)} requests in {args.seconds:.0f} s from {args.clients} clients: {len(lat) / args.seconds:,.0f} req/s, "
+            f"errors {errors}; latency p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms"
+        )
 
         idx = httpx.get(f"{base}/api/features/{model}/{sae}?limit=1").json()["features"][0]["index"]
-        parts = {"feature page HTML": f"/feature/{model}/{sae}/{idx}", "app.js": "/static/app.js",
-                 "style.css": "/static/style.css", "feature JSON": f"/api/feature/{model}/{sae}/{idx}"}
+        parts = {
+            "feature page HTML": f"/feature/{model}/{sae}/{idx}",
+            "app.js": "/static/app.js",
+            "style.css": "/static/style.css",
+            "feature JSON": f"/api/feature/{model}/{sae}/{idx}",
+        }
         sizes = {k: len(httpx.get(base + u).content) for k, u in parts.items()}
-        print("page weight (densest feature, uncompressed): " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items())
-              + f"; total {sum(sizes.values()) / 1024:.1f} KiB in {len(sizes)} requests")
+        print(
+            "page weight (densest feature, uncompressed): "
+            + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sizes.items())
+            + f"; total {sum(sizes.values()) / 1024:.1f} KiB in {len(sizes)} requests"
+        )
     finally:
         proc.terminate()
         proc.wait(10)

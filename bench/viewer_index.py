@@ -31,7 +31,9 @@ def accumulator_cost(d_sae: int, k: int, n_passes: int = 8, S: int = 16, T: int 
     batches = []
     for _ in range(n_passes):
         f = torch.zeros(S * T, d_sae)
-        f.scatter_(1, torch.rand(S * T, d_sae, generator=g).topk(k, dim=1).indices, torch.rand(S * T, k, generator=g) * 5)
+        f.scatter_(
+            1, torch.rand(S * T, d_sae, generator=g).topk(k, dim=1).indices, torch.rand(S * T, k, generator=g) * 5
+        )
         batches.append(f.view(S, T, d_sae))
     st.update(tokens, batches[0], keep)  # warm-up
     t0 = time.perf_counter()
@@ -65,8 +67,10 @@ def main() -> None:
     print(f"stream phase  {stream:8.1f} s  ({n / stream:,.0f} tok/s: LM to {meta['hook']} + SAE encode + accumulators)")
     print(f"write phase   {write:8.1f} s  (model load, logit lens, neighbours, SQLite; independent of tokens)")
     print(f"accumulators  {per_tok * 1e6:8.1f} us/token on synthetic TopK-32 latents ({1 / per_tok:,.0f} tok/s alone)")
-    print(f"peak RSS      {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB   "
-          f"database {out.stat().st_size / 2**20:.1f} MiB")
+    print(
+        f"peak RSS      {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB   "
+        f"database {out.stat().st_size / 2**20:.1f} MiB"
+    )
     print(f"extrapolated 1M tokens: {stream * 1e6 / n + write:,.0f} s")
 
 

@@ -30,10 +30,15 @@ WORK = ROOT / ".bench"
 VENV = WORK / "saelens-venv"
 SAELENS_VERSION = "6.54.12"
 HOOK = "blocks.3.hook_resid_post"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
-SAELENS_SCRIPT = '''
+SAELENS_SCRIPT = """
 import json, sys, time, torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, TopKTrainingSAEConfig
 a = json.loads(sys.argv[1])
@@ -51,7 +56,7 @@ runner = LanguageModelSAETrainingRunner(cfg)
 t = time.perf_counter()
 runner.run()
 print("SAELENS_RESULT " + json.dumps({"train_seconds": time.perf_counter() - t}))
-'''
+"""
 
 
 def ensure_saelens() -> Path:
@@ -59,8 +64,20 @@ def ensure_saelens() -> Path:
     if not (py.exists() and subprocess.run([str(py), "-c", "import sae_lens"], capture_output=True).returncode == 0):
         print("creating the SAELens venv (torch pinned by constraints.txt) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), "torch==2.13.0",
-                        f"sae-lens=={SAELENS_VERSION}"], check=True)
+        subprocess.run(
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "-c",
+                str(ROOT / "constraints.txt"),
+                "torch==2.13.0",
+                f"sae-lens=={SAELENS_VERSION}",
+            ],
+            check=True,
+        )
     return py
 
 
@@ -104,9 +121,28 @@ def run_saelens(py: Path, model_dir: Path, corpus_dir: Path, tokens: int, out: P
 
 def run_saeforge(model_dir: Path, corpus_dir: Path, tokens: int, out: Path, cache: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a previous bench run's folder: saeforge refuses to overwrite a run
-    cmd = [sys.executable, "-m", "saeforge.cli", "train", "--model", str(model_dir), "--hook", HOOK,
-           "--corpus", str(corpus_dir / "train.jsonl"), "--data.holdout_fraction", "1e-9", "--tokens", str(tokens),
-           "--train.out_dir", str(out.parent), "--name", out.name, "--no-eval", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saeforge.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--hook",
+        HOOK,
+        "--corpus",
+        str(corpus_dir / "train.jsonl"),
+        "--data.holdout_fraction",
+        "1e-9",
+        "--tokens",
+        str(tokens),
+        "--train.out_dir",
+        str(out.parent),
+        "--name",
+        out.name,
+        "--no-eval",
+        "--quiet",
+    ]
     if cache is not None:
         cmd += ["--activations.cache", str(cache)]
     wall, rss, _ = timed_run(cmd)
@@ -158,14 +194,37 @@ def main() -> None:
         ceilings.append(lm_ceiling(str(model_dir), HOOK, lm_dtype, compile_too=True)[:2])
         rows.append(run_saeforge(model_dir, corpus_dir, args.tokens, WORK / "runs" / f"live-{r}"))
         ceilings.append(lm_ceiling(str(model_dir), HOOK, lm_dtype, compile_too=True)[:2])
-        print(f"repeat {r}: SAELens {rows[-2]['tok_s']:,.0f} tok/s, saeforge {rows[-1]['tok_s']:,.0f} tok/s; LM ceiling "
-              f"before/after it {ceilings[-2][0]:,.0f}/{ceilings[-1][0]:,.0f} eager, "
-              f"{ceilings[-2][1]:,.0f}/{ceilings[-1][1]:,.0f} compiled", flush=True)
+        print(
+            f"repeat {r}: SAELens {rows[-2]['tok_s']:,.0f} tok/s, saeforge {rows[-1]['tok_s']:,.0f} tok/s; LM ceiling "
+            f"before/after it {ceilings[-2][0]:,.0f}/{ceilings[-1][0]:,.0f} eager, "
+            f"{ceilings[-2][1]:,.0f}/{ceilings[-1][1]:,.0f} compiled",
+            flush=True,
+        )
     cache = WORK / "cache"
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "saeforge.cli", "cache", "--out", str(cache), "--tokens", str(args.tokens),
-                    "--model", str(model_dir), "--hook", HOOK, "--corpus", str(corpus_dir / "train.jsonl"),
-                    "--data.holdout_fraction", "1e-9", "--quiet"], check=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saeforge.cli",
+            "cache",
+            "--out",
+            str(cache),
+            "--tokens",
+            str(args.tokens),
+            "--model",
+            str(model_dir),
+            "--hook",
+            HOOK,
+            "--corpus",
+            str(corpus_dir / "train.jsonl"),
+            "--data.holdout_fraction",
+            "1e-9",
+            "--quiet",
+        ],
+        check=True,
+        env=ENV,
+    )
     cache_s = time.perf_counter() - t
     rows.append(run_saeforge(model_dir, corpus_dir, args.tokens, WORK / "runs" / "from-cache", cache=cache))
     shared_eval(rows, model_dir, args.eval_tokens, args.ce_tokens)
@@ -173,16 +232,24 @@ def main() -> None:
     lm_compiled = sum(c[1] for c in ceilings) / len(ceilings)
 
     base = sum(r["tok_s"] for r in rows if r["tool"] == "SAELens") / args.repeats
-    print(f"\n{args.tokens:,} training tokens, TopK k=32, 4608 latents, {'bf16' if bf16 else 'float32'}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs; cache written in {cache_s:.0f} s")
-    print(f"{'tool':<24}{'tok/s':>9}{'x SAELens':>11}{'wall s':>8}{'peak RSS GiB':>14}{'EV':>8}{'CE score':>10}{'L0':>7}")
+    print(
+        f"\n{args.tokens:,} training tokens, TopK k=32, 4608 latents, {'bf16' if bf16 else 'float32'}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; cache written in {cache_s:.0f} s"
+    )
+    print(
+        f"{'tool':<24}{'tok/s':>9}{'x SAELens':>11}{'wall s':>8}{'peak RSS GiB':>14}{'EV':>8}{'CE score':>10}{'L0':>7}"
+    )
     for r in rows:
-        print(f"{r['tool']:<24}{r['tok_s']:>9,.0f}{r['tok_s'] / base:>11.2f}{r['wall_s']:>8.0f}{r['rss_gib']:>14.2f}"
-              f"{r['ev']:>8.4f}{r['ce_score']:>10.4f}{r['l0']:>7.1f}")
+        print(
+            f"{r['tool']:<24}{r['tok_s']:>9,.0f}{r['tok_s'] / base:>11.2f}{r['wall_s']:>8.0f}{r['rss_gib']:>14.2f}"
+            f"{r['ev']:>8.4f}{r['ce_score']:>10.4f}{r['l0']:>7.1f}"
+        )
     live = sum(r["tok_s"] for r in rows if r["tool"] == "saeforge") / args.repeats
-    print(f"LM forward to the hook alone (mean of the measurements around the live runs): {lm_eager:,.0f} tok/s eager, "
-          f"{lm_compiled:,.0f} compiled; saeforge end to end "
-          f"(live) is {live / lm_eager:.2f} of the eager and {live / lm_compiled:.2f} of the compiled ceiling")
+    print(
+        f"LM forward to the hook alone (mean of the measurements around the live runs): {lm_eager:,.0f} tok/s eager, "
+        f"{lm_compiled:,.0f} compiled; saeforge end to end "
+        f"(live) is {live / lm_eager:.2f} of the eager and {live / lm_compiled:.2f} of the compiled ceiling"
+    )
 
 
 if __name__ == "__main__":

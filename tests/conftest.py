@@ -27,7 +27,11 @@ def tiny_model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory):
     """A folder of real text nobody here wrote: a few standard-library modules' source, ~20 documents."""
-    import argparse, collections, inspect, textwrap, typing  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import inspect
+    import textwrap
+    import typing
 
     root = tmp_path_factory.mktemp("corpus")
     for mod in (argparse, collections, inspect, textwrap, typing):

@@ -26,13 +26,15 @@ def run_config(model: str, corpus: str, arch: str):
     sae = {"architecture": arch, "d_sae": 512, "k": 8}
     if arch == "matryoshka":
         sae["group_sizes"] = [64, 128, 320]
-    return RunConfig.from_dict({
-        "model": {"name": model, "hook": HOOK, "device": "cpu"},
-        "data": {"corpus": corpus, "context_size": 64, "holdout_fraction": 0.2},
-        "activations": {"batch_size": B, "shuffle_sequences": 32},
-        "sae": sae,
-        "train": {"total_tokens": TOKENS, "dead_after_tokens": 1024, "log_every_steps": 8},
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {"name": model, "hook": HOOK, "device": "cpu"},
+            "data": {"corpus": corpus, "context_size": 64, "holdout_fraction": 0.2},
+            "activations": {"batch_size": B, "shuffle_sequences": 32},
+            "sae": sae,
+            "train": {"total_tokens": TOKENS, "dead_after_tokens": 1024, "log_every_steps": 8},
+        }
+    )
 
 
 def train_one(lm, model: str, corpus: str, arch: str, ctx=None) -> dict:
@@ -46,20 +48,27 @@ def train_one(lm, model: str, corpus: str, arch: str, ctx=None) -> dict:
         source = build_source(cfg, lm, hook)
         trainer = Trainer(build_sae(cfg, source.d_in, lm.device)[0], cfg.train, B, None, progress=False)
     else:
-        from saeforge.training.run import build_sharded_source
         from saeforge.training.distributed import DataParallelTrainer
+        from saeforge.training.run import build_sharded_source
 
         source = build_sharded_source(cfg, lm, hook, ctx)
-        trainer = DataParallelTrainer(build_sae(cfg, source.d_in, lm.device)[0], cfg.train, B, None, ctx, progress=False)
+        trainer = DataParallelTrainer(
+            build_sae(cfg, source.d_in, lm.device)[0], cfg.train, B, None, ctx, progress=False
+        )
     trainer.fit(source)
-    return {"sae": trainer.sae.state_dict(), "step": trainer.step, "late_fired": trainer.late_fired_F,
-            "tokens_since_fired": trainer.tokens_since_fired_F, "lm_dtype": str(lm.dtype).replace("torch.", ""),
-            "autocast": trainer.autocast}
+    return {
+        "sae": trainer.sae.state_dict(),
+        "step": trainer.step,
+        "late_fired": trainer.late_fired_F,
+        "tokens_since_fired": trainer.tokens_since_fired_F,
+        "lm_dtype": str(lm.dtype).replace("torch.", ""),
+        "autocast": trainer.autocast,
+    }
 
 
 def main(out: str, model: str, corpus: str, *archs: str) -> None:
-    from saeforge.models import load_model
     from saeforge.activations import ranks
+    from saeforge.models import load_model
 
     ctx = ranks.init()
     lm = load_model(model, dtype="auto", device="cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_analysis_splice import HOOK, make_sae
 
 from saeforge.analysis.ablation import ablation_effects
 from saeforge.analysis.attribution import attribution_patching, feature_to_feature, integrated_gradients
@@ -13,7 +14,6 @@ from saeforge.analysis.metrics import LogitDiff, NextTokenLoss, spearman
 from saeforge.analysis.prompts import as_prompts, forward_logits, record_latents
 from saeforge.analysis.splice import Splice
 from saeforge.models import load_model
-from test_analysis_splice import HOOK, make_sae
 
 PROMPTS = ["def add(a, b):", "The quick brown fox jumps"]
 
@@ -44,10 +44,12 @@ def test_ablation_effect_matches_a_direct_forward(lms):
             value = 0.0 if mode == "zero" else float(mean_F[feat])
             want = 0.0
             for p in ps:
+
                 def edit(f_STF, state, feat=feat, value=value):
                     g = f_STF.clone()
                     g[:, 1:, feat] = value  # position 0 is BOS: left alone
                     return g
+
                 with torch.no_grad():
                     clean = metric(forward_logits(lm, p.ids_1T)[0], p.ids_1T)
                     abl = metric(forward_logits(lm, p.ids_1T, [Splice(sae, HOOK, edits=[edit])])[0], p.ids_1T)
@@ -112,10 +114,12 @@ def test_feature_to_feature_ranks_true_downstream_effects(lms):
     for j in range(3):
         true = []
         for i in active.tolist():
+
             def edit(f_STF, state, i=i):
                 g = f_STF.clone()
                 g[:, 1:, i] = 0
                 return g
+
             with torch.no_grad():
                 _, (_, st) = forward_logits(lm, p.ids_1T, [Splice(up, hu, edits=[edit]), Splice(down, hd, record=True)])
             true.append(float(base_J[j] - st.f_STF[0, 1:, js[j]].sum()))
@@ -136,7 +140,7 @@ def test_counterfactual_flip_is_real_and_one_minimal(lms):
     metric = LogitDiff(10, 20)
     # every single feature: does it alone flip? (the search's answer must be no larger than needed)
     singles = torch.eye(96, dtype=torch.bool)
-    flips = ((_prefs(lm, sae, HOOK, pa, metric, f_b, singles, 96) > 0) != (r.metric_a > 0))
+    flips = (_prefs(lm, sae, HOOK, pa, metric, f_b, singles, 96) > 0) != (r.metric_a > 0)
     if len(r.features) > 1:
         assert not flips.any()
         for feat in r.features:  # 1-minimal: dropping any one undoes the flip

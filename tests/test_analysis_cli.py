@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from test_analysis_splice import HOOK, make_sae
 
 from saeforge.analysis.attribution import attribution_patching
 from saeforge.analysis.common import load_for_analysis
 from saeforge.analysis.metrics import LogitDiff
 from saeforge.cli import main
 from saeforge.saes.formats import save_sae
-from test_analysis_splice import HOOK, make_sae
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,22 @@ def test_attribute_prints_the_ranked_table_of_the_python_api(sae_dir, capsys):
     lm, sae, hook = load_for_analysis(sae_dir)
     target, other = _single_tokens(lm.tokenizer)
     prompts = ["def add(a, b):", "The quick brown fox"]
-    args = ["attribute", "--sae", str(sae_dir), "--prompt", prompts[0], "--prompt", prompts[1],
-            "--target", target, "--other", other, "--top", "5", "--quiet"]
+    args = [
+        "attribute",
+        "--sae",
+        str(sae_dir),
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--target",
+        target,
+        "--other",
+        other,
+        "--top",
+        "5",
+        "--quiet",
+    ]
     assert main(args) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]

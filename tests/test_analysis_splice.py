@@ -45,7 +45,13 @@ def test_transparent_splices_reproduce_clean_logits_exactly(lms, ids_ST, family)
     hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", HOOK, "blocks.2.hook_mlp_out"]
     splices = [Splice(make_sae("topk" if i % 2 else "relu", seed=i), h, record=True) for i, h in enumerate(hooks)]
     # plus alpha = 0 and a clamp to each latent's own value: edits that change nothing
-    splices.append(Splice(make_sae(), HOOK, edits=[steer_edit(make_sae(), [Steer(5, alpha=0.0), Steer(7, alpha=0.0, positions="last")])]))
+    splices.append(
+        Splice(
+            make_sae(),
+            HOOK,
+            edits=[steer_edit(make_sae(), [Steer(5, alpha=0.0), Steer(7, alpha=0.0, positions="last")])],
+        )
+    )
     out, states = logits(lm, ids_ST, splices)
     assert torch.equal(out, clean)
     for st in states[:4]:
@@ -68,7 +74,10 @@ def _hook_delta(lm, ids_ST, sae, steers, hook=HOOK):
         with patched(lm, {hook: record}):
             lm.model(input_ids=ids_ST, use_cache=False)
         # hooks run in registration order: the recorder registered after the splice sees x'
-        with spliced(lm, [Splice(sae, hook, edits=[steer_edit(sae, steers)], record=True)]) as (st,), patched(lm, {hook: record}):
+        with (
+            spliced(lm, [Splice(sae, hook, edits=[steer_edit(sae, steers)], record=True)]) as (st,),
+            patched(lm, {hook: record}),
+        ):
             lm.model(input_ids=ids_ST, use_cache=False)
     return seen["x"][1] - seen["x"][0], st.f_STF
 
@@ -106,9 +115,17 @@ def test_condition_feature_limits_steering_to_where_it_fires(lms, ids_ST):
 def test_upstream_edit_reaches_downstream_sae(lms, ids_ST):
     lm = lms["gpt2"]
     up, down = make_sae(seed=1), make_sae("relu", seed=2)
-    _, (_, st0) = logits(lm, ids_ST, [Splice(up, "blocks.0.hook_resid_post"), Splice(down, "blocks.2.hook_resid_post", record=True)])
-    _, (_, st1) = logits(lm, ids_ST, [Splice(up, "blocks.0.hook_resid_post", edits=[steer_edit(up, [Steer(4, alpha=3.0, positions="last")])]),
-                                      Splice(down, "blocks.2.hook_resid_post", record=True)])
+    _, (_, st0) = logits(
+        lm, ids_ST, [Splice(up, "blocks.0.hook_resid_post"), Splice(down, "blocks.2.hook_resid_post", record=True)]
+    )
+    _, (_, st1) = logits(
+        lm,
+        ids_ST,
+        [
+            Splice(up, "blocks.0.hook_resid_post", edits=[steer_edit(up, [Steer(4, alpha=3.0, positions="last")])]),
+            Splice(down, "blocks.2.hook_resid_post", record=True),
+        ],
+    )
     diff_ST = (st1.f_STF - st0.f_STF).abs().sum(-1)
     # causal attention: only the last position (the edited one) can change downstream
     assert torch.count_nonzero(diff_ST[:, :-1]) == 0 and bool((diff_ST[:, -1] > 1e-3).all())
@@ -140,8 +157,9 @@ def test_steer_generate_greedy_alpha_zero_is_a_noop_and_large_alpha_changes_text
     r2 = steer_generate(lm, sae, 5, 40.0, "def add(a, b):", hook=HOOK, max_new_tokens=8)
     assert r1.clean == r0.clean and r1.steered != r1.clean
     assert (r1.clean, r1.steered) == (r2.clean, r2.steered)  # greedy: deterministic
-    several = steer_generate(lm, sae, [Steer(5, alpha=40.0), Steer(6, alpha=0.0)], prompt="def add(a, b):",
-                             hook=HOOK, max_new_tokens=8)
+    several = steer_generate(
+        lm, sae, [Steer(5, alpha=40.0), Steer(6, alpha=0.0)], prompt="def add(a, b):", hook=HOOK, max_new_tokens=8
+    )
     assert several.steered == r1.steered
     with pytest.raises(ValueError, match="pass hook="):
         steer_generate(lm, make_sae(), 5, 1.0, "x")

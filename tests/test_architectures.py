@@ -34,7 +34,7 @@ def random_sae(arch, seed=0, **kw):
     sae = sae_class(arch)(config_class(arch)(d_in=8, d_sae=32, **kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         if arch == "jumprelu":
             sae.threshold.copy_(torch.rand(32, generator=g) * 0.5)
@@ -47,8 +47,13 @@ def random_sae(arch, seed=0, **kw):
 # x1 = [1, 1]: z = [1, 1, 0.5] -> f = [1, 0, 0.5]; x_hat = [1.5, 0.5]; err^2 = 0.5; L0 = 2.
 # x2 = [2, -1]: z = [2, -1, 3.5] -> f = [2, 0, 3.5]; x_hat = [5.5, 3.5]; err^2 = 32.5; L0 = 2.
 # mse = 16.5, l0 = 2, loss = 16.5 + 0.5 * 2 = 17.5.
-JUMP = dict(W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]], b_enc=[0.0, 0.0, 0.5],
-            W_dec=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], b_dec=[0.0, 0.0], threshold=[0.5, 1.5, 0.2])
+JUMP = dict(
+    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]],
+    b_enc=[0.0, 0.0, 0.5],
+    W_dec=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+    b_dec=[0.0, 0.0],
+    threshold=[0.5, 1.5, 0.2],
+)
 
 
 def test_jumprelu_forward_and_loss_by_hand():
@@ -101,8 +106,14 @@ def test_jumprelu_threshold_learns_from_the_l0_penalty_and_stays_positive():
 # x2 = [1, 2]: x_c = [0, 2], W_enc^T x_c = [2, 4]; gate = [2, 3]; mag = [2.5, 8]; f = [2.5, 8];
 #   x_hat = [3.5, 8]; err^2 = 42.25; l1 = 5; aux residual [1, 2] - [3, 3] -> 5.
 # mse 22.75, l1 3.5, aux 3.5: loss = 22.75 + 0.5 * 3.5 + 3.5 = 28.
-GATED = dict(W_enc=[[1.0, -1.0], [1.0, 2.0]], b_gate=[0.0, -1.0], r_mag=[0.0, math.log(2.0)], b_mag=[0.5, 0.0],
-             W_dec=[[1.0, 0.0], [0.0, 1.0]], b_dec=[1.0, 0.0])
+GATED = dict(
+    W_enc=[[1.0, -1.0], [1.0, 2.0]],
+    b_gate=[0.0, -1.0],
+    r_mag=[0.0, math.log(2.0)],
+    b_mag=[0.5, 0.0],
+    W_dec=[[1.0, 0.0], [0.0, 1.0]],
+    b_dec=[1.0, 0.0],
+)
 GATED_X = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
 
 
@@ -159,8 +170,12 @@ def test_rescaling_a_latent_and_its_decoder_row_leaves_x_hat_unchanged(arch):
 # x1 = [3, 1]: z = [3, 1, 4]; x2 = [1, 0.5]: z = [1, 0.5, 1.5]. Kept: 4 and 3, both in row 1; row 2 gets none.
 # f1 = [3, 0, 4] -> x_hat1 = [5.4, 3.2], err^2 = 10.6; x_hat2 = 0, err^2 = 1.25. Total variance 2.125.
 # Matryoshka groups [1, 2]: prefix 1 gives x_hat1 = [3, 0] (err^2 1) and x_hat2 = 0 (1.25).
-BTK = dict(W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], b_enc=[0.0, 0.0, 0.0],
-           W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], b_dec=[0.0, 0.0])
+BTK = dict(
+    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+    b_enc=[0.0, 0.0, 0.0],
+    W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]],
+    b_dec=[0.0, 0.0],
+)
 BTK_X = torch.tensor([[3.0, 1.0], [1.0, 0.5]])
 
 
@@ -191,11 +206,17 @@ def test_matryoshka_loss_sums_prefix_fvus_by_hand():
     cfg = MatryoshkaConfig(d_in=2, d_sae=3, k=1, group_sizes=[1, 2])
     sae = set_params(MatryoshkaSAE(cfg), **BTK)
     out = sae.training_loss(BTK_X, LossContext())
-    assert out.parts["fvu_0"].item() == pytest.approx(2.25 / 2.125) and out.parts["fvu_1"].item() == pytest.approx(11.85 / 2.125)
+    assert out.parts["fvu_0"].item() == pytest.approx(2.25 / 2.125) and out.parts["fvu_1"].item() == pytest.approx(
+        11.85 / 2.125
+    )
     assert out.loss.item() == pytest.approx((2.25 + 11.85) / 2 / 2.125, rel=1e-6)
     assert_close(out.x_hat_BD, torch.tensor([[5.4, 3.2], [0.0, 0.0]]))
-    weighted = set_params(MatryoshkaSAE(MatryoshkaConfig(d_in=2, d_sae=3, k=1, group_sizes=[1, 2], group_weights=[1, 3])), **BTK)
-    assert weighted.training_loss(BTK_X, LossContext()).loss.item() == pytest.approx((2.25 + 3 * 11.85) / 2.125, rel=1e-6)
+    weighted = set_params(
+        MatryoshkaSAE(MatryoshkaConfig(d_in=2, d_sae=3, k=1, group_sizes=[1, 2], group_weights=[1, 3])), **BTK
+    )
+    assert weighted.training_loss(BTK_X, LossContext()).loss.item() == pytest.approx(
+        (2.25 + 3 * 11.85) / 2.125, rel=1e-6
+    )
 
 
 def test_matryoshka_group_sizes_default_and_validation():
@@ -239,8 +260,10 @@ def test_round_trip_exact_with_saelens_names_and_tensors(tmp_path, arch):
     folder = formats.save_sae(sae, tmp_path / "sae", META)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == arch  # SAELens uses the same names for these two
-    want = {"gated": ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"],
-            "jumprelu": ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]}[arch]
+    want = {
+        "gated": ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"],
+        "jumprelu": ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"],
+    }[arch]
     assert sorted(load_file(str(folder / "sae_weights.safetensors"))) == want
     loaded = formats.load_sae(folder)
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
@@ -263,7 +286,10 @@ def test_wrong_architecture_or_shape_is_a_clear_error(tmp_path):
     cfg["architecture"], cfg["metadata"]["saeforge_architecture"] = "gated", "gated"  # jumprelu tensors, gated cfg
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file(tensors, str(weights))
-    with pytest.raises(ValueError, match=r"do not match a gated SAE: missing \['b_gate', 'b_mag', 'r_mag'\], unexpected \['b_enc', 'threshold'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not match a gated SAE: missing \['b_gate', 'b_mag', 'r_mag'\], unexpected \['b_enc', 'threshold'\]",
+    ):
         formats.load_sae(folder)
 
 
@@ -278,8 +304,12 @@ def sparse_source(n_batches, seed=0, D=8, B=128):
 
 @pytest.mark.parametrize("arch", NEW)
 def test_each_architecture_trains_through_the_trainer(arch):
-    extra = {"gated": dict(l1_coefficient=0.3), "jumprelu": dict(l0_coefficient=0.05), "batchtopk": dict(k=3),
-             "matryoshka": dict(k=3, group_sizes=[8, 8, 16])}[arch]
+    extra = {
+        "gated": dict(l1_coefficient=0.3),
+        "jumprelu": dict(l0_coefficient=0.05),
+        "batchtopk": dict(k=3),
+        "matryoshka": dict(k=3, group_sizes=[8, 8, 16]),
+    }[arch]
     sae = sae_class(arch)(config_class(arch)(d_in=8, d_sae=32, **extra))
     cfg = TrainConfig(total_tokens=128 * 150, lr=1e-2, lr_warmup_steps=5, log_every_steps=150, dead_after_tokens=5000)
     tr = Trainer(sae, cfg, batch_size=128, progress=False)
@@ -295,10 +325,40 @@ def test_each_architecture_trains_through_the_trainer(arch):
 def test_cli_trains_batchtopk_and_evaluates_the_saved_jumprelu(tiny_model_dirs, text_corpus, tmp_path, capsys):
     from saeforge.cli import main
 
-    args = ["train", "--model", tiny_model_dirs["llama"], "--hook", "blocks.1.hook_resid_post", "--corpus", text_corpus,
-            "--data.context_size", 64, "--data.holdout_fraction", 0.2, "--tokens", 6000, "--activations.batch_size", 256,
-            "--activations.shuffle_sequences", 32, "--arch", "batchtopk", "--sae.d_sae", 128, "--sae.k", 8,
-            "--train.out_dir", tmp_path, "--name", "b", "--eval.tokens", 1024, "--eval.ce_tokens", 256, "--quiet"]
+    args = [
+        "train",
+        "--model",
+        tiny_model_dirs["llama"],
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--corpus",
+        text_corpus,
+        "--data.context_size",
+        64,
+        "--data.holdout_fraction",
+        0.2,
+        "--tokens",
+        6000,
+        "--activations.batch_size",
+        256,
+        "--activations.shuffle_sequences",
+        32,
+        "--arch",
+        "batchtopk",
+        "--sae.d_sae",
+        128,
+        "--sae.k",
+        8,
+        "--train.out_dir",
+        tmp_path,
+        "--name",
+        "b",
+        "--eval.tokens",
+        1024,
+        "--eval.ce_tokens",
+        256,
+        "--quiet",
+    ]
     assert main([str(a) for a in args]) == 0
     assert "explained variance" in capsys.readouterr().out
     sae = formats.load_sae(tmp_path / "b" / "sae")

@@ -9,8 +9,7 @@ def make_chunks(sizes, d=3):
     # Row r of the whole stream holds the value r in every column, so batches can be traced back.
     chunks, start = [], 0
     for n in sizes:
-        chunks.append(torch.arange(start, start + n, dtype=torch.float32)
-                      .unsqueeze(1).repeat(1, d))
+        chunks.append(torch.arange(start, start + n, dtype=torch.float32).unsqueeze(1).repeat(1, d))
         start += n
     return lambda i: chunks[i] if i < len(chunks) else None
 

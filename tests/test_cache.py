@@ -102,8 +102,9 @@ def test_truncated_shard_is_refused_then_repaired(tmp_path, lm, corpus):
 def test_cache_of_another_model_or_hook_is_not_mixed(tmp_path, lm, corpus):
     write_cache(lm, resolve_hook(lm, HOOK), corpus, ACT, tmp_path, n_tokens=200, progress=False)
     with pytest.raises(CacheError, match="different cache"):
-        write_cache(lm, resolve_hook(lm, "blocks.0.hook_resid_post"), corpus, ACT, tmp_path, n_tokens=200,
-                    progress=False)
+        write_cache(
+            lm, resolve_hook(lm, "blocks.0.hook_resid_post"), corpus, ACT, tmp_path, n_tokens=200, progress=False
+        )
 
 
 def test_not_a_cache(tmp_path):

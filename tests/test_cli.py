@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +31,39 @@ def corpus(text_corpus):
 
 
 def train_args(model_dir, corpus, out, name, tokens=60_000):
-    return ["train", "--model", model_dir, "--hook", HOOK, "--corpus", corpus, "--data.context_size", 64,
-            "--data.holdout_fraction", 0.2,
-            "--tokens", tokens, "--activations.batch_size", 256, "--activations.shuffle_sequences", 64,
-            "--sae.d_sae", 4096, "--sae.k", 8, "--train.checkpoint_every_steps", 10, "--train.log_every_steps", 5,
-            "--train.out_dir", out, "--name", name, "--no-eval", "--quiet"]
+    return [
+        "train",
+        "--model",
+        model_dir,
+        "--hook",
+        HOOK,
+        "--corpus",
+        corpus,
+        "--data.context_size",
+        64,
+        "--data.holdout_fraction",
+        0.2,
+        "--tokens",
+        tokens,
+        "--activations.batch_size",
+        256,
+        "--activations.shuffle_sequences",
+        64,
+        "--sae.d_sae",
+        4096,
+        "--sae.k",
+        8,
+        "--train.checkpoint_every_steps",
+        10,
+        "--train.log_every_steps",
+        5,
+        "--train.out_dir",
+        out,
+        "--name",
+        name,
+        "--no-eval",
+        "--quiet",
+    ]
 
 
 def test_hooks_lists_canonical_names(tiny_model_dirs):
@@ -75,8 +102,18 @@ def test_every_subcommand_prints_its_help(capsys):
 
 def test_bad_inputs_give_clear_errors(tiny_model_dirs, corpus, tmp_path, capsys):
     model = tiny_model_dirs["llama"]
-    base = ["train", "--model", model, "--corpus", corpus, "--data.holdout_fraction", 0.2,
-            "--train.out_dir", tmp_path, "--quiet"]
+    base = [
+        "train",
+        "--model",
+        model,
+        "--corpus",
+        corpus,
+        "--data.holdout_fraction",
+        0.2,
+        "--train.out_dir",
+        tmp_path,
+        "--quiet",
+    ]
     assert main([*base, "--hook", "blocks.9.hook_resid_post"]) == 2
     assert "layer 9 does not exist" in capsys.readouterr().err
     assert main([*base, "--hook", "blocks.1.hook_resid_middle"]) == 2
@@ -116,8 +153,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dirs, corpus,
     saeforge(*train_args(model, corpus, tmp_path, "full"))
     full = load_file(tmp_path / "full" / "sae" / "sae_weights.safetensors")
 
-    proc = subprocess.Popen([sys.executable, "-m", "saeforge.cli", *map(str, train_args(model, corpus, tmp_path, "cut"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saeforge.cli", *map(str, train_args(model, corpus, tmp_path, "cut"))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = tmp_path / "cut" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -145,14 +185,44 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dirs, corpus,
 
 def test_train_from_cache_then_eval(tiny_model_dirs, corpus, tmp_path):
     model = tiny_model_dirs["gpt_neox"]
-    common = ["--model", model, "--hook", HOOK, "--corpus", corpus, "--data.context_size", 64,
-              "--data.holdout_fraction", 0.2, "--quiet"]
+    common = [
+        "--model",
+        model,
+        "--hook",
+        HOOK,
+        "--corpus",
+        corpus,
+        "--data.context_size",
+        64,
+        "--data.holdout_fraction",
+        0.2,
+        "--quiet",
+    ]
     saeforge("cache", "--out", tmp_path / "cache", "--tokens", 8000, "--activations.shard_rows", 3000, *common)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["n_rows"] >= 8000 and len(manifest["shards"]) >= 3
-    out = saeforge("train", *common, "--activations.cache", tmp_path / "cache", "--tokens", 16000,
-                   "--activations.batch_size", 256, "--sae.d_sae", 256, "--sae.k", 8, "--train.out_dir", tmp_path,
-                   "--name", "c", "--eval.tokens", 2048, "--eval.ce_tokens", 1024).stdout
+    out = saeforge(
+        "train",
+        *common,
+        "--activations.cache",
+        tmp_path / "cache",
+        "--tokens",
+        16000,
+        "--activations.batch_size",
+        256,
+        "--sae.d_sae",
+        256,
+        "--sae.k",
+        8,
+        "--train.out_dir",
+        tmp_path,
+        "--name",
+        "c",
+        "--eval.tokens",
+        2048,
+        "--eval.ce_tokens",
+        1024,
+    ).stdout
     assert "explained variance" in out and "CE score" in out
     ev = json.loads((tmp_path / "c" / "sae" / "eval.json").read_text())
     assert 0.3 < ev["explained_variance"] <= 1.0 and ev["l0"] == pytest.approx(8.0, abs=1e-9)
@@ -164,9 +234,12 @@ def test_train_from_cache_then_eval(tiny_model_dirs, corpus, tmp_path):
 
 
 def test_eval_on_another_corpus_keeps_the_training_result(tiny_model_dirs, corpus, tmp_path, capsys):
-    import difflib, heapq, pprint, random, string  # noqa: E401
-
+    import difflib  # noqa: E401
+    import heapq
     import inspect
+    import pprint
+    import random
+    import string
 
     from saeforge.evals.saved import corpus_slug
 
@@ -199,7 +272,9 @@ def test_eval_on_another_corpus_keeps_the_training_result(tiny_model_dirs, corpu
 
     # --out puts it where the user says; the SAE folder gains nothing
     before = sorted(p.name for p in sae_dir.iterdir())
-    assert main([str(a) for a in ["eval", sae_dir, "--data.corpus", other, "--out", tmp_path / "mine.json", *small]]) == 0
+    assert (
+        main([str(a) for a in ["eval", sae_dir, "--data.corpus", other, "--out", tmp_path / "mine.json", *small]]) == 0
+    )
     assert json.loads((tmp_path / "mine.json").read_text())["explained_variance"] == elsewhere["explained_variance"]
     assert sorted(p.name for p in sae_dir.iterdir()) == before and not (tmp_path / "mine.html").exists()
     capsys.readouterr()

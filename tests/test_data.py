@@ -41,6 +41,7 @@ def ids_of(docs) -> list[str]:
 
 # ---- split ---------------------------------------------------------------------------------------
 
+
 def test_split_is_deterministic_disjoint_complete_and_near_fraction():
     docs = make_docs(4000)
     cfg = DataConfig(holdout_fraction=0.1, seed=3)
@@ -53,6 +54,7 @@ def test_split_is_deterministic_disjoint_complete_and_near_fraction():
     assert 320 <= len(held) <= 480
     # The documented rule: held out iff the first 8 bytes of sha1(f"{seed}:{id}") / 2**64 < fraction.
     import hashlib
+
     ref = [d.id for d in docs if int(hashlib.sha1(f"3:{d.id}".encode()).hexdigest()[:16], 16) / 2**64 < 0.1]
     assert held == ref
     # Order within a part follows the corpus order.
@@ -86,6 +88,7 @@ def test_document_is_frozen():
 
 
 # ---- packing -------------------------------------------------------------------------------------
+
 
 def reference_stream(docs, tok) -> list[int]:
     """Each document tokenised alone, joined by EOS: what the packed windows must reproduce."""
@@ -148,11 +151,13 @@ def test_no_bos_tokenizer_needs_prepend_bos_off():
 
 def test_excluded_mask_by_hand(tiny_tokenizer):
     tokens_ST = torch.tensor([[BOS, 50, EOS, 60, 70], [BOS, PAD, PAD, 80, EOS], [90, 91, BOS, 92, 93]])
-    expected = torch.tensor([
-        [True, False, True, False, False],
-        [True, True, True, False, True],
-        [False, False, True, False, False],
-    ])
+    expected = torch.tensor(
+        [
+            [True, False, True, False, False],
+            [True, True, True, False, True],
+            [False, False, True, False, False],
+        ]
+    )
     mask = excluded_mask(tokens_ST, tiny_tokenizer, DataConfig())
     assert mask.dtype == torch.bool and torch.equal(mask, expected)
     off = excluded_mask(tokens_ST, tiny_tokenizer, DataConfig(exclude_special_tokens=False))
@@ -168,6 +173,7 @@ def test_excluded_mask_on_packed_windows_marks_bos_and_separators(tiny_tokenizer
 
 
 # ---- local sources -------------------------------------------------------------------------------
+
 
 def cfg_for(path, **kw) -> DataConfig:
     return DataConfig(corpus=str(path), **kw)
@@ -206,7 +212,9 @@ def test_txt_large_file_is_cut_at_blank_lines_and_rejoins_exactly(tmp_path, monk
 
 
 def test_jsonl_lines_become_documents(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "one"}, None, {"text": "", "x": 1}, {"text": None}, {"text": "four", "y": 2}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"text": "one"}, None, {"text": "", "x": 1}, {"text": None}, {"text": "four", "y": 2}]
+    )
     docs = list(iter_documents(cfg_for(path)))
     assert docs == [Document("d.jsonl:1", "one"), Document("d.jsonl:5", "four")]
     other = write_jsonl(tmp_path / "e.jsonl", [{"body": "alpha"}])
@@ -237,6 +245,7 @@ def test_folder_reads_every_supported_file_in_a_seeded_order(tmp_path):
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------
+
 
 def test_empty_corpora_say_what_was_looked_at(tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": "   \n"}])
@@ -285,6 +294,7 @@ def test_missing_paths_and_unsupported_files(tmp_path):
 
 # ---- Hugging Face datasets (load_dataset replaced: no network in tests) --------------------------
 
+
 def fake_datasets(monkeypatch, behaviour):
     import datasets
 
@@ -299,7 +309,9 @@ def fake_datasets(monkeypatch, behaviour):
 
 
 def test_hub_dataset_streams_rows(monkeypatch):
-    calls = fake_datasets(monkeypatch, lambda: iter([{"text": "a", "n": 0}, {"text": "", "n": 1}, {"text": "c", "n": 2}]))
+    calls = fake_datasets(
+        monkeypatch, lambda: iter([{"text": "a", "n": 0}, {"text": "", "n": 1}, {"text": "c", "n": 2}])
+    )
     docs = list(iter_documents(DataConfig(corpus="owner/set", dataset_split="validation")))
     assert calls == [("owner/set", "validation", True)]
     assert docs == [Document("owner/set:validation:0", "a"), Document("owner/set:validation:2", "c")]
@@ -318,6 +330,7 @@ def test_hub_errors_are_explained(monkeypatch):
 
 
 # ---- python-stdlib -------------------------------------------------------------------------------
+
 
 def test_python_stdlib_has_topics_and_sources_but_no_tests():
     docs = list(iter_documents(DataConfig(corpus="python-stdlib", seed=0)))

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saeforge.config import ConfigError, TrainConfig
-from saeforge.training.config import RunConfig
 from saeforge.saes.base import LossContext
 from saeforge.saes.formats import WEIGHTS_FILE, load_sae, save_sae
 from saeforge.saes.registry import config_class, sae_class
 from saeforge.training.anneal import PAnneal
+from saeforge.training.config import RunConfig
 from saeforge.training.dead import ghost_loss, resample_latents
 from saeforge.training.trainer import Trainer
 from tests.test_training import synthetic_source, train_cfg
@@ -46,7 +46,9 @@ def test_resample_recipe_exact():
         torch.testing.assert_close(sae.W_enc[:, i].norm(), 0.2 * live_norm, rtol=1e-6, atol=0)
         assert sae.b_enc[i] == 0
     live = [0, 2, 4, 5]
-    assert torch.equal(sae.W_dec[live], before["W_dec"][live]) and torch.equal(sae.W_enc[:, live], before["W_enc"][:, live])
+    assert torch.equal(sae.W_dec[live], before["W_dec"][live]) and torch.equal(
+        sae.W_enc[:, live], before["W_enc"][:, live]
+    )
     assert torch.equal(sae.b_enc[live], before["b_enc"][live]) and torch.equal(sae.b_dec, before["b_dec"])
     for p, dim in ((sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)):
         for key in ("exp_avg", "exp_avg_sq"):
@@ -62,8 +64,14 @@ def test_resample_draws_rows_in_proportion_to_loss_squared():
     sae = sae_of("relu", d_in=2, d_sae=2)
     opt = torch.optim.Adam(sae.parameters())
     x_ND = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    picks = [int(resample_latents(sae, opt, torch.tensor([True, False]), x_ND, torch.tensor([1.0, 2.0]),
-                                  torch.Generator().manual_seed(s))[0]) for s in range(4000)]
+    picks = [
+        int(
+            resample_latents(
+                sae, opt, torch.tensor([True, False]), x_ND, torch.tensor([1.0, 2.0]), torch.Generator().manual_seed(s)
+            )[0]
+        )
+        for s in range(4000)
+    ]
     # P(row 1) = 2^2 / (1^2 + 2^2) = 0.8 (proportional to loss, it would be 2/3); 4000 draws: sd 0.0063
     assert abs(sum(picks) / len(picks) - 0.8) < 0.025
 
@@ -95,7 +103,7 @@ def test_ghost_loss_matches_hand_computation_and_touches_only_dead_latents():
     x, x_hat = torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 1.0]])  # r = (2, 0), ||r|| = 2
     loss = ghost_loss(sae, x, x_hat, torch.tensor([1]))
     # pre = 1*0.5 + 1*(-0.5) + 0.3 = 0.3; g = exp(0.3) (3, 4) rescaled to norm ||r||/2 = 1: (0.6, 0.8)
-    mse_main, mse_ghost = 4.0, (0.6 - 2) ** 2 + 0.8 ** 2  # 4 and 2.6
+    mse_main, mse_ghost = 4.0, (0.6 - 2) ** 2 + 0.8**2  # 4 and 2.6
     c = mse_main / mse_ghost  # sg(MSE_main / MSE_ghost): the value equals MSE_main
     assert loss.item() == pytest.approx(mse_main, rel=1e-6)
     loss.backward()
@@ -209,16 +217,18 @@ def test_p_one_is_the_l1_loss_and_p_half_the_lp_loss():
     base = gated.training_loss(x, LossContext(p=1.0))
     half = gated.training_loss(x, LossContext(p=0.5, p_probe=0.25))
     a = torch.relu(gate)
-    torch.testing.assert_close(half.loss - base.loss, 0.7 * (a.pow(0.5).sum(1).mean() - a.sum(1).mean()),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        half.loss - base.loss, 0.7 * (a.pow(0.5).sum(1).mean() - a.sum(1).mean()), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(half.parts["lp_probe"], a.pow(0.25).sum(1).mean(), rtol=1e-6, atol=1e-6)
     half.loss.backward()  # |f|^p has an infinite slope at 0; ReLU must keep it out of the gradients
     assert all(torch.isfinite(p.grad).all() for p in gated.parameters() if p.grad is not None)
 
 
 def test_p_schedule_and_lambda_rescale_rule():
-    an = PAnneal(TrainConfig(p_end=0.5, p_anneal_start_fraction=0.2, p_anneal_end_fraction=0.8,
-                             p_anneal_updates=4), n_steps=100)
+    an = PAnneal(
+        TrainConfig(p_end=0.5, p_anneal_start_fraction=0.2, p_anneal_end_fraction=0.8, p_anneal_updates=4), n_steps=100
+    )
     assert an.change_steps == [35, 50, 65, 80]
     assert [an.p_at(s) for s in (0, 34, 35, 50, 79, 80, 99)] == [1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
     assert [an.probe_at(s) for s in (0, 34, 35, 79, 80)] == [0.875, 0.875, 0.75, 0.5, None]
@@ -233,8 +243,9 @@ def test_p_schedule_and_lambda_rescale_rule():
 
 
 def test_p_annealing_in_training_keeps_the_penalty_size(tmp_path):
-    cfg = train_cfg(total_tokens=128 * 40, p_end=0.5, p_anneal_updates=2, log_every_steps=1,
-                    sparsity_warmup_fraction=0.0)
+    cfg = train_cfg(
+        total_tokens=128 * 40, p_end=0.5, p_anneal_updates=2, log_every_steps=1, sparsity_warmup_fraction=0.0
+    )
     tr = Trainer(sae_of("relu", l1_coefficient=0.5), cfg, 128, None, progress=False)
     tr.scale = 1.0
     recs = [tr.train_step(x) for _, x in zip(range(40), synthetic_source())]

@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_config_tables_are_current():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_config.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "readme_config.py"), "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr + "\n(run `make docs` to regenerate docs/config.md's tables)"
 
 
@@ -25,8 +26,10 @@ def test_every_subcommand_is_documented():
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)
+    }
 
 
 def test_relative_links_point_at_files_and_headings():

@@ -9,7 +9,6 @@ import torch
 
 from saeforge.evals.metrics import ReconstructionStats
 
-
 # ---------------------------------------------------------------- reconstruction metrics
 
 
@@ -238,8 +237,15 @@ def test_nonidentity_sae_matches_float64_oracle(tiny_lm, monkeypatch):
     _, ce_zero, kl_zero, _ = _oracle(model, hook, torch.zeros_like, batches)
     _, ce_mean, kl_mean, _ = _oracle(model, hook, lambda x: mean_x_D.expand_as(x), batches)
     assert r["ce_n_predictions"] == n
-    for key, want in dict(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, ce_mean=ce_mean,
-                          kl_sae=kl_sae, kl_zero=kl_zero, kl_mean=kl_mean).items():
+    for key, want in dict(
+        ce_clean=ce_clean,
+        ce_sae=ce_sae,
+        ce_zero=ce_zero,
+        ce_mean=ce_mean,
+        kl_sae=kl_sae,
+        kl_zero=kl_zero,
+        kl_mean=kl_mean,
+    ).items():
         assert r[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
     assert kl_sae > 1e-4 and abs(ce_sae - ce_clean) > 1e-4  # the splice really changed the logits
     assert r["ce_score"] == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), rel=1e-4)
@@ -277,7 +283,6 @@ def test_splice_rejects_non_sequence_hook_output(tiny_lm):
 # ---------------------------------------------------------------- evaluate() end to end
 
 import json  # noqa: E402
-import warnings  # noqa: E402
 
 from saeforge.config import DataConfig, EvalConfig  # noqa: E402
 from saeforge.evals import evaluate, format_table, write_eval_json  # noqa: E402
@@ -334,11 +339,13 @@ def test_evaluate_matches_direct_computation(tiny_loaded, corpus_file):
     torch.testing.assert_close(m["feature_freq"], (f_NF != 0).double().mean(0))
 
     # CE/KL read the first 10 windows, with the mean activation over the reconstruction tokens as baseline.
-    ce_batches = [(tokens_ST[a:min(a + 3, 10)], excluded_ST[a:min(a + 3, 10)]) for a in range(0, 10, 3)]
-    ce_clean, ce_sae, kl_sae, n = _oracle(lm.model, hooks.resolve_hook(lm.model, HOOK),
-                                          lambda x: sae.decode(sae.encode(x)), ce_batches)
-    _, ce_mean, _, _ = _oracle(lm.model, hooks.resolve_hook(lm.model, HOOK),
-                               lambda x: x_ND.mean(0).float().expand_as(x), ce_batches)
+    ce_batches = [(tokens_ST[a : min(a + 3, 10)], excluded_ST[a : min(a + 3, 10)]) for a in range(0, 10, 3)]
+    ce_clean, ce_sae, kl_sae, n = _oracle(
+        lm.model, hooks.resolve_hook(lm.model, HOOK), lambda x: sae.decode(sae.encode(x)), ce_batches
+    )
+    _, ce_mean, _, _ = _oracle(
+        lm.model, hooks.resolve_hook(lm.model, HOOK), lambda x: x_ND.mean(0).float().expand_as(x), ce_batches
+    )
     assert m["ce_n_predictions"] == n and m["ce_n_sequences"] == 10
     assert m["ce_clean"] == pytest.approx(ce_clean, rel=1e-5)
     assert m["ce_sae"] == pytest.approx(ce_sae, rel=1e-5)
@@ -364,8 +371,15 @@ def test_evaluate_short_corpus_warns_and_reports_actual_count(tiny_loaded, corpu
     data_cfg, eval_cfg = _cfgs(corpus_file, tokens=10**6, ce_tokens=40)
     available = len(_heldout_windows(tiny_loaded, data_cfg, 10**6))
     with pytest.warns(UserWarning, match="ran out"):
-        m = evaluate(tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 16), data_cfg, eval_cfg, progress=False,
-                     mean_ablation=False)
+        m = evaluate(
+            tiny_loaded,
+            HOOK,
+            LinearSAE(tiny_loaded.d_model, 16),
+            data_cfg,
+            eval_cfg,
+            progress=False,
+            mean_ablation=False,
+        )
     assert 20 < available < 10**6 // 20
     assert m["n_windows"] == available and m["tokens_requested"] == 10**6
     assert m["ce_n_sequences"] == 2 and "ce_mean" not in m
@@ -375,13 +389,17 @@ def test_table_and_json(tiny_loaded, corpus_file, tmp_path):
     data_cfg, eval_cfg = _cfgs(corpus_file)
     m = evaluate(tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 16), data_cfg, eval_cfg, progress=False)
     table = format_table(m)
-    for label, key in [("explained variance", "explained_variance"), ("CE score (vs zero)", "ce_score"),
-                       ("KL score (vs zero)", "kl_score"), ("CE clean", "ce_clean")]:
+    for label, key in [
+        ("explained variance", "explained_variance"),
+        ("CE score (vs zero)", "ce_score"),
+        ("KL score (vs zero)", "kl_score"),
+        ("CE clean", "ce_clean"),
+    ]:
         line = next(ln for ln in table.splitlines() if ln.startswith(label + " "))
         assert float(line.split()[-1]) == pytest.approx(m[key], abs=1e-4)
     assert f"never fired in {m['n_tokens']:,} tokens" in table
     col = table.splitlines()[0].index("value")  # every value starts in the header's value column
-    assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in table.splitlines()[2:])
+    assert all(ln[col - 2 : col] == "  " and ln[col] != " " for ln in table.splitlines()[2:])
 
     m["shrinkage_gamma"] = float("nan")
     path = write_eval_json(m, tmp_path / "run")

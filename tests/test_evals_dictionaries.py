@@ -51,7 +51,10 @@ def test_split_and_stitching_match_direct_computation():
     # The wider SAE: 30 of the narrower's rows (slightly perturbed), plus 50 fresh random directions.
     copied = narrow_rows[:30] + 0.05 * _rows(30, D, 1)
     wide_rows = torch.cat([copied, _rows(50, D, 2)])
-    narrow, wide = DictSAE(narrow_rows / narrow_rows.norm(dim=1, keepdim=True)), DictSAE(wide_rows / wide_rows.norm(dim=1, keepdim=True))
+    narrow, wide = (
+        DictSAE(narrow_rows / narrow_rows.norm(dim=1, keepdim=True)),
+        DictSAE(wide_rows / wide_rows.norm(dim=1, keepdim=True)),
+    )
     recon, novel, cos = split_latents(wide, narrow, threshold=0.7)
     assert recon.tolist() == list(range(30)) and novel.tolist() == list(range(30, 80))
     assert cos[:30].min() > 0.95 and cos[30:].max() < 0.7

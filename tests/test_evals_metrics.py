@@ -22,7 +22,7 @@ def _xs(n=400, d=12, seed=0):
 def _gamma(x, x_hat):
     s = ReconstructionStats(x.shape[1], 3)
     for a in range(0, len(x), 97):
-        s.update(x[a:a + 97], x_hat[a:a + 97], torch.ones(len(x[a:a + 97]), 3))
+        s.update(x[a : a + 97], x_hat[a : a + 97], torch.ones(len(x[a : a + 97]), 3))
     return s.result()["shrinkage_gamma"]
 
 
@@ -59,7 +59,7 @@ def test_density_counts_dead_rare_dense():
     x[::2, 0] = 1.0
     stats = ReconstructionStats(2, len(counts))
     for a in range(0, n, 70_000):
-        stats.update(x[a:a + 70_000], x[a:a + 70_000], f_BF[a:a + 70_000])
+        stats.update(x[a : a + 70_000], x[a : a + 70_000], f_BF[a : a + 70_000])
     r = stats.result()
     freq = [c / n for c in counts]
     assert r["dead_count"] == 1
@@ -68,8 +68,10 @@ def test_density_counts_dead_rare_dense():
     assert r["dense_count_1pct"] == sum(f > 0.01 for f in freq) == 4  # 3000/300k is exactly 1%: not dense
     assert r["dense_count"] == sum(f > 0.1 for f in freq) == 2
     # Histogram of log10(freq + 1e-10) in half-decade bins, against torch.histogram directly.
-    direct = torch.histogram(torch.log10(torch.tensor(freq, dtype=torch.float64) + 1e-10),
-                             bins=torch.tensor(r["log10_freq_hist_edges"], dtype=torch.float64)).hist
+    direct = torch.histogram(
+        torch.log10(torch.tensor(freq, dtype=torch.float64) + 1e-10),
+        bins=torch.tensor(r["log10_freq_hist_edges"], dtype=torch.float64),
+    ).hist
     assert r["log10_freq_hist_counts"] == [int(c) for c in direct.tolist()]
     few = ReconstructionStats(2, 1)
     few.update(x[:1000], x[:1000], f_BF[:1000, 1:2])
@@ -100,8 +102,12 @@ def test_position_ev_matches_direct_float64():
 
 
 def test_ce_by_bucket_hand_checked():
-    sums = {"ce_n": [0, 2, 2, 4], "ce_clean": [0, 2.0, 2.0, 4.0], "ce_sae": [0, 3.0, 2.0, 6.0],
-            "ce_zero": [0, 10.0, 6.0, 12.0]}
+    sums = {
+        "ce_n": [0, 2, 2, 4],
+        "ce_clean": [0, 2.0, 2.0, 4.0],
+        "ce_sae": [0, 3.0, 2.0, 6.0],
+        "ce_zero": [0, 10.0, 6.0, 12.0],
+    }
     out = ce_by_bucket(sums, [(0, 2), (2, 4)])
     assert out["ce_predictions"] == [2, 6]
     assert out["ce_clean"] == [1.0, 1.0] and out["ce_sae"] == [1.5, 8 / 6]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from saeforge.evals import splice
 from saeforge.models import hooks
 
@@ -51,8 +51,11 @@ def test_ce_by_position_matches_float64_oracle(monkeypatch):
         scored = ~excluded_ST[:, :-1] & ~excluded_ST[:, 1:]
         y = tokens_ST[:, 1:]
         with torch.no_grad():
-            for name, repl in [("clean", None), ("sae", lambda x: sae.decode(sae.encode(x))),
-                               ("zero", torch.zeros_like)]:
+            for name, repl in [
+                ("clean", None),
+                ("sae", lambda x: sae.decode(sae.encode(x))),
+                ("zero", torch.zeros_like),
+            ]:
                 if repl is None:
                     logits = model(input_ids=tokens_ST).logits
                 else:
@@ -82,8 +85,9 @@ def test_evaluate_reports_positions_at_a_longer_context(tiny_loaded, text_corpus
 
     data_cfg = DataConfig(corpus=str(text_corpus), context_size=48, holdout_fraction=0.5)
     eval_cfg = EvalConfig(tokens=48 * 12, ce_tokens=48 * 5, batch_size=4)
-    m = evaluate(tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 32), data_cfg, eval_cfg, progress=False,
-                 position_buckets=6)
+    m = evaluate(
+        tiny_loaded, HOOK, LinearSAE(tiny_loaded.d_model, 32), data_cfg, eval_cfg, progress=False, position_buckets=6
+    )
     bp = m["by_position"]
     assert bp["start"] == [0, 8, 16, 24, 32, 40] and bp["end"][-1] == 48
     assert sum(bp["rows"]) == m["n_tokens"] and sum(bp["ce_predictions"]) == m["ce_n_predictions"]
@@ -108,7 +112,14 @@ def test_identity_sae_is_perfect_at_every_position(tiny_loaded, text_corpus):
     from saeforge.evals import evaluate
 
     data_cfg = DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.5)
-    m = evaluate(tiny_loaded, HOOK, IdentitySAE(), data_cfg, EvalConfig(tokens=32 * 4, ce_tokens=32 * 4, batch_size=4),
-                 progress=False, position_buckets=4)
+    m = evaluate(
+        tiny_loaded,
+        HOOK,
+        IdentitySAE(),
+        data_cfg,
+        EvalConfig(tokens=32 * 4, ce_tokens=32 * 4, batch_size=4),
+        progress=False,
+        position_buckets=4,
+    )
     assert m["by_position"]["explained_variance"] == [1.0] * 4
     assert m["by_position"]["ce_score"] == [1.0] * 4 and m["by_position"]["ce_score_mean"] == [1.0] * 4

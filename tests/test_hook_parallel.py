@@ -33,12 +33,45 @@ def float32_auto():
 
 
 def sweep_args(model, corpus, out, name, *extra):
-    return [str(a) for a in ["train", "--model", model, "--corpus", corpus, "--data.context_size", 64,
-                             "--data.holdout_fraction", 0.2, "--tokens", 16384, "--activations.batch_size", 256,
-                             "--activations.shuffle_sequences", 32, "--sae.d_sae", 256, "--sae.k", 8,
-                             "--train.checkpoint_every_steps", 8, "--train.log_every_steps", 8,
-                             "--train.dead_after_tokens", 1024, "--train.out_dir", out, "--name", name, "--no-eval",
-                             "--quiet", "--sweep", "model.hook=" + ",".join(HOOKS), *extra]]
+    return [
+        str(a)
+        for a in [
+            "train",
+            "--model",
+            model,
+            "--corpus",
+            corpus,
+            "--data.context_size",
+            64,
+            "--data.holdout_fraction",
+            0.2,
+            "--tokens",
+            16384,
+            "--activations.batch_size",
+            256,
+            "--activations.shuffle_sequences",
+            32,
+            "--sae.d_sae",
+            256,
+            "--sae.k",
+            8,
+            "--train.checkpoint_every_steps",
+            8,
+            "--train.log_every_steps",
+            8,
+            "--train.dead_after_tokens",
+            1024,
+            "--train.out_dir",
+            out,
+            "--name",
+            name,
+            "--no-eval",
+            "--quiet",
+            "--sweep",
+            "model.hook=" + ",".join(HOOKS),
+            *extra,
+        ]
+    ]
 
 
 def weights(sweep, point):
@@ -65,8 +98,9 @@ def one_process(tiny_model_dirs, text_corpus, tmp_path_factory):
     return out / "sw"
 
 
-def test_hook_parallel_sweep_sends_each_rank_only_its_hook_and_equals_one_process(one_process, tiny_model_dirs,
-                                                                                   text_corpus, tmp_path):
+def test_hook_parallel_sweep_sends_each_rank_only_its_hook_and_equals_one_process(
+    one_process, tiny_model_dirs, text_corpus, tmp_path
+):
     args = sweep_args(tiny_model_dirs["llama"], text_corpus, tmp_path, "sw", "--train.parallel", "hooks")
     finish(torchrun("-m", "saeforge.cli", *args))
     assert_same_sweep(tmp_path / "sw", one_process, tol=1e-5)
@@ -80,7 +114,9 @@ def test_hook_parallel_sweep_sends_each_rank_only_its_hook_and_equals_one_proces
     assert one["row_width"] == 128  # one process reads both hooks' columns
 
 
-def test_killed_hook_parallel_sweep_resumes_to_the_one_process_saes(one_process, tiny_model_dirs, text_corpus, tmp_path):
+def test_killed_hook_parallel_sweep_resumes_to_the_one_process_saes(
+    one_process, tiny_model_dirs, text_corpus, tmp_path
+):
     args = sweep_args(tiny_model_dirs["llama"], text_corpus, tmp_path, "cut", "--train.parallel", "hooks")
     proc = torchrun("-m", "saeforge.cli", *args)
     position = tmp_path / "cut" / "stream.pt"
@@ -97,8 +133,12 @@ def test_killed_hook_parallel_sweep_resumes_to_the_one_process_saes(one_process,
     finish(torchrun("-m", "saeforge.cli", *args, "--resume", tmp_path / "cut"))  # hook-parallel again
     assert_same_sweep(tmp_path / "cut", one_process, tol=1e-5)
     # or in one process: the position's carried rows are stored per hook, not per rank
-    assert main(["train", "--sweep", "model.hook=" + ",".join(HOOKS), "--resume", tmp_path / "cut1", "--no-eval",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["train", "--sweep", "model.hook=" + ",".join(HOOKS), "--resume", tmp_path / "cut1", "--no-eval", "--quiet"]
+        )
+        == 0
+    )
     assert_same_sweep(tmp_path / "cut1", one_process, tol=1e-5)
 
 

@@ -110,7 +110,12 @@ def test_capture_stops_after_last_needed_hook(tiny_family, models, ids_ST):
 def test_replacement_changes_logits_and_identity_does_not(tiny_family, models, ids_ST):
     model = models[tiny_family]
     clean = logits(model, ids_ST)
-    for name in ("blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_in"):
+    for name in (
+        "blocks.1.hook_resid_post",
+        "blocks.1.hook_resid_pre",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_mlp_in",
+    ):
         point = resolve_hook(model, name)
         handle = point.register(lambda x: x.clone())
         torch.testing.assert_close(logits(model, ids_ST), clean, atol=0, rtol=0)
@@ -136,7 +141,10 @@ def test_patched_removes_hooks_even_on_error(models, ids_ST):
     model = models["gpt2"]
     before = hook_ids(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with patched(model, {"blocks.0.hook_mlp_out": lambda x: x * 0, resolve_hook(model, "blocks.1.hook_resid_pre"): lambda x: None}):
+        with patched(
+            model,
+            {"blocks.0.hook_mlp_out": lambda x: x * 0, resolve_hook(model, "blocks.1.hook_resid_pre"): lambda x: None},
+        ):
             assert model.transformer.h[0].mlp._forward_hooks and model.transformer.h[1]._forward_pre_hooks
             raise RuntimeError("boom")
     assert hook_ids(model) == before
@@ -194,12 +202,15 @@ def test_unknown_hook_lists_valid_names(models):
     assert isinstance(err.value, ValueError)
 
 
-@pytest.mark.parametrize("family,raw,canonical", [
-    ("llama", "model.layers.1", "blocks.1.hook_resid_post"),
-    ("llama", "model.layers.1.mlp.down_proj", "blocks.1.hook_mlp_out"),
-    ("gpt2", "transformer.h.1.mlp.dropout", "blocks.1.hook_mlp_out"),
-    ("gpt_neox", "gpt_neox.layers.0.attention.dense", "blocks.0.hook_attn_out"),
-])
+@pytest.mark.parametrize(
+    "family,raw,canonical",
+    [
+        ("llama", "model.layers.1", "blocks.1.hook_resid_post"),
+        ("llama", "model.layers.1.mlp.down_proj", "blocks.1.hook_mlp_out"),
+        ("gpt2", "transformer.h.1.mlp.dropout", "blocks.1.hook_mlp_out"),
+        ("gpt_neox", "gpt_neox.layers.0.attention.dense", "blocks.0.hook_attn_out"),
+    ],
+)
 def test_raw_module_path_equals_canonical_hook(models, ids_ST, family, raw, canonical):
     model = models[family]
     point = resolve_hook(model, raw)
@@ -225,8 +236,17 @@ def test_unknown_family_works_with_raw_paths_only(tiny_tokenizer, ids_ST):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)).eval()
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
+    ).eval()
     assert list_hooks(model) == []
     with pytest.raises(HookError, match="model_type 'opt' has no canonical hook layout"):
         resolve_hook(model, "blocks.0.hook_resid_post")

@@ -45,8 +45,17 @@ def check(sae, f_ref, x_hat_ref):
 def test_sparsify_topk_folder(tmp_path):
     t = {"encoder.weight": rnd(F_, D), "encoder.bias": rnd(F_), "W_dec": rnd(F_, D), "b_dec": rnd(D)}
     save_file(t, str(tmp_path / "sae.safetensors"))
-    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": F_, "k": K,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": F_,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D,
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     f_ref = topk_ref((X - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"], K)  # b_dec always subtracted
     sae = load_foreign(tmp_path)
@@ -61,23 +70,33 @@ def test_sparsify_topk_folder(tmp_path):
 def write_dl(folder, sd, dict_class, **trainer):
     folder.mkdir()
     torch.save(sd, folder / "ae.pt")
-    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": dict_class, "activation_dim": D,
-                                                                "dict_size": F_, **trainer}}))
+    (folder / "config.json").write_text(
+        json.dumps({"trainer": {"dict_class": dict_class, "activation_dim": D, "dict_size": F_, **trainer}})
+    )
     return folder
 
 
 def test_dictionary_learning_standard_topk_and_batchtopk(tmp_path):
     enc, enc_b, dec = rnd(F_, D), rnd(F_), rnd(D, F_)
     bias = rnd(D)
-    folder = write_dl(tmp_path / "std", {"encoder.weight": enc, "encoder.bias": enc_b, "decoder.weight": dec, "bias": bias},
-                      "AutoEncoder")
+    folder = write_dl(
+        tmp_path / "std",
+        {"encoder.weight": enc, "encoder.bias": enc_b, "decoder.weight": dec, "bias": bias},
+        "AutoEncoder",
+    )
     f_ref = torch.relu((X - bias) @ enc.T + enc_b)
     sae = load_foreign(folder)
     assert isinstance(sae, ReLUSAE)
     check(sae, f_ref, f_ref @ dec.T + bias)
 
-    sd = {"encoder.weight": enc, "encoder.bias": enc_b, "decoder.weight": dec, "b_dec": bias, "k": torch.tensor(K),
-          "threshold": torch.tensor(-1.0)}
+    sd = {
+        "encoder.weight": enc,
+        "encoder.bias": enc_b,
+        "decoder.weight": dec,
+        "b_dec": bias,
+        "k": torch.tensor(K),
+        "threshold": torch.tensor(-1.0),
+    }
     sae = load_foreign(write_dl(tmp_path / "topk", sd, "AutoEncoderTopK", k=K))
     f_ref = topk_ref((X - bias) @ enc.T + enc_b, K)
     assert isinstance(sae, TopKSAE) and sae.cfg.k == K
@@ -106,8 +125,14 @@ def test_dictionary_learning_jumprelu_and_gated(tmp_path):
     check(sae, torch.relu(pre * (pre > thr)), torch.relu(pre * (pre > thr)) @ W_dec + b_dec)
 
     enc, gate_b, mag_b, r_mag, dec, dec_b = rnd(F_, D), rnd(F_), rnd(F_), rnd(F_) * 0.3, rnd(D, F_), rnd(D)
-    sd = {"encoder.weight": enc, "gate_bias": gate_b, "mag_bias": mag_b, "r_mag": r_mag, "decoder.weight": dec,
-          "decoder_bias": dec_b}
+    sd = {
+        "encoder.weight": enc,
+        "gate_bias": gate_b,
+        "mag_bias": mag_b,
+        "r_mag": r_mag,
+        "decoder.weight": dec,
+        "decoder_bias": dec_b,
+    }
     sae = load_foreign(write_dl(tmp_path / "gated", sd, "GatedAutoEncoder"))
     x_enc = (X - dec_b) @ enc.T
     f_ref = (x_enc + gate_b > 0) * torch.relu(torch.exp(r_mag) * x_enc + mag_b)
@@ -121,21 +146,38 @@ def test_saelens_legacy_flat_cfg_topk_and_errors(tmp_path):
     W_enc, b_enc, W_dec, b_dec = rnd(D, F_), rnd(F_), rnd(F_, D), rnd(D)
     tmp_path.joinpath("old").mkdir()
     folder = tmp_path / "old"
-    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "scaling_factor": torch.ones(F_)},
-              str(folder / "sae_weights.safetensors"))
-    cfg = {"architecture": "standard", "d_in": D, "d_sae": F_, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
-           "apply_b_dec_to_input": True, "hook_name": "blocks.0.hook_resid_pre", "model_name": "gpt2",
-           "normalize_activations": "none", "dtype": "float32", "device": "cpu"}
+    save_file(
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "scaling_factor": torch.ones(F_)},
+        str(folder / "sae_weights.safetensors"),
+    )
+    cfg = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": F_,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "apply_b_dec_to_input": True,
+        "hook_name": "blocks.0.hook_resid_pre",
+        "model_name": "gpt2",
+        "normalize_activations": "none",
+        "dtype": "float32",
+        "device": "cpu",
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     sae = load_foreign(folder)
     f_ref = topk_ref((X - b_dec) @ W_enc + b_enc, K)
     assert isinstance(sae, TopKSAE)
     check(sae, f_ref, f_ref @ W_dec + b_dec)
-    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "scaling_factor": torch.full((F_,), 2.0)},
-              str(folder / "sae_weights.safetensors"))
+    save_file(
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "scaling_factor": torch.full((F_,), 2.0)},
+        str(folder / "sae_weights.safetensors"),
+    )
     with pytest.raises(ValueError, match="scaling_factor is not all ones"):
         load_saelens_legacy(folder)
-    save_file({"W_enc": W_enc[:, :5].contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(folder / "sae_weights.safetensors"))
+    save_file(
+        {"W_enc": W_enc[:, :5].contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        str(folder / "sae_weights.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"W_enc has shape \[6, 5\], expected \[6, 20\]"):
         load_saelens_legacy(folder)
     # a v6 folder (has metadata) goes through formats.load_sae
@@ -149,9 +191,19 @@ def test_saelens_topk_with_decoder_norm_rescaling(tmp_path):
     """SAELens's default TopK training config saves rescale_acts_by_decoder_norm=true; we fold it exactly."""
     t = {"W_enc": rnd(D, F_), "b_enc": rnd(F_), "W_dec": rnd(F_, D) * 3, "b_dec": rnd(D)}  # rows far from unit norm
     save_file(t, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "topk", "d_in": D, "d_sae": F_, "k": K, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "rescale_acts_by_decoder_norm": True, "metadata": {"sae_lens_version": "6.54.12", "hook_name": "h"}}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D,
+        "d_sae": F_,
+        "k": K,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": True,
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": "h"},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     n_F = t["W_dec"].norm(dim=-1)
     # SAELens: scale pre-activations by the decoder norms, keep the top k, divide them out again to decode

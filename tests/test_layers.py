@@ -13,15 +13,23 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 def lint(tree: Path) -> subprocess.CompletedProcess:
     """lint-imports over the saeforge package under ``tree``/src with the repository's contracts."""
-    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tree,
-                          env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=tree,
+        env={"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture()
 def tree_copy(tmp_path):
-    shutil.copytree(ROOT / "src" / "saeforge", tmp_path / "src" / "saeforge",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src" / "saeforge",
+        tmp_path / "src" / "saeforge",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )
     return tmp_path
 
 

@@ -13,13 +13,29 @@ import pytest
 import tiny
 import torch
 
-from saeforge.models import LoadedModel, ModelLoadError, capture, hf_model, load_model, resolve_device, resolve_dtype
-from saeforge.models import bundled
+from saeforge.models import (
+    LoadedModel,
+    ModelLoadError,
+    bundled,
+    capture,
+    hf_model,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 
 # HF Llama module names -> llama.cpp GGUF tensor names (what convert_hf_to_gguf.py writes).
-_GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def _rope_permute(w, n_head):
@@ -52,7 +68,11 @@ def write_tiny_gguf(path, tokenizer, model):
     w.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])
     w.add_bos_token_id(tokenizer.bos_token_id)
     w.add_eos_token_id(tokenizer.eos_token_id)
-    top = {"lm_head.weight": "output.weight", "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    top = {
+        "lm_head.weight": "output.weight",
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
     for key, value in model.state_dict().items():
         if key in top:
             w.add_tensor(top[key], value.numpy())
@@ -231,7 +251,10 @@ def test_builtin_converts_once_atomically(tiny_builtin, monkeypatch, tiny_llama,
     models_dir = tiny_builtin.parent
     models_dir.mkdir(parents=True)
     # Leftovers of killed conversions that look complete: never the cache; the dead one gets cleaned up.
-    stale, live = models_dir / f".smollm2-135m.tmp-{_dead_pid()}-abc", models_dir / f".smollm2-135m.tmp-{os.getpid()}-xyz"
+    stale, live = (
+        models_dir / f".smollm2-135m.tmp-{_dead_pid()}-abc",
+        models_dir / f".smollm2-135m.tmp-{os.getpid()}-xyz",
+    )
     for leftover in (stale, live):
         leftover.mkdir()
         (leftover / "config.json").write_text("{}")

@@ -79,7 +79,7 @@ def test_prefetch_hands_the_row_budget_to_the_background_load():
 
     def load(i, rows_wanted=None):
         calls.append((i, rows_wanted, threading.current_thread().name.startswith("saeforge-prefetch")))
-        return None if i >= 6 else torch.full((50, 3), float(i))[: rows_wanted]
+        return None if i >= 6 else torch.full((50, 3), float(i))[:rows_wanted]
 
     plain = list(ShuffledBatcher(load, batch_size=16, seed=0, max_batches=9))
     expected, calls[:] = [c[:2] for c in calls], []
@@ -148,9 +148,11 @@ def test_train_with_prefetch_gives_the_same_sae_bit_for_bit(tiny_model_dirs, tex
     )
     weights = []
     for prefetch in (False, True):
-        run = dataclasses.replace(cfg, activations=ActivationsConfig(batch_size=128, lm_batch_size=4, shuffle_sequences=16,
-                                                                     prefetch=prefetch),
-                                  train=dataclasses.replace(cfg.train, run_name=f"p{prefetch}"))
+        run = dataclasses.replace(
+            cfg,
+            activations=ActivationsConfig(batch_size=128, lm_batch_size=4, shuffle_sequences=16, prefetch=prefetch),
+            train=dataclasses.replace(cfg.train, run_name=f"p{prefetch}"),
+        )
         result = train(run, evaluate=False, progress=False)
         weights.append(load_file(result.sae_dir / "sae_weights.safetensors"))
     assert weights[0].keys() == weights[1].keys()

@@ -37,10 +37,39 @@ def quickstart_code() -> str:
 @pytest.fixture(scope="module")
 def tiny_sae(tiny_model_dirs, text_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    rc = main(["train", "--model", tiny_model_dirs["llama"], "--hook", TINY_HOOK, "--corpus", text_corpus,
-               "--data.context_size", 64, "--data.holdout_fraction", 0.2, "--tokens", 8192,
-               "--activations.batch_size", 256, "--activations.shuffle_sequences", 32, "--arch", "topk",
-               "--sae.d_sae", 256, "--sae.k", K, "--train.out_dir", out, "--name", "qs", "--no-eval", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            tiny_model_dirs["llama"],
+            "--hook",
+            TINY_HOOK,
+            "--corpus",
+            text_corpus,
+            "--data.context_size",
+            64,
+            "--data.holdout_fraction",
+            0.2,
+            "--tokens",
+            8192,
+            "--activations.batch_size",
+            256,
+            "--activations.shuffle_sequences",
+            32,
+            "--arch",
+            "topk",
+            "--sae.d_sae",
+            256,
+            "--sae.k",
+            K,
+            "--train.out_dir",
+            out,
+            "--name",
+            "qs",
+            "--no-eval",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     return out / "qs" / "sae"
 
@@ -49,9 +78,11 @@ def test_readme_quickstart_prints_the_top_features_of_a_direct_computation(tiny_
     code = quickstart_code()
     for real in (MODEL, SAE_DIR, HOOK):
         assert f'"{real}"' in code, f"the quickstart no longer uses {real!r}: update this test's stand-ins"
-    code = (code.replace(f'"{MODEL}"', repr(str(tiny_model_dirs["llama"])))
-                .replace(f'"{SAE_DIR}"', repr(str(tiny_sae)))
-                .replace(f'"{HOOK}"', repr(TINY_HOOK)))
+    code = (
+        code.replace(f'"{MODEL}"', repr(str(tiny_model_dirs["llama"])))
+        .replace(f'"{SAE_DIR}"', repr(str(tiny_sae)))
+        .replace(f'"{HOOK}"', repr(TINY_HOOK))
+    )
     out = io.StringIO()
     scope: dict = {}
     with contextlib.redirect_stdout(out):

@@ -10,25 +10,40 @@ import pytest
 import torch
 
 from saeforge import cli
-from saeforge.training.config import RunConfig
 from saeforge.saes.formats import save_sae
 from saeforge.saes.registry import config_class, sae_class
+from saeforge.training.config import RunConfig
 
 HOOK = "blocks.1.hook_resid_post"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _save(folder: Path, model_dir: Path, corpus: Path, arch: str, d_sae: int, seed: int, **kw) -> Path:
-    cfg = RunConfig.from_dict({"model": {"name": str(model_dir), "hook": HOOK, "device": "cpu", "dtype": "float32"},
-                               "data": {"corpus": str(corpus), "context_size": 24, "holdout_fraction": 0.5},
-                               "eval": {"tokens": 48 * 8, "ce_tokens": 48 * 4, "batch_size": 4},
-                               "sae": {"architecture": arch, "d_in": 64, "d_sae": d_sae, **kw}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": str(model_dir), "hook": HOOK, "device": "cpu", "dtype": "float32"},
+            "data": {"corpus": str(corpus), "context_size": 24, "holdout_fraction": 0.5},
+            "eval": {"tokens": 48 * 8, "ce_tokens": 48 * 4, "batch_size": 4},
+            "sae": {"architecture": arch, "d_in": 64, "d_sae": d_sae, **kw},
+        }
+    )
     sae = sae_class(arch)(config_class(arch)(d_in=64, d_sae=d_sae, **kw))
     sae.init_weights(torch.Generator().manual_seed(seed))
-    meta = {"model_name": str(model_dir), "hook_name": HOOK, "context_size": 24, "dataset_path": str(corpus),
-            "saeforge_config": cfg.to_dict()}
+    meta = {
+        "model_name": str(model_dir),
+        "hook_name": HOOK,
+        "context_size": 24,
+        "dataset_path": str(corpus),
+        "saeforge_config": cfg.to_dict(),
+    }
     return save_sae(sae, folder, meta)
 
 
@@ -36,21 +51,43 @@ def _save(folder: Path, model_dir: Path, corpus: Path, arch: str, d_sae: int, se
 def saes(tiny_model_dirs, text_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("saes")
     model = tiny_model_dirs["llama"]
-    return [_save(root / "narrow" / "sae", model, text_corpus, "topk", 64, 0, k=4),
-            _save(root / "wide" / "sae", model, text_corpus, "topk", 128, 1, k=8),
-            _save(root / "relu" / "sae", model, text_corpus, "relu", 64, 2)]
+    return [
+        _save(root / "narrow" / "sae", model, text_corpus, "topk", 64, 0, k=4),
+        _save(root / "wide" / "sae", model, text_corpus, "topk", 128, 1, k=8),
+        _save(root / "relu" / "sae", model, text_corpus, "relu", 64, 2),
+    ]
 
 
 @pytest.fixture(scope="module")
 def outputs(saes, tmp_path_factory):
     """Run both commands once (48-token windows: longer than the 24 the SAEs were 'trained' on)."""
     out = tmp_path_factory.mktemp("out")
-    assert cli.main(["eval", str(saes[0]), "--report", "--compare", str(saes[1]), str(saes[2]),
-                     "--data.context_size", "48", "--quiet"]) == 0
-    assert cli.main(["compare", *map(str, saes), "--out", str(out / "cmp.html"), "--data.context_size", "48",
-                     "--quiet"]) == 0
-    return {"report": saes[0] / "report.html", "eval": saes[0] / "eval.json", "compare": out / "cmp.html",
-            "compare_json": out / "cmp.json"}
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(saes[0]),
+                "--report",
+                "--compare",
+                str(saes[1]),
+                str(saes[2]),
+                "--data.context_size",
+                "48",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(["compare", *map(str, saes), "--out", str(out / "cmp.html"), "--data.context_size", "48", "--quiet"])
+        == 0
+    )
+    return {
+        "report": saes[0] / "report.html",
+        "eval": saes[0] / "eval.json",
+        "compare": out / "cmp.html",
+        "compare_json": out / "cmp.json",
+    }
 
 
 def test_eval_json_and_compare_json_agree(outputs):
@@ -88,8 +125,10 @@ def test_pages_render_in_chromium(outputs):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
-            for key, plots in [("report", ["density", "position-ev", "position-ce", "pareto-ev", "pareto-ce"]),
-                               ("compare", ["pareto-ev", "pareto-ce", "position-ev", "position-ce"])]:
+            for key, plots in [
+                ("report", ["density", "position-ev", "position-ce", "pareto-ev", "pareto-ce"]),
+                ("compare", ["pareto-ev", "pareto-ce", "position-ev", "position-ce"]),
+            ]:
                 page = browser.new_page()
                 errors: list[str] = []
                 page.on("console", lambda msg: errors.append(msg.text) if msg.type in ("error", "warning") else None)
@@ -102,7 +141,8 @@ def test_pages_render_in_chromium(outputs):
                     assert box is not None and box["width"] > 300 and box["height"] > 200, (key, name)
                 # Each Pareto plot draws one point per SAE, at that SAE's numbers.
                 xs = page.locator('svg[data-plot="pareto-ev"] circle').evaluate_all(
-                    "els => els.map(e => [e.dataset.series, +e.dataset.x, +e.dataset.y])")
+                    "els => els.map(e => [e.dataset.series, +e.dataset.x, +e.dataset.y])"
+                )
                 assert sorted(s for s, _, _ in xs) == ["narrow", "relu", "wide"]
                 narrow = next(p for p in xs if p[0] == "narrow")
                 assert narrow[1] == pytest.approx(m["l0"]) and narrow[2] == pytest.approx(m["explained_variance"])

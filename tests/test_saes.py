@@ -12,9 +12,9 @@ from torch.testing import assert_close
 
 from saeforge.config import ConfigError
 from saeforge.saes import LossContext, SAEConfig, config_class, formats, losses, names, register, sae_class
-from saeforge.training.config import RunConfig
 from saeforge.saes.relu import ReLUConfig, ReLUSAE
 from saeforge.saes.topk import FastPaths, TopKConfig, TopKSAE
+from saeforge.training.config import RunConfig
 
 
 def set_params(sae, W_enc, b_enc, W_dec, b_dec):
@@ -78,8 +78,10 @@ def test_config_validation_messages():
 # Row 2: x - b_dec = [0, -1], pre = [0, -1.5, 1], f = [0, 0, 1], x_hat = [1, 1] + b_dec = [1.5, 1],
 # err = [-1, -2], err^2 = 5. mse = 2.625; decoder norms [1, 1, sqrt 2]; l1 = (1.5 + sqrt 2) / 2.
 RELU_PARAMS = dict(
-    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]], b_enc=[0.0, -0.5, 0.0],
-    W_dec=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], b_dec=[0.5, 0.0],
+    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]],
+    b_enc=[0.0, -0.5, 0.0],
+    W_dec=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+    b_dec=[0.5, 0.0],
 )
 RELU_X = torch.tensor([[1.5, 1.0], [0.5, -1.0]])
 
@@ -177,8 +179,10 @@ def test_fold_input_scale_keeps_latents_and_scales_reconstruction(arch):
 # Row 3: x - b_dec = [-2, -1], pre = [-2, -1, -2.5] -> latent 1 (-1), ReLU -> 0; x_hat = b_dec; err^2 = 5.
 # Total variance: mean x = [1, 1], deviations [2, 0], [0, 2], [-2, -2] -> 16. FVU = 6.25 / 16.
 TOPK_PARAMS = dict(
-    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, 0.5]], b_enc=[0.0, 0.0, 0.0],
-    W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], b_dec=[1.0, 0.0],
+    W_enc=[[1.0, 0.0, 1.0], [0.0, 1.0, 0.5]],
+    b_enc=[0.0, 0.0, 0.0],
+    W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]],
+    b_dec=[1.0, 0.0],
 )
 TOPK_X = torch.tensor([[3.0, 1.0], [1.0, 3.0], [-1.0, -1.0]])
 # AuxK with latents 0 and 2 dead, aux_k = 1. Residuals e: [0.5, -1], [0, 0], [-2, -1].
@@ -200,7 +204,10 @@ def with_paths(sae, sparse_decode, sparse_grad):
 
 
 FAST_PATHS = [  # (sparse_decode, sparse_encoder_grad); (False, False) is the plain autograd reference
-    (True, True), (True, False), (False, True), (False, False),
+    (True, True),
+    (True, False),
+    (False, True),
+    (False, False),
 ]
 
 
@@ -267,7 +274,9 @@ def encoder_backward(request, monkeypatch):
 
 @pytest.mark.parametrize("sparse_decode,sparse_grad", FAST_PATHS[:3])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
-def test_topk_fast_paths_match_dense_reference_values_and_grads(sparse_decode, sparse_grad, apply_b_dec, encoder_backward):
+def test_topk_fast_paths_match_dense_reference_values_and_grads(
+    sparse_decode, sparse_grad, apply_b_dec, encoder_backward
+):
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(8))
     dead = torch.rand(32, generator=torch.Generator().manual_seed(9)) < 0.5
     results = []
@@ -435,7 +444,10 @@ def test_saelens_written_standard_folder_loads_as_relu(tmp_path):
     sae = random_sae("relu")
     folder = formats.save_sae(sae, tmp_path / "sae", {})
     cfg = json.loads((folder / "cfg.json").read_text())
-    saelens_cfg = {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations")}
+    saelens_cfg = {
+        k: cfg[k]
+        for k in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations")
+    }
     saelens_cfg["metadata"] = {"hook_name": "blocks.0.hook_resid_pre"}
     (folder / "cfg.json").write_text(json.dumps(saelens_cfg))
     loaded = formats.load_sae(folder)

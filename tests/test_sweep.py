@@ -15,12 +15,24 @@ from saeforge.training.sweep import parse_sweep, point_configs, point_name
 
 def test_parse_sweep_is_a_cartesian_product_with_pipe_for_list_values():
     points = parse_sweep(["sae.k=16,32", "train.lr=1e-3, 1e-4"])
-    assert points == [{"sae": {"k": "16"}, "train": {"lr": "1e-3"}}, {"sae": {"k": "16"}, "train": {"lr": "1e-4"}},
-                      {"sae": {"k": "32"}, "train": {"lr": "1e-3"}}, {"sae": {"k": "32"}, "train": {"lr": "1e-4"}}]
+    assert points == [
+        {"sae": {"k": "16"}, "train": {"lr": "1e-3"}},
+        {"sae": {"k": "16"}, "train": {"lr": "1e-4"}},
+        {"sae": {"k": "32"}, "train": {"lr": "1e-3"}},
+        {"sae": {"k": "32"}, "train": {"lr": "1e-4"}},
+    ]
     assert point_name(points[1]) == "k=16_lr=1e-4"
-    assert parse_sweep(["sae.group_sizes=32,32|16,16,32"]) == [{"sae": {"group_sizes": "32,32"}}, {"sae": {"group_sizes": "16,16,32"}}]
-    for bad, msg in [("sae.k", "expected SECTION.FIELD=V1"), ("model.name=a,b", "only sae"), ("train.checkpoint_every_steps=1,2", "only sae"),
-                     ("train.run_name=a,b", "only sae"), ("sae.k=", "no values")]:
+    assert parse_sweep(["sae.group_sizes=32,32|16,16,32"]) == [
+        {"sae": {"group_sizes": "32,32"}},
+        {"sae": {"group_sizes": "16,16,32"}},
+    ]
+    for bad, msg in [
+        ("sae.k", "expected SECTION.FIELD=V1"),
+        ("model.name=a,b", "only sae"),
+        ("train.checkpoint_every_steps=1,2", "only sae"),
+        ("train.run_name=a,b", "only sae"),
+        ("sae.k=", "no values"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             parse_sweep([bad])
 
@@ -35,15 +47,37 @@ def test_point_configs_switch_architecture_and_name_bad_fields():
 
 
 def test_sweep_points_equal_separate_runs_and_write_a_summary(tiny_model_dirs, text_corpus, tmp_path, capsys):
-    common = ["--model", tiny_model_dirs["llama"], "--hook", "blocks.1.hook_resid_post", "--corpus", text_corpus,
-              "--data.context_size", 64, "--data.holdout_fraction", 0.2, "--tokens", 4096, "--activations.batch_size", 256,
-              "--activations.shuffle_sequences", 32, "--sae.d_sae", 128, "--train.out_dir", tmp_path, "--quiet"]
+    common = [
+        "--model",
+        tiny_model_dirs["llama"],
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--corpus",
+        text_corpus,
+        "--data.context_size",
+        64,
+        "--data.holdout_fraction",
+        0.2,
+        "--tokens",
+        4096,
+        "--activations.batch_size",
+        256,
+        "--activations.shuffle_sequences",
+        32,
+        "--sae.d_sae",
+        128,
+        "--train.out_dir",
+        tmp_path,
+        "--quiet",
+    ]
     args = ["train", *common, "--name", "sw", "--sweep", "sae.k=4,8", "--eval.tokens", 1024, "--eval.ce_tokens", 256]
     assert main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     assert "k=4" in out and "k=8" in out and "explained_variance" in out
     summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [r["point"] for r in summary["points"]] == ["k=4", "k=8"] and all(r["steps"] == 16 for r in summary["points"])
+    assert [r["point"] for r in summary["points"]] == ["k=4", "k=8"] and all(
+        r["steps"] == 16 for r in summary["points"]
+    )
     assert [r["l0"] for r in summary["points"]] == [pytest.approx(4.0), pytest.approx(8.0)]
     # the same config trained alone gives the same SAE: the sweep shares batches, nothing else
     assert main([str(a) for a in ["train", *common, "--name", "solo", "--sae.k", 8, "--no-eval"]]) == 0
@@ -60,11 +94,43 @@ STEPS = 32  # 8192 tokens / 256
 
 
 def sweep_args(model, corpus, out, name, *extra):
-    return [str(a) for a in ["train", "--model", model, "--hook", "blocks.1.hook_resid_post", "--corpus", corpus,
-                             "--data.context_size", 64, "--data.holdout_fraction", 0.2, "--tokens", 8192,
-                             "--activations.batch_size", 256, "--activations.shuffle_sequences", 32, "--sae.d_sae", 256,
-                             "--train.checkpoint_every_steps", 4, "--train.log_every_steps", 4, "--train.dead_after_tokens",
-                             1024, "--train.out_dir", out, "--name", name, "--no-eval", "--quiet", *extra]]
+    return [
+        str(a)
+        for a in [
+            "train",
+            "--model",
+            model,
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--corpus",
+            corpus,
+            "--data.context_size",
+            64,
+            "--data.holdout_fraction",
+            0.2,
+            "--tokens",
+            8192,
+            "--activations.batch_size",
+            256,
+            "--activations.shuffle_sequences",
+            32,
+            "--sae.d_sae",
+            256,
+            "--train.checkpoint_every_steps",
+            4,
+            "--train.log_every_steps",
+            4,
+            "--train.dead_after_tokens",
+            1024,
+            "--train.out_dir",
+            out,
+            "--name",
+            name,
+            "--no-eval",
+            "--quiet",
+            *extra,
+        ]
+    ]
 
 
 def assert_same_saes(a, b, points=("k=4", "k=8")):
@@ -87,8 +153,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_sweep_resumes_to_the_uninterrupted_saes(full_sweep, tiny_model_dirs, text_corpus, tmp_path,
-                                                             monkeypatch, capsys):
+def test_interrupted_sweep_resumes_to_the_uninterrupted_saes(
+    full_sweep, tiny_model_dirs, text_corpus, tmp_path, monkeypatch, capsys
+):
     from saeforge.training.trainer import Trainer
 
     save = Trainer.save_checkpoint
@@ -127,8 +194,12 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_saes(full_sweep, tiny_mode
     import time
 
     args = sweep_args(tiny_model_dirs["llama"], text_corpus, tmp_path, "cut", *SWEEP)
-    proc = subprocess.Popen([sys.executable, "-m", "saeforge.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saeforge.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     position = tmp_path / "cut" / "stream.pt"
     deadline = time.time() + 120
     while not position.exists() and proc.poll() is None and time.time() < deadline:
@@ -161,7 +232,9 @@ def test_sweep_over_hooks_reads_one_stream_and_equals_separate_runs(tiny_model_d
         for name, t in alone.state_dict().items():
             torch.testing.assert_close(swept.state_dict()[name], t, rtol=0, atol=0, msg=f"{hook} {name}")
         # evaluated at its own hook: the separate run's held-out metrics
-        ev_swept, ev_alone = (json.loads((d / "sae" / "eval.json").read_text()) for d in (point, tmp_path / ("solo" + hook[7])))
+        ev_swept, ev_alone = (
+            json.loads((d / "sae" / "eval.json").read_text()) for d in (point, tmp_path / ("solo" + hook[7]))
+        )
         for key in ("explained_variance", "l0", "ce_score"):
             assert ev_swept[key] == pytest.approx(ev_alone[key], rel=1e-6), key
 
@@ -170,13 +243,23 @@ def test_sweep_of_transcoders_equals_separate_runs(tiny_model_dirs, text_corpus,
     outs = ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]  # two transcoders reading blocks.0.hook_mlp_in
     model = tiny_model_dirs["llama"]
     evaluated = ["--eval.tokens", "1024", "--eval.ce_tokens", "256"]
-    args = sweep_args(model, text_corpus, tmp_path, "tc", "--model.hook", "blocks.0.hook_mlp_in",
-                      "--sweep", "model.hook_out=" + ",".join(outs))
+    args = sweep_args(
+        model,
+        text_corpus,
+        tmp_path,
+        "tc",
+        "--model.hook",
+        "blocks.0.hook_mlp_in",
+        "--sweep",
+        "model.hook_out=" + ",".join(outs),
+    )
     assert main([a for a in args if a not in ("--hook", "blocks.1.hook_resid_post", "--no-eval")] + evaluated) == 0
     summary = json.loads((tmp_path / "tc" / "sweep.json").read_text())
     assert summary["hooks"] == ["blocks.0.hook_mlp_in", *outs]  # one stream: the input once, both outputs
     out = outs[1]
-    solo = sweep_args(model, text_corpus, tmp_path, "solo", "--model.hook", "blocks.0.hook_mlp_in", "--model.hook_out", out)
+    solo = sweep_args(
+        model, text_corpus, tmp_path, "solo", "--model.hook", "blocks.0.hook_mlp_in", "--model.hook_out", out
+    )
     assert main([a for a in solo if a not in ("--hook", "blocks.1.hook_resid_post", "--no-eval")] + evaluated) == 0
     swept, alone = tmp_path / "tc" / f"hook_out={out}" / "sae", tmp_path / "solo" / "sae"
     a, b = formats.load_sae(swept), formats.load_sae(alone)

@@ -51,7 +51,9 @@ def test_correlated_keeps_each_rate_and_makes_aligned_features_co_occur():
     i, j = divmod(int(cos_NN.argmax()), cfg.n_features)
     together = (active[:, i] * active[:, j]).mean().item()
     assert together > 3 * rate_N[i].item() * rate_N[j].item()
-    independent = ToyData(ToyConfig(d=16, n_features=32, mean_active=4)).active(100_000, torch.Generator().manual_seed(3)).float()
+    independent = (
+        ToyData(ToyConfig(d=16, n_features=32, mean_active=4)).active(100_000, torch.Generator().manual_seed(3)).float()
+    )
     assert (independent[:, i] * independent[:, j]).mean().item() < 1.5 * data.p_N[i].item() * data.p_N[j].item()
 
 
@@ -66,10 +68,12 @@ def test_mmcs_by_hand():
     A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     B = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
     # row [1, 0]: cos 0.7071 to [1, 1], 0 to [0, -1]; row [0, 1]: 0.7071 and -1 -> both 0.7071
-    assert mmcs(A, B) == pytest.approx(2 ** -0.5)
-    assert mmcs(A, torch.tensor([[0.0, 3.0], [2.0, 0.0], [1.0, 1.0]])) == pytest.approx(1.0)  # scaled, permuted, extra row
+    assert mmcs(A, B) == pytest.approx(2**-0.5)
+    assert mmcs(A, torch.tensor([[0.0, 3.0], [2.0, 0.0], [1.0, 1.0]])) == pytest.approx(
+        1.0
+    )  # scaled, permuted, extra row
     # not symmetric: from B, [1, 1] has 0.7071 to either row of A, [0, -1] has 0 and -1 -> mean 0.3536
-    assert mmcs(B, A) == pytest.approx(2 ** -0.5 / 2)
+    assert mmcs(B, A) == pytest.approx(2**-0.5 / 2)
 
 
 def test_an_untrained_sae_does_not_start_at_the_features():
@@ -82,7 +86,11 @@ def test_an_untrained_sae_does_not_start_at_the_features():
 
 
 RECOVERY = {  # sae fields for SPECS's toy sizes at width 512 (toy.TOY_SAE_DEFAULTS for the rest)
-    "relu": {}, "gated": {}, "jumprelu": {}, "topk": {}, "batchtopk": {},
+    "relu": {},
+    "gated": {},
+    "jumprelu": {},
+    "topk": {},
+    "batchtopk": {},
     # the first prefix must reconstruct alone; a 384-latent first group still has room for most features
     # (a small first group learns feature mixtures, as the method intends, and lowers MMCS)
     "matryoshka": {"group_sizes": [384, 128]},

@@ -38,8 +38,14 @@ def make_sae(arch, seed=0):
 
 
 def train_cfg(**kw):
-    base = dict(total_tokens=128 * 60, lr=1e-2, lr_warmup_steps=5, checkpoint_every_steps=7, log_every_steps=5,
-                dead_after_tokens=2000)
+    base = dict(
+        total_tokens=128 * 60,
+        lr=1e-2,
+        lr_warmup_steps=5,
+        checkpoint_every_steps=7,
+        log_every_steps=5,
+        dead_after_tokens=2000,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -84,8 +90,17 @@ RESUME_CASES = [
     ("relu", {}),
     ("topk", {}),
     # resampling (Adam moments, firing counters) and p-annealing (lambda rescale, probe sums) state
-    ("relu", {"dead_latents": "resample", "resample_every_steps": 30, "dead_after_tokens": 128 * 4,
-              "p_end": 0.5, "p_anneal_updates": 6, "p_anneal_start_fraction": 0.1}),
+    (
+        "relu",
+        {
+            "dead_latents": "resample",
+            "resample_every_steps": 30,
+            "dead_after_tokens": 128 * 4,
+            "p_end": 0.5,
+            "p_anneal_updates": 6,
+            "p_anneal_start_fraction": 0.1,
+        },
+    ),
     ("gated", {"dead_latents": "ghost"}),
 ]
 
@@ -159,8 +174,13 @@ def test_dead_latents_are_counted(tmp_path):
     sae = make_sae("relu")
     with torch.no_grad():
         sae.b_enc[:8] = -1e6  # these latents can never fire
-    tr = Trainer(sae, dataclasses.replace(train_cfg(), total_tokens=128 * 20, dead_after_tokens=128 * 10),
-                 128, None, progress=False)
+    tr = Trainer(
+        sae,
+        dataclasses.replace(train_cfg(), total_tokens=128 * 20, dead_after_tokens=128 * 10),
+        128,
+        None,
+        progress=False,
+    )
     tr.fit(synthetic_source())
     assert tr.dead_mask_F[:8].all()
     assert tr.tokens_since_fired_F[:8].eq(128 * 20).all()

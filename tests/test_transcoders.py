@@ -51,8 +51,9 @@ def test_one_hook_in_a_list_is_the_single_hook_stream(lm, corpus):
     for x, y in zip(batches(a, 5), batches(b, 5), strict=True):
         assert torch.equal(x, y)
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]
-                                          for k in sa)
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa
+    )
 
 
 def test_two_hook_stream_resumes_where_it_stopped(lm, corpus):
@@ -211,8 +212,9 @@ def small_trainer(run_dir=None, **kw):
         run_dir.mkdir(parents=True, exist_ok=True)
     sae = make("relu", d_in=10, d_out=6, d_sae=32, skip=True, l1_coefficient=0.1)
     sae.init_weights(torch.Generator().manual_seed(0))
-    cfg = TrainConfig(total_tokens=128 * 40, lr=1e-2, lr_warmup_steps=2, checkpoint_every_steps=7, log_every_steps=5,
-                      **kw)
+    cfg = TrainConfig(
+        total_tokens=128 * 40, lr=1e-2, lr_warmup_steps=2, checkpoint_every_steps=7, log_every_steps=5, **kw
+    )
     return Trainer(sae, cfg, batch_size=128, run_dir=run_dir, progress=False)
 
 
@@ -223,8 +225,8 @@ def test_trainer_scales_each_side_and_export_folds_both_exactly(tmp_path):
     tr.fit(transcoder_rows())
     head = torch.cat(batches(transcoder_rows(), tr.cfg.norm_estimate_batches))
     x, y = head[:, :10].double(), head[:, 10:].double()
-    assert (tr.scale * x).norm(dim=1).mean() == pytest.approx(10 ** 0.5, rel=1e-6)  # E||c x|| = sqrt(d_in)
-    assert (tr.scale_out * y).norm(dim=1).mean() == pytest.approx(6 ** 0.5, rel=1e-6)  # E||c_out y|| = sqrt(d_out)
+    assert (tr.scale * x).norm(dim=1).mean() == pytest.approx(10**0.5, rel=1e-6)  # E||c x|| = sqrt(d_in)
+    assert (tr.scale_out * y).norm(dim=1).mean() == pytest.approx(6**0.5, rel=1e-6)  # E||c_out y|| = sqrt(d_out)
     assert tr.scale_out / tr.scale > 100  # the sides really needed their own scales
     rec = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["explained_variance"] > 0.9  # logged against the output columns: y is nearly linear in x
@@ -255,6 +257,7 @@ def test_transcoder_training_resumes_to_the_uninterrupted_result(tmp_path):
 
 # ---- evaluation: two-hook splice ---------------------------------------------------------------
 
+
 def eval_cfg(tokens=1024, ce_tokens=512):
     from saeforge.config import EvalConfig
 
@@ -277,8 +280,15 @@ def test_identity_transcoder_between_two_names_of_one_tensor_scores_one(lm, corp
     from saeforge.evals.report import evaluate
 
     # resid_post of layer 0 IS resid_pre of layer 1: a transcoder that copies its input loses nothing
-    m = evaluate(lm, "blocks.0.hook_resid_post", identity_transcoder(), corpus, eval_cfg(),
-                 progress=False, hook_out="blocks.1.hook_resid_pre")
+    m = evaluate(
+        lm,
+        "blocks.0.hook_resid_post",
+        identity_transcoder(),
+        corpus,
+        eval_cfg(),
+        progress=False,
+        hook_out="blocks.1.hook_resid_pre",
+    )
     assert (m["hook"], m["hook_out"]) == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre")
     assert m["explained_variance"] == pytest.approx(1.0, abs=1e-9) and m["mse"] == pytest.approx(0.0, abs=1e-9)
     assert m["ce_sae"] == pytest.approx(m["ce_clean"], abs=1e-9) and m["kl_sae"] == pytest.approx(0.0, abs=1e-9)
@@ -308,8 +318,9 @@ def test_splice_replaces_the_output_hook_with_the_prediction_from_the_input_hook
         post = capture(lm, [p_post], tokens)[p_post.name]
     want_mlp = clean[HOOK_IN] @ sae.W_skip.detach().T + sae.b_dec.detach()
     want_mlp = torch.where(excluded[..., None], clean[HOOK_OUT], want_mlp)  # excluded positions stay clean
-    torch.testing.assert_close(post - clean["blocks.0.hook_resid_post"], want_mlp - clean[HOOK_OUT],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        post - clean["blocks.0.hook_resid_post"], want_mlp - clean[HOOK_OUT], rtol=1e-5, atol=1e-5
+    )
     assert not excluded.all() and excluded[:, 0].all()
 
 
@@ -317,8 +328,15 @@ def test_splice_refuses_an_output_hook_that_comes_first(lm, corpus):
     from saeforge.evals.report import evaluate
 
     with pytest.raises(ValueError, match="fired before the input hook.*must come first"):
-        evaluate(lm, "blocks.1.hook_resid_pre", identity_transcoder(), corpus, eval_cfg(), progress=False,
-                 hook_out="blocks.0.hook_resid_post")
+        evaluate(
+            lm,
+            "blocks.1.hook_resid_pre",
+            identity_transcoder(),
+            corpus,
+            eval_cfg(),
+            progress=False,
+            hook_out="blocks.0.hook_resid_post",
+        )
 
 
 # ---- SAELens format ----------------------------------------------------------------------------
@@ -331,9 +349,16 @@ def randomised(sae):
     return sae
 
 
-@pytest.mark.parametrize("arch,skip,saelens_name", [
-    ("relu", False, "transcoder"), ("relu", True, "skip_transcoder"), ("jumprelu", False, "jumprelu_transcoder"),
-    ("jumprelu", True, "jumprelu_skip_transcoder"), ("topk", True, "topk_skip_transcoder")])
+@pytest.mark.parametrize(
+    "arch,skip,saelens_name",
+    [
+        ("relu", False, "transcoder"),
+        ("relu", True, "skip_transcoder"),
+        ("jumprelu", False, "jumprelu_transcoder"),
+        ("jumprelu", True, "jumprelu_skip_transcoder"),
+        ("topk", True, "topk_skip_transcoder"),
+    ],
+)
 def test_saelens_transcoder_layout_round_trips(tmp_path, arch, skip, saelens_name):
     from safetensors.torch import load_file
 
@@ -354,8 +379,15 @@ def test_saelens_transcoder_layout_round_trips(tmp_path, arch, skip, saelens_nam
     assert torch.equal(back(x), sae(x)) and torch.equal(back.encode(x), sae.encode(x))
 
 
-@pytest.mark.parametrize("saelens_name,skip", [("transcoder", False), ("skip_transcoder", True),
-                                               ("jumprelu_transcoder", False), ("jumprelu_skip_transcoder", True)])
+@pytest.mark.parametrize(
+    "saelens_name,skip",
+    [
+        ("transcoder", False),
+        ("skip_transcoder", True),
+        ("jumprelu_transcoder", False),
+        ("jumprelu_skip_transcoder", True),
+    ],
+)
 def test_reads_a_transcoder_folder_as_saelens_writes_it(tmp_path, saelens_name, skip):
     """cfg.json of SAELens v6's (Skip/JumpReLU)Transcoder: no saeforge keys, skip implied by the name."""
     from safetensors.torch import save_file
@@ -363,16 +395,29 @@ def test_reads_a_transcoder_folder_as_saelens_writes_it(tmp_path, saelens_name, 
     from saeforge.saes.interop import load_foreign
 
     g = torch.Generator().manual_seed(1)
-    t = {"W_enc": torch.randn(5, 7, generator=g), "b_enc": torch.randn(7, generator=g),
-         "W_dec": torch.randn(7, 3, generator=g), "b_dec": torch.randn(3, generator=g)}
+    t = {
+        "W_enc": torch.randn(5, 7, generator=g),
+        "b_enc": torch.randn(7, generator=g),
+        "W_dec": torch.randn(7, 3, generator=g),
+        "b_dec": torch.randn(3, generator=g),
+    }
     if skip:
         t["W_skip"] = torch.randn(3, 5, generator=g)
     if saelens_name.startswith("jumprelu"):
         t["threshold"] = torch.rand(7, generator=g)
     save_file(t, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": saelens_name, "d_in": 5, "d_sae": 7, "d_out": 3, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": "m", "hook_name": HOOK_IN, "hook_name_out": HOOK_OUT, "sae_lens_version": "6.54.12"}}
+    cfg = {
+        "architecture": saelens_name,
+        "d_in": 5,
+        "d_sae": 7,
+        "d_out": 3,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": "m", "hook_name": HOOK_IN, "hook_name_out": HOOK_OUT, "sae_lens_version": "6.54.12"},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     sae = load_foreign(tmp_path)
     x = torch.randn(11, 5)
@@ -414,14 +459,22 @@ def test_transcoder_file_read_as_a_plain_sae_is_refused_clearly(tmp_path, lm, co
 def run_cfg(model_dir, corpus_dir, out, name, arch, tokens, skip=False, hook_in=HOOK_IN, hook_out=HOOK_OUT, **sae):
     from saeforge.training.config import RunConfig
 
-    return RunConfig.from_dict({
-        "model": {"name": str(model_dir), "hook": hook_in, "hook_out": hook_out, "dtype": "float32", "device": "cpu"},
-        "data": {"corpus": str(corpus_dir), "context_size": 64, "holdout_fraction": 0.2},
-        "activations": {"batch_size": 256, "shuffle_sequences": 64},
-        "sae": {"architecture": arch, "d_sae": 256, "skip": skip, **({"k": 8} if arch == "topk" else {}), **sae},
-        "train": {"total_tokens": tokens, "lr": 4e-3, "out_dir": str(out), "run_name": name},
-        "eval": {"tokens": 4096, "ce_tokens": 2048},
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {
+                "name": str(model_dir),
+                "hook": hook_in,
+                "hook_out": hook_out,
+                "dtype": "float32",
+                "device": "cpu",
+            },
+            "data": {"corpus": str(corpus_dir), "context_size": 64, "holdout_fraction": 0.2},
+            "activations": {"batch_size": 256, "shuffle_sequences": 64},
+            "sae": {"architecture": arch, "d_sae": 256, "skip": skip, **({"k": 8} if arch == "topk" else {}), **sae},
+            "train": {"total_tokens": tokens, "lr": 4e-3, "out_dir": str(out), "run_name": name},
+            "eval": {"tokens": 4096, "ce_tokens": 2048},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -438,8 +491,9 @@ def zero_predictor_metrics(lm, tiny_model_dirs, text_corpus):
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
-def test_transcoder_learns_the_mlp_of_a_tiny_llama(tmp_path, lm, tiny_model_dirs, text_corpus, arch,
-                                                    zero_predictor_metrics):
+def test_transcoder_learns_the_mlp_of_a_tiny_llama(
+    tmp_path, lm, tiny_model_dirs, text_corpus, arch, zero_predictor_metrics
+):
     from saeforge.saes.formats import load_sae, read_cfg
     from saeforge.training.run import train
 
@@ -470,7 +524,9 @@ def test_skip_transcoder_beats_plain_where_the_mlp_is_near_linear(tmp_path, tiny
     for skip in (False, True):
         cfg = run_cfg(tiny_model_dirs["gpt2"], text_corpus, tmp_path, f"skip{skip}", "relu", 20_000, skip=skip)
         ev[skip] = train(cfg, progress=False, lm=gpt2).metrics
-    assert ev[True]["explained_variance"] > 0.8 and ev[True]["explained_variance"] > ev[False]["explained_variance"] + 0.2
+    assert (
+        ev[True]["explained_variance"] > 0.8 and ev[True]["explained_variance"] > ev[False]["explained_variance"] + 0.2
+    )
     assert ev[True]["l0"] < ev[False]["l0"]  # the latents no longer carry the linear part
     assert ev[True]["kl_score"] > ev[False]["kl_score"]
 
@@ -480,8 +536,9 @@ def test_transcoder_config_errors_before_any_model_loads():
     from saeforge.training.config import RunConfig
 
     def cfg(model=None, sae=None, train=None):
-        return RunConfig.from_dict({"model": {"hook": HOOK_IN, "hook_out": HOOK_OUT, **(model or {})},
-                                    "sae": sae or {}, "train": train or {}})
+        return RunConfig.from_dict(
+            {"model": {"hook": HOOK_IN, "hook_out": HOOK_OUT, **(model or {})}, "sae": sae or {}, "train": train or {}}
+        )
 
     assert cfg().sae.apply_b_dec_to_input is False and cfg().model.hook_names() == [HOOK_IN, HOOK_OUT]
     with pytest.raises(ConfigError, match="is model.hook itself"):
@@ -503,16 +560,51 @@ def test_cli_caches_trains_and_evaluates_a_transcoder(tiny_model_dirs, text_corp
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    common = ["--model", tiny_model_dirs["llama"], "--hook", HOOK_IN, "--model.hook_out", HOOK_OUT,
-              "--corpus", text_corpus, "--data.context_size", 64, "--data.holdout_fraction", 0.2, "--quiet"]
+    common = [
+        "--model",
+        tiny_model_dirs["llama"],
+        "--hook",
+        HOOK_IN,
+        "--model.hook_out",
+        HOOK_OUT,
+        "--corpus",
+        text_corpus,
+        "--data.context_size",
+        64,
+        "--data.holdout_fraction",
+        0.2,
+        "--quiet",
+    ]
     out = saeforge("cache", "--out", tmp_path / "cache", "--tokens", 6000, *common)
     assert f"{HOOK_IN} + {HOOK_OUT}" in out
     m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert (m["hooks"], m["widths"], m["d_in"]) == ([HOOK_IN, HOOK_OUT], [64, 64], 128)
-    out = saeforge("train", *common, "--activations.cache", tmp_path / "cache", "--tokens", 12_000,
-                   "--activations.batch_size", 256, "--sae.d_sae", 256, "--sae.k", 8, "--sae.skip", "true",
-                   "--train.lr", 4e-3, "--train.out_dir", tmp_path, "--name", "tc",
-                   "--eval.tokens", 2048, "--eval.ce_tokens", 1024)
+    out = saeforge(
+        "train",
+        *common,
+        "--activations.cache",
+        tmp_path / "cache",
+        "--tokens",
+        12_000,
+        "--activations.batch_size",
+        256,
+        "--sae.d_sae",
+        256,
+        "--sae.k",
+        8,
+        "--sae.skip",
+        "true",
+        "--train.lr",
+        4e-3,
+        "--train.out_dir",
+        tmp_path,
+        "--name",
+        "tc",
+        "--eval.tokens",
+        2048,
+        "--eval.ce_tokens",
+        1024,
+    )
     assert "output hook (transcoder)" in out and "CE score" in out
     ev = json.loads((tmp_path / "tc" / "sae" / "eval.json").read_text())
     assert ev["hook_out"] == HOOK_OUT and ev["explained_variance"] > 0.2 and ev["l0"] == pytest.approx(8.0)
@@ -531,13 +623,20 @@ def test_reads_a_sparsify_transcoder(tmp_path, skip):
     from saeforge.saes.interop import load_foreign
 
     g = torch.Generator().manual_seed(2)
-    t = {"encoder.weight": torch.randn(12, 6, generator=g), "encoder.bias": torch.randn(12, generator=g),
-         "W_dec": torch.randn(12, 6, generator=g), "b_dec": torch.randn(6, generator=g)}
+    t = {
+        "encoder.weight": torch.randn(12, 6, generator=g),
+        "encoder.bias": torch.randn(12, generator=g),
+        "W_dec": torch.randn(12, 6, generator=g),
+        "b_dec": torch.randn(6, generator=g),
+    }
     if skip:
         t["W_skip"] = torch.randn(6, 6, generator=g)
     save_file(t, str(tmp_path / "sae.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 3, "num_latents": 12, "d_in": 6,
-                                                  "transcode": True, "skip_connection": skip}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {"activation": "topk", "k": 3, "num_latents": 12, "d_in": 6, "transcode": True, "skip_connection": skip}
+        )
+    )
     sae = load_foreign(tmp_path)
     x = torch.randn(10, 6)
     pre = torch.relu(x @ t["encoder.weight"].T + t["encoder.bias"])  # sparsify: ReLU, then top-k, of x itself
@@ -551,8 +650,11 @@ def test_analysis_tools_refuse_a_transcoder_folder(tmp_path):
     from saeforge.analysis.common import load_for_analysis
     from saeforge.saes.formats import save_sae
 
-    save_sae(make("relu", d_in=4, d_out=3, d_sae=5), tmp_path, {"model_name": "m", "hook_name": HOOK_IN,
-                                                                 "hook_name_out": HOOK_OUT})
+    save_sae(
+        make("relu", d_in=4, d_out=3, d_sae=5),
+        tmp_path,
+        {"model_name": "m", "hook_name": HOOK_IN, "hook_name_out": HOOK_OUT},
+    )
     with pytest.raises(ValueError, match=r"is a transcoder \(blocks.0.hook_mlp_in -> blocks.0.hook_mlp_out\)"):
         load_for_analysis(tmp_path)
 
@@ -563,9 +665,18 @@ def test_training_refuses_an_output_hook_that_runs_first(lm, tiny_model_dirs, te
 
     points = [resolve_hook(lm, n) for n in (HOOK_OUT, "blocks.1.hook_resid_pre", HOOK_IN)]
     assert forward_order(lm, points) == [HOOK_IN, HOOK_OUT, "blocks.1.hook_resid_pre"]
-    cfg = run_cfg(tiny_model_dirs["llama"], text_corpus, tmp_path, "r", "topk", 1000,
-                  hook_in="blocks.1.hook_resid_pre", hook_out="blocks.0.hook_resid_post")
+    cfg = run_cfg(
+        tiny_model_dirs["llama"],
+        text_corpus,
+        tmp_path,
+        "r",
+        "topk",
+        1000,
+        hook_in="blocks.1.hook_resid_pre",
+        hook_out="blocks.0.hook_resid_post",
+    )
     with pytest.raises(ConfigError, match="runs before model.hook.*swap them"):
         hook_points(cfg, lm)
-    assert [p.name for p in hook_points(run_cfg(tiny_model_dirs["llama"], text_corpus, tmp_path, "r", "topk", 1000),
-                                        lm)] == [HOOK_IN, HOOK_OUT]
+    assert [
+        p.name for p in hook_points(run_cfg(tiny_model_dirs["llama"], text_corpus, tmp_path, "r", "topk", 1000), lm)
+    ] == [HOOK_IN, HOOK_OUT]

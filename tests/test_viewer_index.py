@@ -27,7 +27,7 @@ def _data(seed=0):
 def _stream(tokens, f, keep, chunk):
     st = FeatureStats(F, K, R, LEFT, RIGHT, H, seed=3)
     for s in range(0, W, chunk):
-        st.update(tokens[s:s + chunk], f[s:s + chunk], keep[s:s + chunk])
+        st.update(tokens[s : s + chunk], f[s : s + chunk], keep[s : s + chunk])
     return st
 
 
@@ -75,8 +75,13 @@ def test_uniform_sample_is_bottom_r_of_the_pass_seeded_keys():
     chunk = 4
     st = _stream(tokens, f, keep, chunk)
     fm = f * keep[..., None]
-    keys = torch.cat([torch.rand(F, min(chunk, W - s), generator=torch.Generator().manual_seed(3 * 1_000_003 + u))
-                      for u, s in enumerate(range(0, W, chunk))], 1)  # [F, W]
+    keys = torch.cat(
+        [
+            torch.rand(F, min(chunk, W - s), generator=torch.Generator().manual_seed(3 * 1_000_003 + u))
+            for u, s in enumerate(range(0, W, chunk))
+        ],
+        1,
+    )  # [F, W]
     fires = fm.amax(1).T > 0  # [F, W]
     for j in range(F):
         cand = sorted((float(keys[j, w]), w) for w in range(W) if fires[j, w])[:R]
@@ -89,12 +94,12 @@ def test_state_round_trip_resumes_exactly():
     whole = _stream(tokens, f, keep, 4)
     first = FeatureStats(F, K, R, LEFT, RIGHT, H, seed=3)
     for s in range(0, 12, 4):
-        first.update(tokens[s:s + 4], f[s:s + 4], keep[s:s + 4])
+        first.update(tokens[s : s + 4], f[s : s + 4], keep[s : s + 4])
     tensors, counters = first.state()
     second = FeatureStats(F, K, R, LEFT, RIGHT, H, seed=3)
     second.load({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(counters)))
     for s in range(12, W, 4):
-        second.update(tokens[s:s + 4], f[s:s + 4], keep[s:s + 4])
+        second.update(tokens[s : s + 4], f[s : s + 4], keep[s : s + 4])
     a, b = whole.state()[0], second.state()[0]
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -108,8 +113,17 @@ def sae_dir(tiny_model_dirs, text_corpus, tmp_path_factory):
 
     sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=96, k=6))
     folder = tmp_path_factory.mktemp("viewer_index") / "run" / "sae"
-    save_sae(sae, folder, {"model_name": str(tiny_model_dirs["llama"]), "hook_name": "blocks.1.hook_resid_post",
-                           "context_size": 32, "dataset_path": str(text_corpus), "prepend_bos": True})
+    save_sae(
+        sae,
+        folder,
+        {
+            "model_name": str(tiny_model_dirs["llama"]),
+            "hook_name": "blocks.1.hook_resid_post",
+            "context_size": 32,
+            "dataset_path": str(text_corpus),
+            "prepend_bos": True,
+        },
+    )
     return folder
 
 
@@ -119,7 +133,10 @@ OVR = {"data": {"holdout_fraction": 0.2}}
 
 def _dump(path):
     con = sqlite3.connect(path)
-    out = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() for t in ("features", "contexts", "logits", "neighbours")}
+    out = {
+        t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
+        for t in ("features", "contexts", "logits", "neighbours")
+    }
     con.close()
     return out
 
@@ -157,8 +174,11 @@ def test_cli_build_then_killed_build_resumes_to_the_same_database(sae_dir, tmp_p
     monkeypatch.setattr(index_mod.FeatureStats, "update", real_update)
 
     passes = {"n": 0}
-    monkeypatch.setattr(index_mod.FeatureStats, "update", lambda self, *a: (passes.__setitem__("n", passes["n"] + 1),
-                                                                          real_update(self, *a)))
+    monkeypatch.setattr(
+        index_mod.FeatureStats,
+        "update",
+        lambda self, *a: (passes.__setitem__("n", passes["n"] + 1), real_update(self, *a)),
+    )
     index_mod.build_index(sae_dir, cut, IndexConfig(**CFG), OVR, progress=False)
     assert passes["n"] == len(range(0, 6000 // 32, 8)) - 4  # resumed after the 4 checkpointed passes
     assert _dump(cut) == _dump(full)

@@ -30,16 +30,29 @@ def built(tiny_model_dirs, text_corpus, tmp_path_factory):
     for src in sorted(Path(text_corpus).iterdir()):
         lines = src.read_text().splitlines()
         # a payload every 15 lines, in every document, so top contexts are sure to contain some
-        (corpus / src.name).write_text("\n".join(l + (f" {PAYLOAD}" if i % 15 == 0 else "") for i, l in enumerate(lines)))
+        (corpus / src.name).write_text(
+            "\n".join(l + (f" {PAYLOAD}" if i % 15 == 0 else "") for i, l in enumerate(lines))
+        )
     model = tiny_model_dirs["llama"]
     dbs = {}
     for i, (name, hook) in enumerate(HOOKS.items()):
         sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=128 + 64 * i, k=6))
         torch.nn.init.normal_(sae.b_enc, std=0.05, generator=torch.Generator().manual_seed(i))
-        save_sae(sae, root / name, {"model_name": str(model), "hook_name": hook, "context_size": 48,
-                                    "dataset_path": str(corpus), "prepend_bos": True})
+        save_sae(
+            sae,
+            root / name,
+            {
+                "model_name": str(model),
+                "hook_name": hook,
+                "context_size": 48,
+                "dataset_path": str(corpus),
+                "prepend_bos": True,
+            },
+        )
         cfg = IndexConfig(tokens=5000, top_k=6, per_interval=2, lm_batch_size=8, n_logits=5, n_neighbours=4, name=name)
-        dbs[name] = build_index(root / name, root / f"{name}.db", cfg, {"data": {"holdout_fraction": 0.1}}, progress=False)
+        dbs[name] = build_index(
+            root / name, root / f"{name}.db", cfg, {"data": {"holdout_fraction": 0.1}}, progress=False
+        )
     return {"dbs": dbs, "model": model, "root": root}
 
 
@@ -52,8 +65,9 @@ def server(built):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(list(built["dbs"].values())), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(list(built["dbs"].values())), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -85,10 +99,18 @@ def _payload_feature(http):
 def test_saes_listing_and_openapi(http):
     saes = http.get("/api/saes").json()["saes"]
     assert [(s["model_id"], s["sae_id"], s["hook"], s["d_sae"]) for s in saes] == [
-        ("llama", "a", HOOKS["a"], 128), ("llama", "b", HOOKS["b"], 192)]
+        ("llama", "a", HOOKS["a"], 128),
+        ("llama", "b", HOOKS["b"], 192),
+    ]
     spec = http.get("/openapi.json").json()
-    for path in ("/api/feature/{model}/{sae}/{index}", "/api/features/{model}/{sae}", "/api/search", "/api/activations",
-                 "/api/activation/{model}/{sae}/{index}", "/api/saes"):
+    for path in (
+        "/api/feature/{model}/{sae}/{index}",
+        "/api/features/{model}/{sae}",
+        "/api/search",
+        "/api/activations",
+        "/api/activation/{model}/{sae}/{index}",
+        "/api/saes",
+    ):
         assert path in spec["paths"], path
 
 
@@ -98,19 +120,37 @@ def test_feature_json_is_neuronpedia_shaped_and_consistent(http, built):
     db = FeatureDB(built["dbs"]["a"])
     idx = db.list_features(limit=1)[0]["index"]
     f = http.get(f"/api/feature/llama/a/{idx}").json()
-    for key in ("modelId", "layer", "index", "maxActApprox", "frac_nonzero", "pos_str", "pos_values", "neg_str",
-                "neg_values", "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "topkCosSimIndices",
-                "topkCosSimValues", "activations", "explanations"):
+    for key in (
+        "modelId",
+        "layer",
+        "index",
+        "maxActApprox",
+        "frac_nonzero",
+        "pos_str",
+        "pos_values",
+        "neg_str",
+        "neg_values",
+        "freq_hist_data_bar_heights",
+        "freq_hist_data_bar_values",
+        "topkCosSimIndices",
+        "topkCosSimValues",
+        "activations",
+        "explanations",
+    ):
         assert key in f, key
     assert (f["modelId"], f["layer"], f["index"]) == ("llama", "a", str(idx))
     row = db.query("SELECT density, max_act, fire_count FROM features WHERE idx = ?", (idx,))[0]
-    assert f["frac_nonzero"] == row[0] and f["maxActApprox"] == row[1] and sum(f["freq_hist_data_bar_heights"]) == row[2]
+    assert (
+        f["frac_nonzero"] == row[0] and f["maxActApprox"] == row[1] and sum(f["freq_hist_data_bar_heights"]) == row[2]
+    )
     assert len(f["pos_str"]) == 5 and f["pos_values"] == sorted(f["pos_values"], reverse=True)
     assert f["neg_values"] == sorted(f["neg_values"]) and len(f["topkCosSimIndices"]) == 4
     top = [a for a in f["activations"] if a["kind"] == "top"]
     assert top[0]["maxValue"] == pytest.approx(f["maxActApprox"])
     for a in f["activations"]:
-        assert len(a["tokens"]) == len(a["values"]) and a["values"][a["maxValueTokenIndex"]] == pytest.approx(a["maxValue"], rel=1e-5)
+        assert len(a["tokens"]) == len(a["values"]) and a["values"][a["maxValueTokenIndex"]] == pytest.approx(
+            a["maxValue"], rel=1e-5
+        )
     quant = [a for a in f["activations"] if a["kind"] == "quantile"]
     assert quant and all(a["binMin"] <= a["maxValue"] <= a["binMax"] for a in quant)
 
@@ -128,8 +168,10 @@ def test_feature_list_sorts_and_pages(http, built):
 
 def _common_peak_text(db):
     """The text of the token most top contexts peak on (something a search must find)."""
-    (tok, _), = db.query("SELECT max_token, COUNT(*) AS n FROM contexts c JOIN vocab v ON v.id = c.max_token "
-                         "WHERE kind = 'top' AND trim(v.text) != '' GROUP BY max_token ORDER BY n DESC LIMIT 1")
+    ((tok, _),) = db.query(
+        "SELECT max_token, COUNT(*) AS n FROM contexts c JOIN vocab v ON v.id = c.max_token "
+        "WHERE kind = 'top' AND trim(v.text) != '' GROUP BY max_token ORDER BY n DESC LIMIT 1"
+    )
     return db.texts([tok])[0].strip()
 
 
@@ -152,27 +194,41 @@ def test_search_by_token_text_matches_the_database(http, built):
 
 
 def test_bad_requests_get_json_errors_never_tracebacks(http):
-    cases = [("GET", "/api/feature/llama/zzz/1", 404), ("GET", "/api/feature/nomodel/a/1", 404),
-             ("GET", "/api/feature/llama/a/128", 404), ("GET", "/api/feature/llama/a/-1", 404),
-             ("GET", "/api/feature/llama/a/abc", 422), ("GET", "/feature/llama/a/99999", 404),
-             ("GET", "/api/features/llama/nope", 404), ("GET", "/no/such/route", 404),
-             ("GET", "/static/..%2f..%2fpyproject.toml", 404), ("GET", "/static/db.py", 404),
-             ("GET", "/api/search?q=", 400), ("POST", "/api/activations", 422),
-             ("POST", "/api/activation/llama/a/100000", 422), ("POST", "/api/activation/llama/a/100000", 404)]
+    cases = [
+        ("GET", "/api/feature/llama/zzz/1", 404),
+        ("GET", "/api/feature/nomodel/a/1", 404),
+        ("GET", "/api/feature/llama/a/128", 404),
+        ("GET", "/api/feature/llama/a/-1", 404),
+        ("GET", "/api/feature/llama/a/abc", 422),
+        ("GET", "/feature/llama/a/99999", 404),
+        ("GET", "/api/features/llama/nope", 404),
+        ("GET", "/no/such/route", 404),
+        ("GET", "/static/..%2f..%2fpyproject.toml", 404),
+        ("GET", "/static/db.py", 404),
+        ("GET", "/api/search?q=", 400),
+        ("POST", "/api/activations", 422),
+        ("POST", "/api/activation/llama/a/100000", 422),
+        ("POST", "/api/activation/llama/a/100000", 404),
+    ]
     for i, (method, url, code) in enumerate(cases):
         r = http.request(method, url, json={"text": "x"} if i == len(cases) - 1 else None)
         assert r.status_code == code, (url, r.status_code, r.text)
         assert r.headers["content-type"].startswith("application/json") and "error" in r.json(), url
-        assert "Traceback" not in r.text and "File \"" not in r.text
+        assert "Traceback" not in r.text and 'File "' not in r.text
     r = http.post("/api/activations", json={"text": "hi", "saes": ["llama/nope"]})
     assert r.status_code == 404 and "llama/nope" in r.json()["error"]
 
 
 def test_negative_or_out_of_range_paging_is_a_422(http):
-    cases = [("/api/features/llama/a", {"offset": -5}, "offset"), ("/api/features/llama/a", {"limit": -1}, "limit"),
-             ("/api/features/llama/a", {"limit": 0}, "limit"), ("/api/features/llama/a", {"limit": 501}, "limit"),
-             ("/api/search", {"q": "a", "limit": 0}, "limit"), ("/api/search", {"q": "a", "limit": -3}, "limit"),
-             ("/api/search", {"q": "a", "limit": 501}, "limit")]
+    cases = [
+        ("/api/features/llama/a", {"offset": -5}, "offset"),
+        ("/api/features/llama/a", {"limit": -1}, "limit"),
+        ("/api/features/llama/a", {"limit": 0}, "limit"),
+        ("/api/features/llama/a", {"limit": 501}, "limit"),
+        ("/api/search", {"q": "a", "limit": 0}, "limit"),
+        ("/api/search", {"q": "a", "limit": -3}, "limit"),
+        ("/api/search", {"q": "a", "limit": 501}, "limit"),
+    ]
     for url, params, name in cases:
         r = http.get(url, params=params)
         assert r.status_code == 422, (url, params, r.status_code, r.text)
@@ -183,8 +239,10 @@ def test_negative_or_out_of_range_paging_is_a_422(http):
     last = http.get("/api/features/llama/a", params={"limit": 1, "offset": 127, "sort": "index"}).json()
     assert last["offset"] == 127 and [f["index"] for f in last["features"]] == [0]  # desc: the smallest comes last
     assert http.get("/api/features/llama/a", params={"offset": 0, "limit": 1}).status_code == 200
-    one, many = (http.get("/api/search", params={"q": "e", "model": "llama", "sae": "a", "limit": n}).json()["results"]
-                 for n in (1, 500))
+    one, many = (
+        http.get("/api/search", params={"q": "e", "model": "llama", "sae": "a", "limit": n}).json()["results"]
+        for n in (1, 500)
+    )
     assert len(many) > 1 and one == many[:1]
 
 
@@ -192,7 +250,10 @@ def test_payload_is_data_in_json_and_absent_from_html(http):
     idx, f = _payload_feature(http)
     page = http.get(f"/feature/llama/a/{idx}")
     assert page.status_code == 200 and "__pwned" not in page.text  # pages are static; data arrives as JSON
-    assert "script-src" in page.headers["content-security-policy"] or "default-src 'self'" in page.headers["content-security-policy"]
+    assert (
+        "script-src" in page.headers["content-security-policy"]
+        or "default-src 'self'" in page.headers["content-security-policy"]
+    )
     assert any("<script>" in "".join(a["tokens"]) for a in f["activations"])
 
 
@@ -219,7 +280,10 @@ def test_live_activations_equal_a_direct_forward(http, built):
         tokens = torch.tensor([ids])
         acts = capture(lm.model, [resolve_hook(lm.model, HOOKS[r["sae"]])], tokens)[HOOKS[r["sae"]]][0]
         with torch.no_grad():
-            f = sae.encode(acts) * ~excluded_mask(tokens, lm.tokenizer, eval_setup_for(built["root"] / r["sae"]).data)[0, :, None]
+            f = (
+                sae.encode(acts)
+                * ~excluded_mask(tokens, lm.tokenizer, eval_setup_for(built["root"] / r["sae"]).data)[0, :, None]
+            )
         for t, feats in enumerate(r["features"]):
             vals, idx = f[t].topk(3)
             want = [(int(i), float(v)) for v, i in zip(vals, idx) if v > 0]
@@ -253,10 +317,19 @@ def page(server, tmp_path_factory):
 
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium")), executable_path="/usr/bin/chromium", headless=True,
+            str(tmp_path_factory.mktemp("chromium")),
+            executable_path="/usr/bin/chromium",
+            headless=True,
             viewport={"width": 1280, "height": 900},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         pg = browser.new_page()
         errors = []
         pg.on("pageerror", lambda e: errors.append(str(e)))

@@ -29,8 +29,17 @@ def built(tiny_model_dirs, text_corpus, tmp_path_factory):
     model = tiny_model_dirs["llama"]
     sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=96, k=6))
     torch.nn.init.normal_(sae.b_enc, std=0.05, generator=torch.Generator().manual_seed(0))
-    save_sae(sae, root / "s", {"model_name": str(model), "hook_name": HOOK, "context_size": 32,
-                               "dataset_path": str(text_corpus), "prepend_bos": True})
+    save_sae(
+        sae,
+        root / "s",
+        {
+            "model_name": str(model),
+            "hook_name": HOOK,
+            "context_size": 32,
+            "dataset_path": str(text_corpus),
+            "prepend_bos": True,
+        },
+    )
     cfg = IndexConfig(tokens=1500, top_k=3, per_interval=1, lm_batch_size=8, n_logits=3, n_neighbours=2, name="s")
     db = build_index(root / "s", root / "s.db", cfg, {"data": {"holdout_fraction": 0.1}}, progress=False)
     gone = root / "gone.db"
@@ -110,21 +119,23 @@ def test_alpha_zero_steers_nothing(http):
 
 def test_steer_errors_are_json(http):
     ok = {"prompt": "x", "alpha": 1.0}
-    cases = [("/api/steer/llama/nope/1", ok, 404, "no SAE llama/nope"),
-             ("/api/steer/other/s/1", ok, 404, "no SAE other/s"),
-             ("/api/steer/llama/s/96", ok, 404, "features 0..95"),
-             ("/api/steer/llama/s/-1", ok, 404, "features 0..95"),
-             ("/api/steer/llama/s/abc", ok, 422, "index"),
-             ("/api/steer/llama/s/1", {"alpha": 1.0}, 422, "prompt"),
-             ("/api/steer/llama/s/1", {"prompt": "", "alpha": 1.0}, 422, "prompt"),
-             ("/api/steer/llama/s/1", {"prompt": "x" * 2001, "alpha": 1.0}, 422, "prompt"),
-             ("/api/steer/llama/s/1", {"prompt": "x"}, 422, "alpha"),
-             ("/api/steer/llama/s/1", {"prompt": "x", "alpha": 1e6}, 422, "alpha"),
-             ("/api/steer/llama/s/1", {"prompt": "x", "alpha": "big"}, 422, "alpha"),
-             ("/api/steer/llama/s/1", {**ok, "max_new_tokens": 0}, 422, "max_new_tokens"),
-             ("/api/steer/llama/s/1", {**ok, "max_new_tokens": 65}, 422, "max_new_tokens"),
-             ("/api/steer/llama/s/1", {**ok, "positions": "fires:3"}, 422, "positions"),
-             ("/api/steer/llama/gone/1", ok, 503, "missing-sae")]
+    cases = [
+        ("/api/steer/llama/nope/1", ok, 404, "no SAE llama/nope"),
+        ("/api/steer/other/s/1", ok, 404, "no SAE other/s"),
+        ("/api/steer/llama/s/96", ok, 404, "features 0..95"),
+        ("/api/steer/llama/s/-1", ok, 404, "features 0..95"),
+        ("/api/steer/llama/s/abc", ok, 422, "index"),
+        ("/api/steer/llama/s/1", {"alpha": 1.0}, 422, "prompt"),
+        ("/api/steer/llama/s/1", {"prompt": "", "alpha": 1.0}, 422, "prompt"),
+        ("/api/steer/llama/s/1", {"prompt": "x" * 2001, "alpha": 1.0}, 422, "prompt"),
+        ("/api/steer/llama/s/1", {"prompt": "x"}, 422, "alpha"),
+        ("/api/steer/llama/s/1", {"prompt": "x", "alpha": 1e6}, 422, "alpha"),
+        ("/api/steer/llama/s/1", {"prompt": "x", "alpha": "big"}, 422, "alpha"),
+        ("/api/steer/llama/s/1", {**ok, "max_new_tokens": 0}, 422, "max_new_tokens"),
+        ("/api/steer/llama/s/1", {**ok, "max_new_tokens": 65}, 422, "max_new_tokens"),
+        ("/api/steer/llama/s/1", {**ok, "positions": "fires:3"}, 422, "positions"),
+        ("/api/steer/llama/gone/1", ok, 503, "missing-sae"),
+    ]
     for url, body, code, words in cases:
         r = http.post(url, json=body)
         assert r.status_code == code, (url, body, r.status_code, r.text)
@@ -153,10 +164,19 @@ def page(server, tmp_path_factory):
 
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium")), executable_path="/usr/bin/chromium", headless=True,
+            str(tmp_path_factory.mktemp("chromium")),
+            executable_path="/usr/bin/chromium",
+            headless=True,
             viewport={"width": 1280, "height": 900},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         pg = browser.new_page()
         errors = []
         pg.on("pageerror", lambda e: errors.append(str(e)))

@@ -39,22 +39,52 @@ def make_tokenizer():
 
 
 def make_model(family: str, vocab_size: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=D_MODEL, intermediate_size=128,
-                          num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=D_MODEL,
+            intermediate_size=128,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
         model = LlamaForCausalLM(cfg)
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4, n_positions=512,
-                         bos_token_id=0, eos_token_id=1)
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=D_MODEL,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         model = GPT2LMHeadModel(cfg)
     elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=D_MODEL, intermediate_size=128,
-                            num_hidden_layers=N_LAYERS, num_attention_heads=4, max_position_embeddings=512,
-                            bos_token_id=0, eos_token_id=1)
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=D_MODEL,
+            intermediate_size=128,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         model = GPTNeoXForCausalLM(cfg)
     else:
         raise ValueError(family)

@@ -33,7 +33,7 @@ def render(text: str) -> str:
         if not block.search(text):
             raise SystemExit(f"{DOC} lacks the <!-- {name}:start/end --> markers")
         table = make()
-        text = block.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+        text = block.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
     return text
 
 

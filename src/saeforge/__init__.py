@@ -1,7 +1,8 @@
 """saeforge: sparse autoencoders for any Hugging Face causal LM.
 
-The package reads as the pipeline: models -> data -> activations -> saes -> training -> evals.
-Importing it is cheap; heavy modules load when used.
+The packages are the pipeline's layers, lowest first: io, config, models, data, activations, saes,
+evals, training, analysis, toy, viewer, cli; each imports only from the layers below it
+(docs/ARCHITECTURE.md). Importing the package itself is cheap: subpackages load when imported.
 """
 
 __version__ = "0.1.0"

@@ -15,20 +15,20 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from saeforge.config import SECTION_CLASSES, ConfigError, UserError, add_config_options, merged
+from saeforge.models import list_hooks, load_model
 from saeforge.saes.base import SAEConfig
 from saeforge.saes.registry import config_class, names
-from saeforge.models import list_hooks, load_model
 from saeforge.training.config import RunConfig
 
 # Each stage adds its own subcommands: ``add_commands(sub, arch)`` adds subparsers with
 # ``set_defaults(func=...)``; ``func(ns, base_config_dict) -> exit code``. Listed in --help order.
 COMMAND_MODULES = [
     "saeforge.training.commands",  # train, cache
-    "saeforge.evals.commands",  # eval, compare
+    "saeforge.evals.commands",  # eval, compare, report
     "saeforge.analysis.commands",  # steer, attribute, ...
     "saeforge.viewer.commands",  # index, serve, export-neuronpedia
     "saeforge.toy",  # toy

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEAD_LATENTS = ("auto", "none", "resample", "ghost")
@@ -51,16 +52,27 @@ def check(cond: bool, msg: str) -> None:
 class ModelConfig:
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
-    hook_out: str = F("", "Transcoder: the hook point the decoder predicts from model.hook (e.g. blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out); it must come after model.hook in the forward. Empty = an ordinary SAE reconstructing model.hook.")
-    dtype: str = F("auto", "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32; SAEFORGE_BF16_FAST=1/0 forces that call), float32, bfloat16, float16.")
+    hook_out: str = F(
+        "",
+        "Transcoder: the hook point the decoder predicts from model.hook (e.g. blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out); it must come after model.hook in the forward. Empty = an ordinary SAE reconstructing model.hook.",
+    )
+    dtype: str = F(
+        "auto",
+        "dtype of the language model: auto (bf16 where bf16 matmuls are fast, else float32; SAEFORGE_BF16_FAST=1/0 forces that call), float32, bfloat16, float16.",
+    )
     device: str = F("auto", "cpu, cuda, cuda:N, or auto (CUDA when present).")
-    compile: str = F("auto", "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).")
+    compile: str = F(
+        "auto",
+        "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).",
+    )
 
     def __post_init__(self) -> None:
         check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
         check(self.compile in ("auto", "on", "off"), f"model.compile={self.compile!r}: expected auto, on or off")
-        check(not self.hook_out or self.hook_out != self.hook,
-               f"model.hook_out={self.hook_out!r} is model.hook itself: leave hook_out empty for an ordinary SAE")
+        check(
+            not self.hook_out or self.hook_out != self.hook,
+            f"model.hook_out={self.hook_out!r} is model.hook itself: leave hook_out empty for an ordinary SAE",
+        )
 
     def hook_names(self) -> list[str]:
         """The hooks a training row holds, in column order: [hook] or, for a transcoder, [hook, hook_out]."""
@@ -69,13 +81,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = F("python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id.")
+    corpus: str = F(
+        "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id."
+    )
     text_column: str = F("text", "Column holding the text in jsonl/parquet/HF datasets.")
     dataset_split: str = F("train", "Split to stream when the corpus is a Hugging Face dataset.")
     context_size: int = F(128, "Tokens per packed window, BOS included.")
     prepend_bos: bool = F(True, "Start every window with the tokenizer's BOS token.")
     exclude_special_tokens: bool = F(True, "Drop BOS, padding and special-token positions from training and metrics.")
-    holdout_fraction: float = F(0.05, "Fraction of documents held out for evaluation (split by document hash; python-stdlib: ~117k tokens).")
+    holdout_fraction: float = F(
+        0.05, "Fraction of documents held out for evaluation (split by document hash; python-stdlib: ~117k tokens)."
+    )
     seed: int = F(0, "Seed for the document split and order.")
 
     def __post_init__(self) -> None:
@@ -88,9 +104,14 @@ class ActivationsConfig:
     batch_size: int = F(4096, "Activation rows (tokens) per SAE training batch.")
     lm_batch_size: int = F(16, "Sequences per language-model forward pass.")
     shuffle_sequences: int = F(512, "Sequences whose tokens are shuffled together before batching (the mixing buffer).")
-    cache: str = F("", "Read activations from this cache folder (made by `saeforge cache`) instead of running the model.")
+    cache: str = F(
+        "", "Read activations from this cache folder (made by `saeforge cache`) instead of running the model."
+    )
     shard_rows: int = F(65536, "Rows per safetensors shard when writing a cache.")
-    prefetch: bool = F(False, "Live training: the LM computes the next chunk in a background thread while the SAE trains on this one (same batches). Off by default: on 2 CPU cores the two compete for the same cores (measured -4% and -6%); try it where the LM and the SAE have separate resources.")
+    prefetch: bool = F(
+        False,
+        "Live training: the LM computes the next chunk in a background thread while the SAE trains on this one (same batches). Off by default: on 2 CPU cores the two compete for the same cores (measured -4% and -6%); try it where the LM and the SAE have separate resources.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "lm_batch_size", "shuffle_sequences", "shard_rows"):
@@ -109,19 +130,30 @@ class TrainConfig:
     grad_clip: float = F(1.0, "Max gradient norm (0 disables clipping).")
     normalize_activations: bool = F(True, "Scale inputs so E||x|| = sqrt(d_in) while training; folded back on save.")
     norm_estimate_batches: int = F(4, "Batches used to estimate the normalisation scale.")
-    dead_after_tokens: int = F(200_000, "A latent counts as dead after this many training tokens without firing (dead-latent handling acts on those).")
+    dead_after_tokens: int = F(
+        200_000,
+        "A latent counts as dead after this many training tokens without firing (dead-latent handling acts on those).",
+    )
     dead_latents: str = F(
         "auto",
         "Dead-latent handling: auto (the architecture's own: AuxK for topk/batchtopk/matryoshka, none otherwise), "
         "none, resample (2023 recipe; not with sae.tied), ghost (ghost grads; relu and gated).",
     )
     resample_every_steps: int = F(
-        0, "dead_latents=resample: steps between resamplings; 0 = one dead window (dead_after_tokens / batch size).")
-    p_end: float = F(1.0, "p-annealing (relu, gated): the penalty sum |f_i|^p anneals p linearly from 1 to this; 1 = off.")
+        0, "dead_latents=resample: steps between resamplings; 0 = one dead window (dead_after_tokens / batch size)."
+    )
+    p_end: float = F(
+        1.0, "p-annealing (relu, gated): the penalty sum |f_i|^p anneals p linearly from 1 to this; 1 = off."
+    )
     p_anneal_start_fraction: float = F(0.2, "p-annealing starts after this fraction of the steps.")
     p_anneal_end_fraction: float = F(0.8, "p reaches p_end at this fraction of the steps (before the LR decay).")
-    p_anneal_updates: int = F(10, "Times p changes in the window; each change rescales lambda to keep the penalty's size.")
-    autocast: str = F("auto", "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast; SAEFORGE_BF16_FAST=1/0 forces that call), on, off.")
+    p_anneal_updates: int = F(
+        10, "Times p changes in the window; each change rescales lambda to keep the penalty's size."
+    )
+    autocast: str = F(
+        "auto",
+        "bf16 autocast for the SAE matmuls (parameters stay float32): auto (on where bf16 is fast; SAEFORGE_BF16_FAST=1/0 forces that call), on, off.",
+    )
     parallel: str = F(
         "auto",
         "Sweeps under torchrun: data (every rank trains every SAE on its rows of each batch), hooks (each SAE on one "
@@ -142,23 +174,36 @@ class TrainConfig:
         check(self.autocast in ("auto", "on", "off"), f"train.autocast={self.autocast!r}: expected auto, on or off")
         check(self.checkpoint_every_steps > 0 and self.log_every_steps > 0, "train.*_every_steps must be positive")
         check(self.parallel in PARALLEL, f"train.parallel={self.parallel!r}: expected one of {PARALLEL}")
-        check(self.dead_latents in DEAD_LATENTS,
-               f"train.dead_latents={self.dead_latents!r}: expected one of {DEAD_LATENTS}")
-        check(self.resample_every_steps >= 0,
-               f"train.resample_every_steps={self.resample_every_steps}: expected >= 0 (0 = one dead window)")
-        check(0 < self.p_end <= 1, f"train.p_end={self.p_end}: expected 0 < p_end <= 1 (1 = no p-annealing; "
-               "p = 0 would be L0, which has no gradient)")
-        check(0 <= self.p_anneal_start_fraction < self.p_anneal_end_fraction <= 1,
-               f"train.p_anneal_start_fraction={self.p_anneal_start_fraction}, p_anneal_end_fraction="
-               f"{self.p_anneal_end_fraction}: expected 0 <= start < end <= 1")
+        check(
+            self.dead_latents in DEAD_LATENTS,
+            f"train.dead_latents={self.dead_latents!r}: expected one of {DEAD_LATENTS}",
+        )
+        check(
+            self.resample_every_steps >= 0,
+            f"train.resample_every_steps={self.resample_every_steps}: expected >= 0 (0 = one dead window)",
+        )
+        check(
+            0 < self.p_end <= 1,
+            f"train.p_end={self.p_end}: expected 0 < p_end <= 1 (1 = no p-annealing; "
+            "p = 0 would be L0, which has no gradient)",
+        )
+        check(
+            0 <= self.p_anneal_start_fraction < self.p_anneal_end_fraction <= 1,
+            f"train.p_anneal_start_fraction={self.p_anneal_start_fraction}, p_anneal_end_fraction="
+            f"{self.p_anneal_end_fraction}: expected 0 <= start < end <= 1",
+        )
         check(self.p_anneal_updates >= 1, f"train.p_anneal_updates={self.p_anneal_updates}: expected >= 1")
 
 
 @dataclass
 class EvalConfig:
     tokens: int = F(65536, "Held-out tokens for reconstruction metrics (L0, MSE, explained variance, density).")
-    ce_tokens: int = F(8192, "Held-out tokens for the spliced CE/KL passes (clean, SAE, zero and mean ablation: four full forwards).")
-    mean_ablation: bool = F(True, "Also splice in the mean activation as a CE/KL baseline (one more forward per batch).")
+    ce_tokens: int = F(
+        8192, "Held-out tokens for the spliced CE/KL passes (clean, SAE, zero and mean ablation: four full forwards)."
+    )
+    mean_ablation: bool = F(
+        True, "Also splice in the mean activation as a CE/KL baseline (one more forward per batch)."
+    )
     batch_size: int = F(8, "Sequences per forward pass during evaluation.")
     dense_threshold: float = F(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
 
@@ -167,8 +212,13 @@ class EvalConfig:
 
 
 # The sections every stage shares, by the name the CLI and config.json use ("sae" comes from the registry).
-SECTION_CLASSES: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "activations": ActivationsConfig,
-                                    "train": TrainConfig, "eval": EvalConfig}
+SECTION_CLASSES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "activations": ActivationsConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 @dataclass
@@ -182,7 +232,7 @@ class EvalSetup:
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "eval")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvalSetup":
+    def from_dict(cls, d: dict[str, Any]) -> EvalSetup:
         return cls(**{name: from_dict(SECTION_CLASSES[name], d.get(name, {}), name) for name in cls.SECTIONS})
 
 
@@ -235,8 +285,14 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
 
 
 # ---- command-line options from the dataclasses (each stage's commands.py uses these) ----------------
-SHORTHANDS = {"model": "model.name", "hook": "model.hook", "arch": "sae.architecture",
-              "tokens": "train.total_tokens", "corpus": "data.corpus", "name": "train.run_name"}
+SHORTHANDS = {
+    "model": "model.name",
+    "hook": "model.hook",
+    "arch": "sae.architecture",
+    "tokens": "train.total_tokens",
+    "corpus": "data.corpus",
+    "name": "train.run_name",
+}
 
 
 def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_cls: type | None) -> None:
@@ -250,8 +306,13 @@ def add_config_options(p: argparse.ArgumentParser, sections: Sequence[str], sae_
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = f"{f.metadata.get('help', '')} (default: {default!r})"
             # argparse %-formats help (for %(default)s): a literal "~20-35%" in a field's text must be %%
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar=type(default).__name__.upper(), help=text.replace("%", "%%"))
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar=type(default).__name__.upper(),
+                help=text.replace("%", "%%"),
+            )
     for short, target in SHORTHANDS.items():
         if target.split(".")[0] in classes:
             p.add_argument(f"--{short}", dest=target, default=argparse.SUPPRESS, help=f"same as --{target}")

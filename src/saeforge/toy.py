@@ -20,15 +20,15 @@ import argparse
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, F, TrainConfig, add_config_options, from_dict, overrides
 from saeforge.evals.dictionaries import mmcs
-from saeforge.saes.registry import config_class, sae_class, names
+from saeforge.saes.registry import config_class, names, sae_class
 from saeforge.training.trainer import Trainer
 
 
@@ -45,11 +45,15 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         if self.d <= 0 or self.n_features <= 0 or self.rank <= 0:
-            raise ConfigError(f"toy.d={self.d}, toy.n_features={self.n_features}, toy.rank={self.rank}: expected positive sizes")
+            raise ConfigError(
+                f"toy.d={self.d}, toy.n_features={self.n_features}, toy.rank={self.rank}: expected positive sizes"
+            )
         if not 0 < self.mean_active < self.n_features:
             raise ConfigError(f"toy.mean_active={self.mean_active}: expected 0 < mean_active < n_features")
         if not 0 < self.decay <= 1 or not 0 <= self.correlation < 1:
-            raise ConfigError(f"toy.decay={self.decay}, toy.correlation={self.correlation}: expected 0 < decay <= 1, 0 <= rho < 1")
+            raise ConfigError(
+                f"toy.decay={self.decay}, toy.correlation={self.correlation}: expected 0 < decay <= 1, 0 <= rho < 1"
+            )
 
 
 class ToyData:
@@ -64,8 +68,10 @@ class ToyData:
         rate_N = cfg.decay ** torch.arange(cfg.n_features, dtype=torch.float64)
         self.p_N = (rate_N * (cfg.mean_active / rate_N.sum())).clamp(max=1.0).float()
         if (self.p_N >= 1).any():
-            raise ConfigError(f"toy: mean_active={cfg.mean_active} with decay={cfg.decay} puts a feature's rate at 1; "
-                              "lower mean_active or raise decay")
+            raise ConfigError(
+                f"toy: mean_active={cfg.mean_active} with decay={cfg.decay} puts a feature's rate at 1; "
+                "lower mean_active or raise decay"
+            )
         C_NR = torch.nn.functional.normalize(torch.randn(cfg.n_features, cfg.rank, generator=g), dim=1)
         self.shared_NR = C_NR * math.sqrt(cfg.correlation)
         normal = torch.distributions.Normal(0.0, 1.0)
@@ -106,8 +112,16 @@ TOY_SAE_DEFAULTS: dict[str, dict] = {
 }
 
 
-def train_toy(arch: str, toy: ToyConfig, sae_overrides: dict | None = None, train: TrainConfig | None = None,
-              d_sae: int = 0, batch_size: int = 1024, eval_rows: int = 8192, progress: bool = False) -> dict:
+def train_toy(
+    arch: str,
+    toy: ToyConfig,
+    sae_overrides: dict | None = None,
+    train: TrainConfig | None = None,
+    d_sae: int = 0,
+    batch_size: int = 1024,
+    eval_rows: int = 8192,
+    progress: bool = False,
+) -> dict:
     """Train one SAE on toy data; returns mmcs, l0, explained_variance, seconds and the exported SAE."""
     data = ToyData(toy)
     fields = {**TOY_SAE_DEFAULTS.get(arch, {}), **(sae_overrides or {})}
@@ -125,21 +139,34 @@ def train_toy(arch: str, toy: ToyConfig, sae_overrides: dict | None = None, trai
         f_BF = final.encode(x_BD)
         x_hat_BD = final.decode(f_BF)
     ev = 1 - (x_BD - x_hat_BD).double().pow(2).sum() / (x_BD - x_BD.mean(0)).double().pow(2).sum()
-    return {"arch": arch, "mmcs": mmcs(data.features_ND, final.W_dec.detach()),
-            "l0": (f_BF != 0).sum().item() / eval_rows, "explained_variance": ev.item(), "seconds": seconds,
-            "steps": trainer.step, "sae": final}
+    return {
+        "arch": arch,
+        "mmcs": mmcs(data.features_ND, final.W_dec.detach()),
+        "l0": (f_BF != 0).sum().item() / eval_rows,
+        "explained_variance": ev.item(),
+        "seconds": seconds,
+        "steps": trainer.step,
+        "sae": final,
+    }
 
 
 # ---- CLI: saeforge toy ------------------------------------------------------------------
 def add_commands(sub, arch: str) -> None:
-    p = sub.add_parser("toy", help="train an SAE on toy superposition data; print MMCS vs the true features, L0, EV",
-                       description=f"Architectures: {', '.join(names())}. Unset sparsity options take toy defaults "
-                                   f"({TOY_SAE_DEFAULTS}); --sae.d_sae defaults to toy.n_features.")
+    p = sub.add_parser(
+        "toy",
+        help="train an SAE on toy superposition data; print MMCS vs the true features, L0, EV",
+        description=f"Architectures: {', '.join(names())}. Unset sparsity options take toy defaults "
+        f"({TOY_SAE_DEFAULTS}); --sae.d_sae defaults to toy.n_features.",
+    )
     p.add_argument("--batch-size", type=int, default=1024, help="rows per step")
     group = p.add_argument_group("toy options")
     for f in dataclasses.fields(ToyConfig):
-        group.add_argument(f"--toy.{f.name}", dest=f"toy.{f.name}", default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {f.default!r})")
+        group.add_argument(
+            f"--toy.{f.name}",
+            dest=f"toy.{f.name}",
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
     add_config_options(p, ["train"], config_class(arch))
     p.set_defaults(func=cmd_toy)
 
@@ -150,10 +177,16 @@ def cmd_toy(ns: argparse.Namespace, base: dict) -> int:
     toy = from_dict(ToyConfig, o.get("toy", {}), "toy")
     sae = dict(o.get("sae", {}))
     arch = sae.pop("architecture", "topk")
-    train = from_dict(TrainConfig, {"total_tokens": 2_000_000, "lr": 1e-3, "lr_warmup_steps": 20, **o.get("train", {})}, "train")
-    r = train_toy(arch, toy, sae, train, d_sae=int(sae.pop("d_sae", 0)), batch_size=ns.batch_size, progress=not ns.quiet)
+    train = from_dict(
+        TrainConfig, {"total_tokens": 2_000_000, "lr": 1e-3, "lr_warmup_steps": 20, **o.get("train", {})}, "train"
+    )
+    r = train_toy(
+        arch, toy, sae, train, d_sae=int(sae.pop("d_sae", 0)), batch_size=ns.batch_size, progress=not ns.quiet
+    )
     kind = "correlated" if toy.correlated else "uncorrelated"
-    print(f"{arch} on {kind} toy data (d={toy.d}, {toy.n_features} features, {r['sae'].d_sae} latents, {r['steps']} steps, "
-          f"{r['seconds']:.1f} s)")
+    print(
+        f"{arch} on {kind} toy data (d={toy.d}, {toy.n_features} features, {r['sae'].d_sae} latents, {r['steps']} steps, "
+        f"{r['seconds']:.1f} s)"
+    )
     print(f"MMCS {r['mmcs']:.4f}   L0 {r['l0']:.2f}   explained variance {r['explained_variance']:.4f}")
     return 0

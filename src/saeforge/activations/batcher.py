@@ -20,8 +20,8 @@ pure function of the position, so resumed runs load the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -42,7 +42,7 @@ class BatcherState:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BatcherState":
+    def from_dict(cls, d: dict) -> BatcherState:
         before = d.get("batches_before")  # absent in checkpoints written before the row budget
         return cls(int(d["chunk"]), int(d["batch_in_chunk"]), d.get("carry"), None if before is None else int(before))
 
@@ -57,8 +57,13 @@ class ShuffledBatcher:
     chunk as long as it returns at least that many (or all it has).
     """
 
-    def __init__(self, load_chunk: Callable[..., torch.Tensor | None], batch_size: int, seed: int = 0,
-                 max_batches: int | None = None):
+    def __init__(
+        self,
+        load_chunk: Callable[..., torch.Tensor | None],
+        batch_size: int,
+        seed: int = 0,
+        max_batches: int | None = None,
+    ):
         self.load_chunk = load_chunk
         self.batch_size = batch_size
         self.seed = seed

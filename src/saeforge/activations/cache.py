@@ -25,16 +25,15 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.activations.stream import as_points, columns_of, hook_widths, train_windows, window_activations
-from saeforge.config import ActivationsConfig, DataConfig, to_dict
+from saeforge.config import ActivationsConfig, DataConfig, UserError, to_dict
 from saeforge.io import atomic_path, atomic_write_text
-from saeforge.config import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,8 +49,17 @@ def _identity(lm, hook_points, data_cfg: DataConfig, part: str) -> dict:
     points = as_points(hook_points)
     names, widths = [p.name for p in points], hook_widths(lm, points)
     hook = {"hook": names[0]} if len(points) == 1 else {}
-    return {"model": lm.name, **hook, "hooks": names, "widths": widths, "dtype": str(lm.dtype).removeprefix("torch."),
-            "d_in": sum(widths), "context_size": data_cfg.context_size, "part": part, "corpus": to_dict(data_cfg)}
+    return {
+        "model": lm.name,
+        **hook,
+        "hooks": names,
+        "widths": widths,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "d_in": sum(widths),
+        "context_size": data_cfg.context_size,
+        "part": part,
+        "corpus": to_dict(data_cfg),
+    }
 
 
 def manifest_hooks(manifest: dict) -> tuple[list[str], list[int]]:
@@ -81,9 +89,17 @@ def _shard_ok(folder: Path, shard: dict) -> bool:
     return path.exists() and path.stat().st_size == shard["bytes"]
 
 
-def write_cache(lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfig, folder: str | Path,
-                n_tokens: int, part: str = "train", progress: bool = True,
-                window_range: tuple[int, int] | None = None) -> dict:
+def write_cache(
+    lm,
+    hook_points,
+    data_cfg: DataConfig,
+    act_cfg: ActivationsConfig,
+    folder: str | Path,
+    n_tokens: int,
+    part: str = "train",
+    progress: bool = True,
+    window_range: tuple[int, int] | None = None,
+) -> dict:
     """Cache at least ``n_tokens`` activation rows (whole windows) into ``folder``; resumes a partial cache.
 
     ``hook_points``: one HookPoint, or a list whose activations are concatenated into each row.
@@ -106,12 +122,14 @@ def write_cache(lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfi
         theirs = {k: manifest.get(k) for k in ident}
         if theirs != ident:
             diff = {k: (theirs[k], ident[k]) for k in ident if theirs[k] != ident[k]}
-            raise CacheError(f"{folder} holds a different cache (cached vs asked: {diff}); "
-                             "choose another folder or delete this one")
+            raise CacheError(
+                f"{folder} holds a different cache (cached vs asked: {diff}); choose another folder or delete this one"
+            )
         whole = list(itertools.takewhile(lambda s: _shard_ok(folder, s), manifest["shards"]))
         if len(whole) < len(manifest["shards"]):
-            log.warning("cache %s: shard %s is damaged; rewriting from there", folder,
-                        manifest["shards"][len(whole)]["file"])
+            log.warning(
+                "cache %s: shard %s is damaged; rewriting from there", folder, manifest["shards"][len(whole)]["file"]
+            )
         manifest["shards"] = whole
     else:
         manifest = {"format_version": FORMAT_VERSION, **ident, "shards": []}
@@ -130,7 +148,13 @@ def write_cache(lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfi
     windows = itertools.islice(train_windows(lm.tokenizer, data_cfg, part), start, hi)
     if window_range is not None:
         n_tokens = 1 << 62  # write the whole range: stop when the windows run out
-    bar = tqdm(total=None if window_range else n_tokens, initial=min(n_rows(), n_tokens), unit="tok", desc="cache", disable=not progress)
+    bar = tqdm(
+        total=None if window_range else n_tokens,
+        initial=min(n_rows(), n_tokens),
+        unit="tok",
+        desc="cache",
+        disable=not progress,
+    )
     pending: list = []
     next_window = start
     while n_rows() < n_tokens:
@@ -146,8 +170,14 @@ def write_cache(lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfi
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             with atomic_path(folder / name) as tmp:
                 save_file(tensors, str(tmp))
-            manifest["shards"].append({"file": name, "rows": len(tensors["token"]),
-                                       "windows": [pending[0][0], next_window], "bytes": (folder / name).stat().st_size})
+            manifest["shards"].append(
+                {
+                    "file": name,
+                    "rows": len(tensors["token"]),
+                    "windows": [pending[0][0], next_window],
+                    "bytes": (folder / name).stat().st_size,
+                }
+            )
             commit()
             pending = []
         if not block:
@@ -171,8 +201,13 @@ def _shard_tensors(pending: list) -> dict[str, torch.Tensor]:
         window.append(win_ST[wa.keep_ST])
         position.append(pos_ST[wa.keep_ST].to(torch.int16))
         windows.append(wa.tokens_ST.to(torch.int32))
-    return {"acts": torch.cat(acts).contiguous(), "token": torch.cat(token), "window": torch.cat(window),
-            "position": torch.cat(position), "windows": torch.cat(windows)}
+    return {
+        "acts": torch.cat(acts).contiguous(),
+        "token": torch.cat(token),
+        "window": torch.cat(window),
+        "position": torch.cat(position),
+        "windows": torch.cat(windows),
+    }
 
 
 class CacheReader:
@@ -188,8 +223,10 @@ class CacheReader:
         if m.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{folder}: cache format {m.get('format_version')} is not {FORMAT_VERSION}; re-create it")
         if not m.get("complete") or not m["shards"]:
-            raise CacheError(f"{folder} is unfinished ({m.get('n_rows', 0)} of {m.get('target_tokens')} rows); "
-                             "run the same `saeforge cache` command again to finish it")
+            raise CacheError(
+                f"{folder} is unfinished ({m.get('n_rows', 0)} of {m.get('target_tokens')} rows); "
+                "run the same `saeforge cache` command again to finish it"
+            )
         self.batcher = ShuffledBatcher(self._load_chunk, batch_size, seed)
 
     @property
@@ -215,8 +252,10 @@ class CacheReader:
         path = self.folder / shard["file"]
         if not _shard_ok(self.folder, shard):
             size = path.stat().st_size if path.exists() else "missing"
-            raise CacheError(f"{path} is damaged (size {size}, expected {shard['bytes']} bytes); run the "
-                             "`saeforge cache` command that made this cache again: it rewrites damaged shards")
+            raise CacheError(
+                f"{path} is damaged (size {size}, expected {shard['bytes']} bytes); run the "
+                "`saeforge cache` command that made this cache again: it rewrites damaged shards"
+            )
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises several types for bad headers

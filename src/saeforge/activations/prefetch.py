@@ -19,8 +19,8 @@ thread's team size (torch.set_num_threads is per thread); the default, 0, keeps 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ class ChunkPrefetcher:
         self._lock = threading.Lock()  # load_chunk is not re-entrant (the stream's window iterator)
         self._ahead: tuple[int, int | None, Future] | None = None
 
-    def _load(self, chunk: int, rows_wanted: int | None) -> "torch.Tensor | None":
+    def _load(self, chunk: int, rows_wanted: int | None) -> torch.Tensor | None:
         with self._lock:
             if rows_wanted is None:
                 return self.load_chunk(chunk)

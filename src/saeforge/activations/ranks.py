@@ -43,8 +43,12 @@ def init() -> DistContext | None:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank,
-                       torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    return DistContext(
+        dist.get_rank(),
+        dist.get_world_size(),
+        local_rank,
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+    )
 
 
 def shutdown() -> None:
@@ -98,8 +102,10 @@ class RankOps:
 def rank_rows(batch_size: int, ctx: DistContext) -> slice:
     """This rank's rows of every global batch."""
     if batch_size % ctx.world:
-        raise ConfigError(f"activations.batch_size={batch_size} is not divisible by the {ctx.world} processes: "
-                         f"pass a multiple of {ctx.world} (the batch size is the global batch, split over ranks)")
+        raise ConfigError(
+            f"activations.batch_size={batch_size} is not divisible by the {ctx.world} processes: "
+            f"pass a multiple of {ctx.world} (the batch size is the global batch, split over ranks)"
+        )
     b = batch_size // ctx.world
     return slice(ctx.rank * b, (ctx.rank + 1) * b)
 

@@ -22,20 +22,24 @@ window order, in one top-level manifest that a one-process ``CacheReader`` reads
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from saeforge.activations.cache import MANIFEST, CacheError, _identity, read_manifest, write_cache
 from saeforge.activations.batcher import ShuffledBatcher
+from saeforge.activations.cache import MANIFEST, CacheError, _identity, read_manifest, write_cache
+from saeforge.activations.ranks import DistContext, all_gather_rows, rank_rows
 from saeforge.activations.stream import (
-    ActivationStream, columns_of, hook_width, hook_widths, train_windows,
+    ActivationStream,
+    columns_of,
+    hook_width,
+    hook_widths,
+    train_windows,
 )
 from saeforge.config import ActivationsConfig, DataConfig
-from saeforge.io import atomic_write_text
-from saeforge.activations.ranks import DistContext, all_gather_rows, rank_rows
 from saeforge.data import excluded_mask
+from saeforge.io import atomic_write_text
 
 
 def share(n: int, ctx: DistContext) -> tuple[int, int]:
@@ -71,8 +75,16 @@ class RankSlice:
 class ShardedActivationStream(ActivationStream):
     """A live stream whose chunks are computed jointly: each rank runs the LM on its share of the windows."""
 
-    def __init__(self, lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig, ctx: DistContext,
-                 part: str = "train", seed: int = 0):
+    def __init__(
+        self,
+        lm,
+        hook_point,
+        data_cfg: DataConfig,
+        act_cfg: ActivationsConfig,
+        ctx: DistContext,
+        part: str = "train",
+        seed: int = 0,
+    ):
         super().__init__(lm, hook_point, data_cfg, act_cfg, part=part, seed=seed)
         self.ctx = ctx
         self._d_in: int | None = None
@@ -101,8 +113,17 @@ class HookParallelStream(ActivationStream):
     window order. ``received_widths`` records the row widths this rank was actually sent.
     """
 
-    def __init__(self, lm, hook_points, keep: list[str], data_cfg: DataConfig, act_cfg: ActivationsConfig,
-                 ctx: DistContext, part: str = "train", seed: int = 0):
+    def __init__(
+        self,
+        lm,
+        hook_points,
+        keep: list[str],
+        data_cfg: DataConfig,
+        act_cfg: ActivationsConfig,
+        ctx: DistContext,
+        part: str = "train",
+        seed: int = 0,
+    ):
         super().__init__(lm, hook_points, data_cfg, act_cfg, part=part, seed=seed)
         self.ctx, self.keep = ctx, list(keep)
         self.received_widths: set[int] = set()
@@ -130,7 +151,9 @@ class HookParallelStream(ActivationStream):
         return sum(s.stop - s.start for s in self.columns.values())
 
     def _index(self, names: list[str]) -> torch.Tensor:
-        cols = [torch.arange(self.all_columns[n].start, self.all_columns[n].stop) for n in self.all_columns if n in names]
+        cols = [
+            torch.arange(self.all_columns[n].start, self.all_columns[n].stop) for n in self.all_columns if n in names
+        ]
         return torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
 
     def _load_chunk(self, chunk: int, rows_wanted: int | None = None) -> torch.Tensor | None:
@@ -154,8 +177,12 @@ class HookParallelStream(ActivationStream):
         send = [rows_ND[:, self._index(names)].to(dtype) for names in self._wanted]
         mine = self._index(self.keep).numel()
         out = torch.empty(sum(counts) * mine, dtype=dtype, device=self.ctx.comm_device)
-        dist.all_to_all_single(out, torch.cat([t.reshape(-1) for t in send]).to(self.ctx.comm_device),
-                               [c * mine for c in counts], [t.numel() for t in send])
+        dist.all_to_all_single(
+            out,
+            torch.cat([t.reshape(-1) for t in send]).to(self.ctx.comm_device),
+            [c * mine for c in counts],
+            [t.numel() for t in send],
+        )
         got_ND = out.view(sum(counts), mine).to("cpu", rows_ND.dtype)
         self.received_widths.add(got_ND.shape[1])
         return got_ND
@@ -203,8 +230,17 @@ def part_dir(folder: Path, rank: int) -> Path:
     return folder / f"part-{rank:03d}"
 
 
-def write_cache_parallel(lm, hook_point, data_cfg: DataConfig, act_cfg: ActivationsConfig, folder: str | Path,
-                         n_tokens: int, ctx: DistContext, part: str = "train", progress: bool = True) -> dict:
+def write_cache_parallel(
+    lm,
+    hook_point,
+    data_cfg: DataConfig,
+    act_cfg: ActivationsConfig,
+    folder: str | Path,
+    n_tokens: int,
+    ctx: DistContext,
+    part: str = "train",
+    progress: bool = True,
+) -> dict:
     """Each rank caches its contiguous share of the windows; rank 0 writes one manifest over all parts.
 
     Resumable like ``write_cache`` (each part is one), provided it is re-run with the same number
@@ -218,8 +254,17 @@ def write_cache_parallel(lm, hook_point, data_cfg: DataConfig, act_cfg: Activati
     n_windows = windows_needed(lm.tokenizer, data_cfg, n_tokens, part)
     lo, hi = share(n_windows, ctx)
     if hi > lo:
-        write_cache(lm, hook_point, data_cfg, act_cfg, part_dir(folder, ctx.rank), n_tokens, part=part,
-                    progress=progress and ctx.is_main, window_range=(lo, hi))
+        write_cache(
+            lm,
+            hook_point,
+            data_cfg,
+            act_cfg,
+            part_dir(folder, ctx.rank),
+            n_tokens,
+            part=part,
+            progress=progress and ctx.is_main,
+            window_range=(lo, hi),
+        )
     dist.barrier()  # every part is whole before rank 0 lists it
     manifest: dict = {}
     if ctx.is_main:
@@ -239,8 +284,15 @@ def _merge_parts(lm, hook_point, data_cfg: DataConfig, folder: Path, n_tokens: i
             raise CacheError(f"{pdir} is unfinished; run the same parallel `saeforge cache` command again")
         shards += [{**s, "file": f"{pdir.name}/{s['file']}"} for s in m["shards"]]
     # Part ranges are contiguous and in rank order, so the shards are in window order, as one process writes them.
-    manifest = {"format_version": 1, **_identity(lm, hook_point, data_cfg, part), "shards": shards,
-                "target_tokens": n_tokens, "complete": True, "parts": world,
-                "n_rows": sum(s["rows"] for s in shards), "n_windows": shards[-1]["windows"][1] if shards else 0}
+    manifest = {
+        "format_version": 1,
+        **_identity(lm, hook_point, data_cfg, part),
+        "shards": shards,
+        "target_tokens": n_tokens,
+        "complete": True,
+        "parts": world,
+        "n_rows": sum(s["rows"] for s in shards),
+        "n_windows": shards[-1]["windows"][1] if shards else 0,
+    }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -13,14 +13,14 @@ gives exactly the single-hook rows.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
 from saeforge.activations.batcher import ShuffledBatcher
 from saeforge.config import ActivationsConfig, DataConfig
-from saeforge.data import iter_documents, pack_windows, split_documents, excluded_mask
+from saeforge.data import excluded_mask, iter_documents, pack_windows, split_documents
 from saeforge.models.hooks import capture
 
 
@@ -75,8 +75,9 @@ def hook_columns(lm, hook_points) -> dict[str, slice]:
     return columns_of([p.name for p in points], hook_widths(lm, points))
 
 
-def window_activations(lm, hook_points, windows_ST: torch.Tensor, data_cfg: DataConfig, lm_batch_size: int
-                       ) -> Iterator[WindowActivations]:
+def window_activations(
+    lm, hook_points, windows_ST: torch.Tensor, data_cfg: DataConfig, lm_batch_size: int
+) -> Iterator[WindowActivations]:
     """Run the LM over ``windows_ST`` in batches and yield the activations at the hook point(s), concatenated."""
     points = as_points(hook_points)
     for tokens_ST in windows_ST.split(lm_batch_size):
@@ -94,8 +95,9 @@ class ActivationStream:
     capture the position; the iterator stops when the corpus part is exhausted.
     """
 
-    def __init__(self, lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfig, part: str = "train",
-                 seed: int = 0):
+    def __init__(
+        self, lm, hook_points, data_cfg: DataConfig, act_cfg: ActivationsConfig, part: str = "train", seed: int = 0
+    ):
         # .hook_point is what was passed (one point or the list): window_activations/hook_width take either
         self.lm, self.hook_point, self.hook_points = lm, hook_points, as_points(hook_points)
         self.data_cfg, self.act_cfg, self.part = data_cfg, act_cfg, part
@@ -142,12 +144,13 @@ class ActivationStream:
         """The kept rows of ``windows``, written into one tensor as the LM yields them (not a list of
         pieces and then their concatenation: a second copy of the chunk)."""
         out_ND, n = None, 0
-        for wa in window_activations(self.lm, self.hook_points, torch.stack(windows), self.data_cfg,
-                                     self.act_cfg.lm_batch_size):
+        for wa in window_activations(
+            self.lm, self.hook_points, torch.stack(windows), self.data_cfg, self.act_cfg.lm_batch_size
+        ):
             kept_ND = wa.acts_STD[wa.keep_ST]
             if out_ND is None:
                 out_ND = kept_ND.new_empty(len(windows) * windows[0].numel(), kept_ND.shape[-1])
-            out_ND[n:n + len(kept_ND)] = kept_ND
+            out_ND[n : n + len(kept_ND)] = kept_ND
             n += len(kept_ND)
         return out_ND[:n]
 

@@ -11,16 +11,17 @@ features active somewhere are run (the rest score exactly 0); mean ablation runs
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saeforge.config import UsageError
 from saeforge.analysis.attribution import Attribution
 from saeforge.analysis.metrics import Metric
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, record_latents
 from saeforge.analysis.splice import Splice, check_feature
+from saeforge.config import UsageError
 
 
 def _ablate_rows_edit(features_R: Tensor, start: int, values_R: Tensor):
@@ -47,9 +48,17 @@ def mean_latents_F(lm: Any, sae: Any, hook: str, prompts: Sequence[Prompt]) -> T
 
 
 @torch.no_grad()
-def ablation_effects(lm: Any, sae: Any, hook: str, prompts: Sequence[str | Tensor] | str, metric: Metric,
-                     mode: str = "zero", features: Sequence[int] | None = None, mean_F: Tensor | None = None,
-                     batch: int = 32) -> Attribution:
+def ablation_effects(
+    lm: Any,
+    sae: Any,
+    hook: str,
+    prompts: Sequence[str | Tensor] | str,
+    metric: Metric,
+    mode: str = "zero",
+    features: Sequence[int] | None = None,
+    mean_F: Tensor | None = None,
+    batch: int = 32,
+) -> Attribution:
     """True single-feature ablation effects [F] on ``metric`` (see module doc); features not run score 0."""
     if mode not in ("zero", "mean"):
         raise UsageError(f"mode={mode!r}: expected 'zero' or 'mean'")

@@ -19,16 +19,17 @@ The error terms of the spliced SAEs are held fixed at their clean values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saeforge.config import UsageError
 from saeforge.analysis.metrics import Metric
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, position_mask_T11, record_latents
 from saeforge.analysis.splice import Splice, check_feature
+from saeforge.config import UsageError
 
 
 @dataclass
@@ -55,8 +56,10 @@ def baseline_1TF(baseline: str | Tensor, f_1TF: Tensor) -> Tensor:
         return torch.zeros_like(f_1TF)
     baseline = baseline.to(f_1TF.device, f_1TF.dtype)
     if baseline.shape not in (f_1TF.shape[-1:], f_1TF.shape):
-        raise UsageError(f"baseline of shape {tuple(baseline.shape)} does not fit latents {tuple(f_1TF.shape)}; "
-                         f"expected [{f_1TF.shape[-1]}] or {list(f_1TF.shape)}")
+        raise UsageError(
+            f"baseline of shape {tuple(baseline.shape)} does not fit latents {tuple(f_1TF.shape)}; "
+            f"expected [{f_1TF.shape[-1]}] or {list(f_1TF.shape)}"
+        )
     return baseline.expand_as(f_1TF)
 
 
@@ -69,8 +72,9 @@ def _path_edit(f_base_1TF: Tensor, mask_1T1: Tensor, alphas_S11: Tensor):
     return edit
 
 
-def _grads(lm: Any, sae: Any, hook: str, prompt: Prompt, metric: Metric, f_base_1TF: Tensor,
-           alphas_S: Tensor) -> tuple[Tensor, Tensor]:
+def _grads(
+    lm: Any, sae: Any, hook: str, prompt: Prompt, metric: Metric, f_base_1TF: Tensor, alphas_S: Tensor
+) -> tuple[Tensor, Tensor]:
     """(metric per row [S], dm/df [S, T, F]) along the path at ``alphas_S``, one row per alpha."""
     S = alphas_S.numel()
     mask_1T1 = position_mask_T11(prompt, f_base_1TF.device)
@@ -83,8 +87,9 @@ def _grads(lm: Any, sae: Any, hook: str, prompt: Prompt, metric: Metric, f_base_
     return m_S.detach(), grad_STF
 
 
-def attribution_patching(lm: Any, sae: Any, hook: str, prompts: Sequence[str | Tensor] | str, metric: Metric,
-                         baseline: str | Tensor = "zero") -> Attribution:
+def attribution_patching(
+    lm: Any, sae: Any, hook: str, prompts: Sequence[str | Tensor] | str, metric: Metric, baseline: str | Tensor = "zero"
+) -> Attribution:
     """Grad x (activation - baseline) for every feature: scores [F], one forward + backward per prompt."""
     total_F, m_clean = 0.0, 0.0
     prompts = as_prompts(lm, prompts)
@@ -99,8 +104,16 @@ def attribution_patching(lm: Any, sae: Any, hook: str, prompts: Sequence[str | T
     return Attribution(total_F / n, "attribution patching", m_clean / n)
 
 
-def integrated_gradients(lm: Any, sae: Any, hook: str, prompts: Sequence[str | Tensor] | str, metric: Metric,
-                         baseline: str | Tensor = "zero", steps: int = 16, batch: int = 16) -> Attribution:
+def integrated_gradients(
+    lm: Any,
+    sae: Any,
+    hook: str,
+    prompts: Sequence[str | Tensor] | str,
+    metric: Metric,
+    baseline: str | Tensor = "zero",
+    steps: int = 16,
+    batch: int = 16,
+) -> Attribution:
     """Integrated gradients along the straight path baseline -> clean latents; scores [F] (see module doc)."""
     if steps < 1:
         raise UsageError(f"steps={steps}: integrated gradients needs at least 1 step")
@@ -133,8 +146,14 @@ def _ends(lm, sae, hook, p: Prompt, metric: Metric, f_base_1TF: Tensor) -> Tenso
     return metric(logits_STV, ids_ST)
 
 
-def feature_to_feature(lm: Any, up: tuple[Any, str], down: tuple[Any, str], prompts: Sequence[str | Tensor] | str,
-                       down_features: Sequence[int] | None = None, top: int = 8) -> tuple[Tensor, Tensor]:
+def feature_to_feature(
+    lm: Any,
+    up: tuple[Any, str],
+    down: tuple[Any, str],
+    prompts: Sequence[str | Tensor] | str,
+    down_features: Sequence[int] | None = None,
+    top: int = 8,
+) -> tuple[Tensor, Tensor]:
     """(down_features [J], scores [J, F_up]): AtP of each downstream feature's activation, summed over
     positions ``start..``, to every upstream feature (zero baseline), averaged over prompts.
 
@@ -154,8 +173,10 @@ def feature_to_feature(lm: Any, up: tuple[Any, str], down: tuple[Any, str], prom
         with torch.enable_grad():
             _, (st_u, st_d) = forward_logits(lm, p.ids_1T, splices)
             if st_d.f_STF is None or not st_d.f_STF.requires_grad:
-                raise UsageError(f"downstream latents at {hook_d!r} do not depend on {hook_u!r}: the upstream hook must "
-                                 "come earlier in the forward pass")
+                raise UsageError(
+                    f"downstream latents at {hook_d!r} do not depend on {hook_u!r}: the upstream hook must "
+                    "come earlier in the forward pass"
+                )
             acts_J = (st_d.f_STF[0, p.start :][:, js.to(st_d.f_STF.device)]).sum(0)
             rows = []
             for j in range(len(js)):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
-from saeforge.analysis.common import load_for_analysis, single_token
-from saeforge.analysis.steering import Steer, steer_generate
-from saeforge.analysis.metrics import LogitDiff, NextTokenLoss, TokenLogit
+
 from saeforge.analysis.ablation import ablation_effects
 from saeforge.analysis.attribution import attribution_patching, integrated_gradients
-from saeforge.analysis.logit_lens import top_tokens
+from saeforge.analysis.common import load_for_analysis, single_token
 from saeforge.analysis.counterfactual import flip_preference
+from saeforge.analysis.logit_lens import top_tokens
+from saeforge.analysis.metrics import LogitDiff, NextTokenLoss, TokenLogit
+from saeforge.analysis.steering import Steer, steer_generate
 
 METHODS = ("atp", "ig", "zero-ablation", "mean-ablation")
 
@@ -27,13 +28,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: Any, arch: str) -> None:
-    s = sub.add_parser("steer", help="generate with and without steering SAE features",
-                       description="Adds alpha x W_dec[feature] (or clamps the feature) at the SAE's hook, keeping the "
-                                   "SAE's error term, and prints greedy generations without and with the edit.")
+    s = sub.add_parser(
+        "steer",
+        help="generate with and without steering SAE features",
+        description="Adds alpha x W_dec[feature] (or clamps the feature) at the SAE's hook, keeping the "
+        "SAE's error term, and prints greedy generations without and with the edit.",
+    )
     _common(s)
     s.add_argument("--feature", type=int, action="append", required=True, help="latent index (repeat for several)")
-    s.add_argument("--alpha", type=float, action="append", help="added activation, latent units (one, or one per --feature)")
-    s.add_argument("--clamp", type=float, action="append", help="set the activation to this value instead of adding alpha")
+    s.add_argument(
+        "--alpha", type=float, action="append", help="added activation, latent units (one, or one per --feature)"
+    )
+    s.add_argument(
+        "--clamp", type=float, action="append", help="set the activation to this value instead of adding alpha"
+    )
     s.add_argument("--positions", default="all", help="all | last | fires:N | fires:N>T (default: all)")
     s.add_argument("--prompt", required=True, help="text to continue")
     s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
@@ -41,17 +49,22 @@ def add_commands(sub: Any, arch: str) -> None:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     s.set_defaults(func=cmd_steer)
 
-    a = sub.add_parser("attribute", help="rank SAE features by their effect on a metric (attribution / ablation)",
-                       description="Scores every feature's contribution to a metric: logit[target] - logit[other] at the "
-                                   "last position (or logit[target] alone), or next-token loss with --loss. "
-                                   "With --counterfactual, finds the fewest features whose values on that prompt flip "
-                                   "the preference target vs other.")
+    a = sub.add_parser(
+        "attribute",
+        help="rank SAE features by their effect on a metric (attribution / ablation)",
+        description="Scores every feature's contribution to a metric: logit[target] - logit[other] at the "
+        "last position (or logit[target] alone), or next-token loss with --loss. "
+        "With --counterfactual, finds the fewest features whose values on that prompt flip "
+        "the preference target vs other.",
+    )
     _common(a)
     a.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several; scores are averaged)")
     a.add_argument("--target", help="completion whose logit the metric measures (one token, e.g. ' Paris')")
     a.add_argument("--other", help="competing completion: metric = logit[target] - logit[other]")
     a.add_argument("--loss", action="store_true", help="metric = mean next-token loss over the prompt instead")
-    a.add_argument("--method", choices=METHODS, default="atp", help="atp (grad x activation, default), ig, or a true ablation")
+    a.add_argument(
+        "--method", choices=METHODS, default="atp", help="atp (grad x activation, default), ig, or a true ablation"
+    )
     a.add_argument("--steps", type=int, default=16, help="integrated-gradients steps (default: 16)")
     a.add_argument("--top", type=int, default=20, help="rows in the table (default: 20)")
     a.add_argument("--counterfactual", help="prompt B of the same token length: find features that flip the preference")
@@ -83,8 +96,16 @@ def _steers(ns: argparse.Namespace) -> list:
 def cmd_steer(ns: argparse.Namespace, base: dict) -> int:
     lm, sae, hook = _load(ns)
     steers = _steers(ns)
-    res = steer_generate(lm, sae, steers, prompt=ns.prompt, hook=hook, max_new_tokens=ns.max_new_tokens,
-                         temperature=ns.temperature, seed=ns.seed)
+    res = steer_generate(
+        lm,
+        sae,
+        steers,
+        prompt=ns.prompt,
+        hook=hook,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        seed=ns.seed,
+    )
     for s in steers:
         edit = f"clamp to {s.clamp:g}" if s.clamp is not None else f"alpha {s.alpha:+g}"
         norm = float(sae.W_dec[s.feature].norm())
@@ -98,7 +119,9 @@ def cmd_steer(ns: argparse.Namespace, base: dict) -> int:
 def _metric(ns: argparse.Namespace, tok: Any):
     if ns.loss:
         if ns.target or ns.other or ns.counterfactual:
-            raise SystemExit("saeforge attribute: --loss measures the prompt's own loss; drop --target/--other/--counterfactual")
+            raise SystemExit(
+                "saeforge attribute: --loss measures the prompt's own loss; drop --target/--other/--counterfactual"
+            )
         return NextTokenLoss(start=1)
     if not ns.target:
         raise SystemExit("saeforge attribute: give --target ' token' (and --other ' token'), or --loss")
@@ -121,8 +144,10 @@ def cmd_attribute(ns: argparse.Namespace, base: dict) -> int:
         res = integrated_gradients(lm, sae, hook, ns.prompt, metric, steps=ns.steps)
     else:
         res = ablation_effects(lm, sae, hook, ns.prompt, metric, mode=ns.method.split("-")[0])
-    print(f"{res.method} of {metric.name} at {hook}; metric on the prompts: {res.metric_clean:.4g}"
-          + (f", all features at baseline: {res.metric_baseline:.4g}" if res.metric_baseline is not None else ""))
+    print(
+        f"{res.method} of {metric.name} at {hook}; metric on the prompts: {res.metric_clean:.4g}"
+        + (f", all features at baseline: {res.metric_baseline:.4g}" if res.metric_baseline is not None else "")
+    )
     print("score = estimated metric(clean) - metric(feature removed); ranked by |score|")
     print(f"{'rank':>4}  {'feature':>7}  {'score':>10}  logit-lens top tokens")
     for rank, (feat, score) in enumerate(res.ranked(ns.top), 1):
@@ -135,11 +160,15 @@ def _flip(ns: argparse.Namespace, lm: Any, sae: Any, hook: str, metric: Any) -> 
     if len(ns.prompt) != 1:
         raise SystemExit("saeforge attribute --counterfactual takes exactly one --prompt (prompt A)")
     r = flip_preference(lm, sae, hook, ns.prompt[0], ns.counterfactual, metric.target, metric.other)
-    print(f"preference {metric.name}: A {r.metric_a:.4g}, B {r.metric_b:.4g}, "
-          f"A with every feature from B {r.metric_all:.4g}")
+    print(
+        f"preference {metric.name}: A {r.metric_a:.4g}, B {r.metric_b:.4g}, "
+        f"A with every feature from B {r.metric_all:.4g}"
+    )
     if not r.flipped:
         print("no flip found within the first 64 features ranked by attribution")
         return 1
-    print(f"flipped by substituting {len(r.features)} feature(s) (greedy needed {r.greedy_size}, pruned after): "
-          f"{r.features}; preference on A becomes {r.metric_after:.4g}")
+    print(
+        f"flipped by substituting {len(r.features)} feature(s) (greedy needed {r.greedy_size}, pruned after): "
+        f"{r.features}; preference on A becomes {r.metric_after:.4g}"
+    )
     return 0

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, UsageError
-from saeforge.models import hf_model
-from saeforge.models import load_model
+from saeforge.models import hf_model, load_model
 from saeforge.saes.formats import load_sae, read_cfg
 
 
@@ -29,8 +28,10 @@ def load_for_analysis(sae_dir: str | Path, model: str | None = None, device: str
         raise UsageError(f"{sae_dir}/cfg.json names no metadata.hook_name; pass the hook (--hook NAME)")
     sae = load_sae(sae_dir, device=device)
     if sae.is_transcoder:  # its decoder writes another hook's space: splicing it at `hook` would be wrong
-        raise UsageError(f"{sae_dir} is a transcoder ({hook} -> {meta.get('hook_name_out')}); the analysis tools "
-                         "splice an SAE at one hook and do not take transcoders yet (evaluate it with `saeforge eval`)")
+        raise UsageError(
+            f"{sae_dir} is a transcoder ({hook} -> {meta.get('hook_name_out')}); the analysis tools "
+            "splice an SAE at one hook and do not take transcoders yet (evaluate it with `saeforge eval`)"
+        )
     sae.requires_grad_(False)
     sae.hook_name = hook
     lm = load_model(model_name, dtype=dtype, device=device)
@@ -53,8 +54,10 @@ def single_token(tokenizer: Any, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
-        raise UsageError(f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
-                         "(often with a leading space, e.g. ' Paris')")
+        raise UsageError(
+            f"{text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token completion "
+            "(often with a leading space, e.g. ' Paris')"
+        )
     return int(ids[0])
 
 

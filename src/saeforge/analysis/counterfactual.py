@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeforge.config import UsageError
 from saeforge.analysis.attribution import attribution_patching
 from saeforge.analysis.metrics import LogitDiff
 from saeforge.analysis.prompts import Prompt, as_prompts, forward_logits, position_mask_T11, record_latents
 from saeforge.analysis.splice import Splice
+from saeforge.config import UsageError
 
 
 @dataclass
@@ -63,13 +63,24 @@ def _prefs(lm, sae, hook, a: Prompt, metric: LogitDiff, f_b_1TF: Tensor, subst_S
     return torch.cat(out)
 
 
-def flip_preference(lm: Any, sae: Any, hook: str, prompt_a: str | Tensor, prompt_b: str | Tensor,
-                    completion_a: int, completion_b: int, max_features: int = 64, batch: int = 16) -> FlipResult:
+def flip_preference(
+    lm: Any,
+    sae: Any,
+    hook: str,
+    prompt_a: str | Tensor,
+    prompt_b: str | Tensor,
+    completion_a: int,
+    completion_b: int,
+    max_features: int = 64,
+    batch: int = 16,
+) -> FlipResult:
     """Smallest set found (see module doc) of features whose B values flip A's preference between two token ids."""
     a, b = as_prompts(lm, [prompt_a, prompt_b])
     if a.length != b.length or a.start != b.start:
-        raise UsageError(f"counterfactual prompts must tokenise to the same length (got {a.length} and {b.length} "
-                         "tokens); reword one so the tokens line up, e.g. names of one token each")
+        raise UsageError(
+            f"counterfactual prompts must tokenise to the same length (got {a.length} and {b.length} "
+            "tokens); reword one so the tokens line up, e.g. names of one token each"
+        )
     metric = LogitDiff(completion_a, completion_b)
     f_b_1TF = record_latents(lm, sae, hook, b)
     d_sae = f_b_1TF.shape[-1]

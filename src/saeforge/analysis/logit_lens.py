@@ -18,6 +18,7 @@ from saeforge.analysis.splice import check_feature
 from saeforge.models.hooks import final_norm
 from saeforge.models.layout import hf_model
 
+
 @torch.no_grad()
 def direction_logits_V(model: Any, direction_D: Tensor) -> Tensor:
     """Logit-lens scores [V] of one residual-stream direction (see module doc)."""

@@ -7,11 +7,12 @@ backward pass of ``sum()`` give every row its own gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
+
 from saeforge.config import UsageError
 
 Metric = Callable[[Tensor, Tensor], Tensor]
@@ -61,7 +62,9 @@ class NextTokenLoss:
 
     def __call__(self, logits_STV: Tensor, ids_ST: Tensor) -> Tensor:
         if ids_ST.shape[1] - 1 <= self.start:
-            raise UsageError(f"next-token loss needs prompts longer than {self.start + 1} tokens (got {ids_ST.shape[1]})")
+            raise UsageError(
+                f"next-token loss needs prompts longer than {self.start + 1} tokens (got {ids_ST.shape[1]})"
+            )
         logp_STV = torch.log_softmax(logits_STV[:, self.start : -1].float(), dim=-1)
         targets_ST1 = ids_ST[:, self.start + 1 :, None].to(logp_STV.device)
         return -logp_STV.gather(-1, targets_ST1).squeeze(-1).mean(dim=1)
@@ -70,7 +73,9 @@ class NextTokenLoss:
 def spearman(a_N: Tensor, b_N: Tensor) -> float:
     """Spearman rank correlation of two 1-D tensors (average ranks for ties), in float64."""
     if a_N.shape != b_N.shape or a_N.dim() != 1 or a_N.numel() < 2:
-        raise ValueError(f"spearman needs two 1-D tensors of one length >= 2, got {tuple(a_N.shape)} and {tuple(b_N.shape)}")
+        raise ValueError(
+            f"spearman needs two 1-D tensors of one length >= 2, got {tuple(a_N.shape)} and {tuple(b_N.shape)}"
+        )
 
     def ranks(x: Tensor) -> Tensor:
         x = x.double().cpu()

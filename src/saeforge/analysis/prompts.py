@@ -7,15 +7,16 @@ leave it alone: the edited positions are ``start..T-1`` with ``start = 1`` after
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from saeforge.analysis.common import model_device, prompt_ids
-from saeforge.config import UsageError
 from saeforge.analysis.splice import Splice, spliced
+from saeforge.config import UsageError
 from saeforge.models.layout import hf_model
 
 

@@ -23,15 +23,16 @@ attribution. Under ``torch.no_grad`` nothing is tracked and the cost is one enco
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saeforge.models.hooks import HookError, HookPoint, resolve_hook
 from saeforge.config import UserError
+from saeforge.models.hooks import HookError, HookPoint, resolve_hook
 
 # edit(f_STF, state) -> new f_STF. ``state`` gives the splice's SAE and hook (e.g. for conditions).
 Edit = Callable[[Tensor, "SpliceState"], Tensor]

@@ -18,8 +18,9 @@ next to its huge norm, but prefer ``last`` or a condition when clamping.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,10 +44,14 @@ class Steer:
 
     def __post_init__(self) -> None:
         if self.positions not in ("all", "last") and not _FIRES_RE.match(self.positions):
-            raise UsageError(f"positions={self.positions!r}: expected 'all', 'last', 'fires:N' or 'fires:N>T' "
-                             "(e.g. 'fires:123' or 'fires:123>0.5')")
+            raise UsageError(
+                f"positions={self.positions!r}: expected 'all', 'last', 'fires:N' or 'fires:N>T' "
+                "(e.g. 'fires:123' or 'fires:123>0.5')"
+            )
         if self.clamp is not None and self.alpha != 0:
-            raise UsageError(f"feature {self.feature}: give alpha or clamp, not both (alpha={self.alpha}, clamp={self.clamp})")
+            raise UsageError(
+                f"feature {self.feature}: give alpha or clamp, not both (alpha={self.alpha}, clamp={self.clamp})"
+            )
 
 
 def positions_mask_ST(f_STF: Tensor, positions: str, sae: Any) -> Tensor:
@@ -90,13 +95,23 @@ class SteerResult:
     steers: list[Steer]
 
 
-def generate(lm: Any, prompt: str, splices: Sequence[Splice] = (), max_new_tokens: int = 32,
-             temperature: float = 0.0, seed: int = 0, prepend_bos: bool = True) -> str:
+def generate(
+    lm: Any,
+    prompt: str,
+    splices: Sequence[Splice] = (),
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    prepend_bos: bool = True,
+) -> str:
     """The continuation of ``prompt`` (greedy at temperature 0, else sampled from ``seed``) with splices active."""
     tok = lm.tokenizer
     ids_1T = prompt_ids(tok, prompt, prepend_bos, model_device(lm))
-    kwargs: dict[str, Any] = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
-                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    kwargs: dict[str, Any] = dict(
+        do_sample=temperature > 0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     else:  # silence the model's own sampling defaults (generation_config) under greedy decoding
@@ -104,12 +119,23 @@ def generate(lm: Any, prompt: str, splices: Sequence[Splice] = (), max_new_token
     torch.manual_seed(seed)
     with spliced(lm, list(splices)), torch.no_grad():
         out = hf_model(lm).generate(input_ids=ids_1T, attention_mask=torch.ones_like(ids_1T), **kwargs)
-    return tok.decode(out[0, ids_1T.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids_1T.shape[1] :], skip_special_tokens=True)
 
 
-def steer_generate(lm: Any, sae: Any, feature: int | Sequence[Steer], alpha: float = 0.0, prompt: str = "", *,
-                   hook: str | None = None, clamp: float | None = None, positions: str = "all",
-                   max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> SteerResult:
+def steer_generate(
+    lm: Any,
+    sae: Any,
+    feature: int | Sequence[Steer],
+    alpha: float = 0.0,
+    prompt: str = "",
+    *,
+    hook: str | None = None,
+    clamp: float | None = None,
+    positions: str = "all",
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> SteerResult:
     """Generations of ``prompt`` without and with steering ``feature`` by ``alpha`` (the viewer's panel).
 
     ``feature`` may instead be a list of ``Steer`` to apply several at once (then alpha/clamp/positions
@@ -126,7 +152,9 @@ def steer_generate(lm: Any, sae: Any, feature: int | Sequence[Steer], alpha: flo
     return SteerResult(prompt, clean, steered, steers)
 
 
-def steered_logits(lm: Any, sae: Any, hook: str, steers: Sequence[Steer], input_ids_ST: Tensor) -> tuple[Tensor, Tensor]:
+def steered_logits(
+    lm: Any, sae: Any, hook: str, steers: Sequence[Steer], input_ids_ST: Tensor
+) -> tuple[Tensor, Tensor]:
     """(clean logits STV, steered logits STV) for one forward over ``input_ids_ST``."""
     model = hf_model(lm)
     input_ids_ST = input_ids_ST.to(model_device(lm))

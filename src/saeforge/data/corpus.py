@@ -23,12 +23,11 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from saeforge.config import DataConfig
-from saeforge.config import UserError
+from saeforge.config import DataConfig, UserError
 
 STDLIB = "python-stdlib"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -70,7 +69,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
 
 def heldout_score(doc_id: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, doc id); below holdout_fraction = held out."""
-    digest = hashlib.sha1(f"{seed}:{doc_id}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -116,6 +115,7 @@ def _non_empty(docs: Iterator[Document], looked_at: str, cfg: DataConfig) -> Ite
 
 # ---- python-stdlib ----------------------------------------------------------------------------
 
+
 def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -143,7 +143,7 @@ def _stdlib_documents(seed: int) -> Iterator[Document]:
     random.Random(seed).shuffle(sources)
     for source in sources:
         if source.startswith("pydoc:"):
-            yield Document(source, topics[source[len("pydoc:"):]])
+            yield Document(source, topics[source[len("pydoc:") :]])
             continue
         try:
             text = (root / source).read_bytes().decode("utf-8")
@@ -154,6 +154,7 @@ def _stdlib_documents(seed: int) -> Iterator[Document]:
 
 # ---- local files --------------------------------------------------------------------------------
 
+
 def _local_path(corpus: str) -> Path | None:
     """The local file or folder ``corpus`` names, or None when it should be a hub dataset id."""
     path = Path(corpus).expanduser()
@@ -161,7 +162,9 @@ def _local_path(corpus: str) -> Path | None:
         return path
     # Hub ids are "name" or "owner/name"; anything else path-shaped must not silently go to the hub.
     looks_local = (
-        corpus.startswith(("/", ".", "~")) or "\\" in corpus or corpus.count("/") >= 2
+        corpus.startswith(("/", ".", "~"))
+        or "\\" in corpus
+        or corpus.count("/") >= 2
         or path.suffix.lower() in FILE_SUFFIXES + (".json", ".csv", ".gz")
     )
     if looks_local:
@@ -174,8 +177,10 @@ def _local_path(corpus: str) -> Path | None:
 
 def _folder_documents(root: Path, cfg: DataConfig) -> Iterator[Document]:
     files = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
@@ -224,7 +229,9 @@ def _jsonl_documents(path: Path, name: str, column: str) -> Iterator[Document]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}, line {lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise CorpusError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict):
                 raise CorpusError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             if column not in row:
@@ -279,6 +286,7 @@ def _as_text(value: object, where: str, column: str) -> str:
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------
 
+
 def _hub_documents(cfg: DataConfig) -> Iterator[Document]:
     import datasets
 
@@ -287,10 +295,14 @@ def _hub_documents(cfg: DataConfig) -> Iterator[Document]:
     try:
         stream = datasets.load_dataset(name, split=split, streaming=True)
     except ConnectionError as e:  # what datasets raises when offline or the hub is down
-        raise CorpusError(f"could not reach the Hugging Face hub to stream dataset {name!r} ({e}). {advice} "
-                          "Setting HF_HUB_OFFLINE=1 makes this fail at once instead of after retries.") from e
+        raise CorpusError(
+            f"could not reach the Hugging Face hub to stream dataset {name!r} ({e}). {advice} "
+            "Setting HF_HUB_OFFLINE=1 makes this fail at once instead of after retries."
+        ) from e
     except datasets.exceptions.DatasetNotFoundError as e:
-        raise CorpusError(f"{name!r} is not a local path, and the hub has no dataset of that name ({e}). {advice}") from e
+        raise CorpusError(
+            f"{name!r} is not a local path, and the hub has no dataset of that name ({e}). {advice}"
+        ) from e
     except ValueError as e:  # e.g. "Bad split: ... Available splits: [...]"
         raise CorpusError(f"cannot stream {name!r} split {split!r}: {e}. Check data.dataset_split.") from e
     return _hub_rows(stream, name, split, cfg.text_column)

@@ -12,13 +12,13 @@ tokenizer does by default, i.e. as that special token; ``excluded_mask`` then le
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
-from saeforge.config import DataConfig
+from saeforge.config import DataConfig, UserError
 from saeforge.data.corpus import Document
-from saeforge.config import UserError
 
 # Tokenise this many documents (or characters) per batch call: big enough for the fast tokenizer
 # to use both cores, small enough that the first window comes out quickly.
@@ -111,8 +111,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return out["input_ids"]
 
 
-def _windows(docs: Iterable[Document], tokenizer: Any, context_size: int, bos_id: int | None,
-             sep_id: int) -> Iterator[torch.Tensor]:
+def _windows(
+    docs: Iterable[Document], tokenizer: Any, context_size: int, bos_id: int | None, sep_id: int
+) -> Iterator[torch.Tensor]:
     prefix = [] if bos_id is None else [int(bos_id)]
     body = context_size - len(prefix)  # stream tokens per window
     stream: list[int] = []  # tokens not yet emitted
@@ -125,7 +126,7 @@ def _windows(docs: Iterable[Document], tokenizer: Any, context_size: int, bos_id
             stream.extend(ids)
         start = 0
         while len(stream) - start >= body:
-            yield torch.tensor(prefix + stream[start:start + body], dtype=torch.long)
+            yield torch.tensor(prefix + stream[start : start + body], dtype=torch.long)
             start += body
         del stream[:start]  # once per tokenizer batch, so the copy cost stays linear
 

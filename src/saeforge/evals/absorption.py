@@ -34,8 +34,9 @@ WORD = re.compile(r"^ ?[A-Za-z]{2,}$")
 COS_MIN, PROJ_FRACTION = 0.025, 0.4
 
 
-def first_letter_tokens(tokenizer, per_letter: int = 120, min_per_letter: int = 8, seed: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def first_letter_tokens(
+    tokenizer, per_letter: int = 120, min_per_letter: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [N], letter index 0..25 [N]) of single-word vocabulary tokens; see step 1."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = [i for i in range(len(tokenizer)) if i not in special]
@@ -50,8 +51,10 @@ def first_letter_tokens(tokenizer, per_letter: int = 120, min_per_letter: int = 
                 by_letter[c].append(ids[j])
     kept = [(i, c) for c, lst in by_letter.items() if len(lst) >= min_per_letter for i in lst]
     if len(kept) < 2 * min_per_letter:
-        raise ValueError(f"first-letter absorption needs single-word tokens for at least two letters; this "
-                         f"tokenizer's vocabulary has {len(kept)} usable ones")
+        raise ValueError(
+            f"first-letter absorption needs single-word tokens for at least two letters; this "
+            f"tokenizer's vocabulary has {len(kept)} usable ones"
+        )
     perm = torch.randperm(len(kept), generator=g)
     return torch.tensor([kept[p][0] for p in perm]), torch.tensor([kept[p][1] for p in perm])
 
@@ -103,8 +106,15 @@ def main_latents(f_NF: torch.Tensor, is_L_N: torch.Tensor, max_k: int = 5, min_f
     return chosen
 
 
-def absorption_scores(sae, x_ND: torch.Tensor, y_N: torch.Tensor, n_train: int, probe_steps: int = 300,
-                      max_k: int = 5, min_f1_gain: float = 0.03) -> dict[str, Any]:
+def absorption_scores(
+    sae,
+    x_ND: torch.Tensor,
+    y_N: torch.Tensor,
+    n_train: int,
+    probe_steps: int = 300,
+    max_k: int = 5,
+    min_f1_gain: float = 0.03,
+) -> dict[str, Any]:
     """Steps 3-5 on activations ``x_ND`` with letters ``y_N``; the first ``n_train`` rows train probe and main latents."""
     n_classes = int(y_N.max()) + 1
     x_ND = x_ND.clone()  # a normal tensor: inference-mode tensors cannot be saved for the probe's backward
@@ -132,18 +142,26 @@ def absorption_scores(sae, x_ND: torch.Tensor, y_N: torch.Tensor, n_train: int, 
             carriers = (f_NF[r] > 0) & (cos_FC[:, c] >= COS_MIN) & (contrib_F >= PROJ_FRACTION * proj)
             absorbed += int(proj > 0 and bool(carriers.any()))
         n = len(rows)
-        per_letter[string.ascii_lowercase[c]] = {"main_latents": mains, "probe_correct": n,
-                                                 "miss_rate": miss / n if n else None,
-                                                 "absorption_rate": absorbed / n if n else None}
+        per_letter[string.ascii_lowercase[c]] = {
+            "main_latents": mains,
+            "probe_correct": n,
+            "miss_rate": miss / n if n else None,
+            "absorption_rate": absorbed / n if n else None,
+        }
     scored = [v for v in per_letter.values() if v["probe_correct"]]
-    return {"absorption_rate": sum(v["absorption_rate"] for v in scored) / max(1, len(scored)),
-            "miss_rate": sum(v["miss_rate"] for v in scored) / max(1, len(scored)),
-            "probe_test_accuracy": float((pred_N[test] == y_N[test]).double().mean()),
-            "n_tokens": len(y_N), "n_train": n_train, "letters": per_letter}
+    return {
+        "absorption_rate": sum(v["absorption_rate"] for v in scored) / max(1, len(scored)),
+        "miss_rate": sum(v["miss_rate"] for v in scored) / max(1, len(scored)),
+        "probe_test_accuracy": float((pred_N[test] == y_N[test]).double().mean()),
+        "n_tokens": len(y_N),
+        "n_train": n_train,
+        "letters": per_letter,
+    }
 
 
-def first_letter_absorption(lm, hook, sae, per_letter: int = 120, seed: int = 0, probe_steps: int = 300
-                            ) -> dict[str, Any]:
+def first_letter_absorption(
+    lm, hook, sae, per_letter: int = 120, seed: int = 0, probe_steps: int = 300
+) -> dict[str, Any]:
     """The whole task for ``sae`` at ``hook`` (a HookPoint) of ``lm``; see the module docstring."""
     ids_N, y_N = first_letter_tokens(lm.tokenizer, per_letter, seed=seed)
     x_ND = token_activations(lm, hook, ids_N)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from saeforge.config import add_config_options, overrides
 from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
@@ -16,40 +15,62 @@ from saeforge.io import atomic_write_text
 
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
-    e = sub.add_parser("eval", help="evaluate a saved SAE on held-out text; prints a table, writes eval.json",
-                       description="On the SAE's own corpus the result is SAE_DIR/eval.json (what training wrote); "
-                                   "on another --data.corpus it is SAE_DIR/eval.<corpus-slug>.json, so each corpus "
-                                   "keeps its own result.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved SAE on held-out text; prints a table, writes eval.json",
+        description="On the SAE's own corpus the result is SAE_DIR/eval.json (what training wrote); "
+        "on another --data.corpus it is SAE_DIR/eval.<corpus-slug>.json, so each corpus "
+        "keeps its own result.",
+    )
     e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    e.add_argument("--report", action="store_true", help="also write SAE_DIR/report.html (report.<corpus-slug>.html "
-                   "on another corpus; beside --out FILE with its stem): a self-contained page with plots")
+    e.add_argument(
+        "--report",
+        action="store_true",
+        help="also write SAE_DIR/report.html (report.<corpus-slug>.html "
+        "on another corpus; beside --out FILE with its stem): a self-contained page with plots",
+    )
     e.add_argument("--out", metavar="FILE", help="write the eval JSON here instead of into SAE_DIR")
-    e.add_argument("--compare", nargs="+", default=None, metavar="OTHER_SAE_DIR",
-                   help="score these SAEs on the same tokens and show where this one sits among them")
+    e.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="OTHER_SAE_DIR",
+        help="score these SAEs on the same tokens and show where this one sits among them",
+    )
     add_config_options(e, ["model", "data", "eval"], None)
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="score several SAEs on the same held-out tokens; table + Pareto plots (HTML)",
-                       description="The first SAE's run config picks model, corpus and token budgets; every SAE is "
-                                   "scored on the same windows. Pairs on one hook also get MMCS, and pairs of "
-                                   "different widths the stitching split of the wider one.")
+    c = sub.add_parser(
+        "compare",
+        help="score several SAEs on the same held-out tokens; table + Pareto plots (HTML)",
+        description="The first SAE's run config picks model, corpus and token budgets; every SAE is "
+        "scored on the same windows. Pairs on one hook also get MMCS, and pairs of "
+        "different widths the stitching split of the wider one.",
+    )
     c.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="SAE folders (cfg.json + sae_weights.safetensors)")
     c.add_argument("--out", default="compare.html", help="HTML file to write; a .json with the numbers goes beside it")
-    c.add_argument("--threshold", type=float, default=0.7,
-                   help="max decoder cosine at or above which a wider SAE's latent counts as reconstruction-like")
+    c.add_argument(
+        "--threshold",
+        type=float,
+        default=0.7,
+        help="max decoder cosine at or above which a wider SAE's latent counts as reconstruction-like",
+    )
     add_config_options(c, ["model", "data", "eval"], None)
     c.set_defaults(func=cmd_compare)
 
-    r = sub.add_parser("report", help="training curves of a run (or of every point of a sweep) from metrics.jsonl: "
-                                      "a self-contained HTML page")
+    r = sub.add_parser(
+        "report",
+        help="training curves of a run (or of every point of a sweep) from metrics.jsonl: a self-contained HTML page",
+    )
     r.add_argument("run_dir", metavar="RUN_DIR", help="run folder (runs/NAME, holding metrics.jsonl) or sweep folder")
     r.add_argument("--out", default=None, help=f"HTML file to write (default RUN_DIR/{TRAINING_PAGE})")
     r.set_defaults(func=cmd_report)
 
 
 def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
-    metrics, written = evaluate_saved(ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report,
-                                      compare=ns.compare, out=ns.out)
+    metrics, written = evaluate_saved(
+        ns.sae_dir, overrides(ns), progress=not ns.quiet, report=ns.report, compare=ns.compare, out=ns.out
+    )
     print(format_table(metrics))
     print("wrote " + " and ".join(map(str, written)))
     return 0
@@ -62,13 +83,20 @@ def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
         line = f"MMCS {p['a']} -> {p['b']}: {p['mmcs_a_to_b']:.4f}, back: {p['mmcs_b_to_a']:.4f}"
         if "stitching" in p:
             s = p["stitching"]
-            line += (f"; {s['wide']}: {s['n_reconstruction']} reconstruction-like / {s['n_novel']} novel latents, "
-                     f"MSE {s['mse_narrow']:.4g} -> +recon {s['mse_plus_reconstruction']:.4g}, "
-                     f"+novel {s['mse_plus_novel']:.4g}")
+            line += (
+                f"; {s['wide']}: {s['n_reconstruction']} reconstruction-like / {s['n_novel']} novel latents, "
+                f"MSE {s['mse_narrow']:.4g} -> +recon {s['mse_plus_reconstruction']:.4g}, "
+                f"+novel {s['mse_plus_novel']:.4g}"
+            )
         print(line)
     out = write_html(render_compare(entries, pairs, trained_context(ns.sae_dirs[0])), ns.out)
-    numbers = {"saes": [{"label": n, "dir": str(d), **{k: _json_safe(v) for k, v in m.items() if k != "feature_freq"}}
-                        for (n, m), d in zip(entries, ns.sae_dirs)], "pairs": _json_safe(pairs)}
+    numbers = {
+        "saes": [
+            {"label": n, "dir": str(d), **{k: _json_safe(v) for k, v in m.items() if k != "feature_freq"}}
+            for (n, m), d in zip(entries, ns.sae_dirs)
+        ],
+        "pairs": _json_safe(pairs),
+    }
     atomic_write_text(out.with_suffix(".json"), json.dumps(numbers, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

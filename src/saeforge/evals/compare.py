@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from saeforge.config import ConfigError
 from saeforge.data import excluded_mask
-from saeforge.evals.report import _batches, heldout_windows, evaluate
-from saeforge.models.hooks import capture
 from saeforge.evals.dictionaries import compare_dictionaries
+from saeforge.evals.html import COMPARE_KEYS
+from saeforge.evals.report import _batches, evaluate, heldout_windows
 from saeforge.evals.setup import eval_setup_for
 from saeforge.models import load_model, resolve_hook
+from saeforge.models.hooks import capture
 from saeforge.saes.formats import load_sae
-from saeforge.evals.html import COMPARE_KEYS
 
 MDL_TOKENS = 8192  # activation rows kept for MDL (and stitching): ~19 MB at d_in 576
 
@@ -54,9 +55,14 @@ def activation_batches(lm, hook, data_cfg, n_rows: int, batch_size: int) -> Iter
             return
 
 
-def compare_saved(sae_dirs: list[str | Path], overrides: dict[str, dict] | None = None, progress: bool = True,
-                  lm=None, threshold: float = 0.7, mdl_tokens: int = MDL_TOKENS
-                  ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+def compare_saved(
+    sae_dirs: list[str | Path],
+    overrides: dict[str, dict] | None = None,
+    progress: bool = True,
+    lm=None,
+    threshold: float = 0.7,
+    mdl_tokens: int = MDL_TOKENS,
+) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
     """(entries, pairs): [(label, metrics)] per SAE on shared tokens; MMCS/stitching per same-hook pair."""
     if not sae_dirs:
         raise ConfigError("compare needs at least one SAE folder")
@@ -64,8 +70,10 @@ def compare_saved(sae_dirs: list[str | Path], overrides: dict[str, dict] | None 
     cfgs = [eval_setup_for(d, {"model": (overrides or {}).get("model", {})}) for d in sae_dirs]
     for d, cfg in zip(sae_dirs, cfgs):
         if cfg.model.name != base.model.name:
-            raise ConfigError(f"{d} belongs to model {cfg.model.name!r} but {sae_dirs[0]} to {base.model.name!r}: "
-                              "only SAEs of one model can be scored on the same tokens; compare them separately")
+            raise ConfigError(
+                f"{d} belongs to model {cfg.model.name!r} but {sae_dirs[0]} to {base.model.name!r}: "
+                "only SAEs of one model can be scored on the same tokens; compare them separately"
+            )
     if lm is None:
         lm = load_model(base.model.name, dtype=base.model.dtype, device=base.model.device)
     labels = [sae_label(d) for d in sae_dirs]
@@ -75,8 +83,16 @@ def compare_saved(sae_dirs: list[str | Path], overrides: dict[str, dict] | None 
     for label, d, cfg in zip(labels, sae_dirs, cfgs):
         sae = load_sae(d, device=str(lm.device))
         hook = resolve_hook(lm.model, cfg.model.hook)
-        m = evaluate(lm, hook, sae, base.data, base.eval, progress=progress, mean_ablation=base.eval.mean_ablation,
-                     mdl_tokens=mdl_tokens)
+        m = evaluate(
+            lm,
+            hook,
+            sae,
+            base.data,
+            base.eval,
+            progress=progress,
+            mean_ablation=base.eval.mean_ablation,
+            mdl_tokens=mdl_tokens,
+        )
         saes.append((label, sae, hook))
         entries.append((label, m))
     pairs = []
@@ -98,6 +114,7 @@ def load_eval_json(sae_dir: str | Path) -> dict[str, Any] | None:
 
 def format_compare_table(entries: list[tuple[str, dict[str, Any]]]) -> str:
     """Plain-text side-by-side table for the terminal."""
+
     def cell(v: Any) -> str:
         if v is None:
             return "-"
@@ -106,8 +123,11 @@ def format_compare_table(entries: list[tuple[str, dict[str, Any]]]) -> str:
         return f"{v:,}" if isinstance(v, int) else str(v)
 
     rows = [["metric", *[n for n, _ in entries]]]
-    rows += [[label, *[cell(m.get(key)) for _, m in entries]] for key, label in COMPARE_KEYS
-             if any(key in m for _, m in entries)]
+    rows += [
+        [label, *[cell(m.get(key)) for _, m in entries]]
+        for key, label in COMPARE_KEYS
+        if any(key in m for _, m in entries)
+    ]
     rows.append(["MDL (bits/token)", *[cell((m.get("mdl") or {}).get("dl_bits")) for _, m in entries]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"

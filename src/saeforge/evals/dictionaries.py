@@ -16,7 +16,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -34,8 +35,10 @@ def unit_rows(W_FD: torch.Tensor) -> torch.Tensor:
 def max_cosine(A_FD: torch.Tensor, B_GD: torch.Tensor) -> torch.Tensor:
     """For each row of A, the max cosine to any row of B: float64 [F]."""
     if A_FD.shape[1] != B_GD.shape[1]:
-        raise ValueError(f"dictionaries of different widths: A rows have d={A_FD.shape[1]}, B rows d={B_GD.shape[1]}; "
-                         "compare SAEs trained on the same hook (or toy features of the SAE's d_in)")
+        raise ValueError(
+            f"dictionaries of different widths: A rows have d={A_FD.shape[1]}, B rows d={B_GD.shape[1]}; "
+            "compare SAEs trained on the same hook (or toy features of the SAE's d_in)"
+        )
     a, b = unit_rows(A_FD), unit_rows(B_GD)
     return torch.cat([(a[i : i + CHUNK_ROWS] @ b.T).amax(1) for i in range(0, len(a), CHUNK_ROWS)])
 
@@ -73,17 +76,32 @@ def stitching(wide, narrow, x_batches: Iterable[torch.Tensor], threshold: float 
         n += x_ND.shape[0]
     if n == 0:
         raise ValueError("stitching: no activation rows were given")
-    return {"threshold": threshold, "n_reconstruction": len(recon_idx), "n_novel": len(novel_idx),
-            "mean_max_cosine": float(cos_F.mean()), "mse_narrow": sse["narrow"] / n,
-            "mse_plus_reconstruction": sse["reconstruction"] / n, "mse_plus_novel": sse["novel"] / n, "n_tokens": n}
+    return {
+        "threshold": threshold,
+        "n_reconstruction": len(recon_idx),
+        "n_novel": len(novel_idx),
+        "mean_max_cosine": float(cos_F.mean()),
+        "mse_narrow": sse["narrow"] / n,
+        "mse_plus_reconstruction": sse["reconstruction"] / n,
+        "mse_plus_novel": sse["novel"] / n,
+        "n_tokens": n,
+    }
 
 
-def compare_dictionaries(name_a: str, sae_a, name_b: str, sae_b, x_batches: Iterable[torch.Tensor] | None = None,
-                         threshold: float = 0.7) -> dict[str, Any]:
+def compare_dictionaries(
+    name_a: str, sae_a, name_b: str, sae_b, x_batches: Iterable[torch.Tensor] | None = None, threshold: float = 0.7
+) -> dict[str, Any]:
     """MMCS both ways; with activation rows and different widths, the stitching split of the wider one."""
-    out: dict[str, Any] = {"a": name_a, "b": name_b, "mmcs_a_to_b": mmcs(sae_a.W_dec, sae_b.W_dec),
-                           "mmcs_b_to_a": mmcs(sae_b.W_dec, sae_a.W_dec)}
+    out: dict[str, Any] = {
+        "a": name_a,
+        "b": name_b,
+        "mmcs_a_to_b": mmcs(sae_a.W_dec, sae_b.W_dec),
+        "mmcs_b_to_a": mmcs(sae_b.W_dec, sae_a.W_dec),
+    }
     if x_batches is not None and sae_a.W_dec.shape[0] != sae_b.W_dec.shape[0]:
         wide, narrow = (sae_a, sae_b) if sae_a.W_dec.shape[0] > sae_b.W_dec.shape[0] else (sae_b, sae_a)
-        out["stitching"] = {"wide": name_a if wide is sae_a else name_b, **stitching(wide, narrow, x_batches, threshold)}
+        out["stitching"] = {
+            "wide": name_a if wide is sae_a else name_b,
+            **stitching(wide, narrow, x_batches, threshold),
+        }
     return out

@@ -7,9 +7,10 @@ archived next to eval.json, or opened from disk years later and look the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from saeforge.evals import svg
 from saeforge.evals.report import _ROWS
@@ -29,9 +30,10 @@ svg.plot .bar { fill: #1f77b4; } .note { color: #666; font-size: 12px; max-width
 
 
 def _page(title: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _num(v: Any) -> str:
@@ -57,8 +59,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def density_plot(m: dict[str, Any]) -> str:
-    return svg.histogram("density", f"Latent firing frequency ({m['n_tokens']:,} tokens)", "log10(frequency + 1e-10)",
-                         "latents", m["log10_freq_hist_edges"], m["log10_freq_hist_counts"])
+    return svg.histogram(
+        "density",
+        f"Latent firing frequency ({m['n_tokens']:,} tokens)",
+        "log10(frequency + 1e-10)",
+        "latents",
+        m["log10_freq_hist_edges"],
+        m["log10_freq_hist_counts"],
+    )
 
 
 def _mid(bp: dict[str, Any]) -> list[float]:
@@ -71,33 +79,81 @@ def position_plots(entries: Sequence[tuple[str, dict[str, Any]]], trained_contex
     if not with_pos:
         return []
     vline = (trained_context - 0.5, f"trained context {trained_context}") if trained_context else None
-    plots = [svg.line_chart("position-ev", "Explained variance by position", "position in context", "explained variance",
-                            [(n, _mid(bp), bp["explained_variance"]) for n, bp in with_pos], vline)]
+    plots = [
+        svg.line_chart(
+            "position-ev",
+            "Explained variance by position",
+            "position in context",
+            "explained variance",
+            [(n, _mid(bp), bp["explained_variance"]) for n, bp in with_pos],
+            vline,
+        )
+    ]
     if all("ce_score" in bp for _, bp in with_pos):
         series = [(n, _mid(bp), bp["ce_score"]) for n, bp in with_pos]
         if len(with_pos) == 1 and "ce_score_mean" in with_pos[0][1]:
             bp = with_pos[0][1]
-            series = [("vs zero ablation", _mid(bp), bp["ce_score"]), ("vs mean ablation", _mid(bp), bp["ce_score_mean"])]
-        plots.append(svg.line_chart("position-ce", "CE score by position (of the hooked activation)",
-                                    "position in context", "CE score", series, vline))
+            series = [
+                ("vs zero ablation", _mid(bp), bp["ce_score"]),
+                ("vs mean ablation", _mid(bp), bp["ce_score_mean"]),
+            ]
+        plots.append(
+            svg.line_chart(
+                "position-ce",
+                "CE score by position (of the hooked activation)",
+                "position in context",
+                "CE score",
+                series,
+                vline,
+            )
+        )
     return plots
 
 
 def pareto_plots(entries: Sequence[tuple[str, dict[str, Any]]], highlight: int | None = None) -> list[str]:
     labels = [n for n, _ in entries]
-    plots = [svg.scatter("pareto-ev", "L0 vs explained variance", "L0 (latents per token)", "explained variance", labels,
-                         [(m.get("l0", math.nan), m.get("explained_variance", math.nan)) for _, m in entries], highlight)]
+    plots = [
+        svg.scatter(
+            "pareto-ev",
+            "L0 vs explained variance",
+            "L0 (latents per token)",
+            "explained variance",
+            labels,
+            [(m.get("l0", math.nan), m.get("explained_variance", math.nan)) for _, m in entries],
+            highlight,
+        )
+    ]
     if any("ce_score" in m for _, m in entries):
-        plots.append(svg.scatter("pareto-ce", "L0 vs CE score", "L0 (latents per token)", "CE score (vs zero)", labels,
-                                 [(m.get("l0", math.nan), m.get("ce_score", math.nan)) for _, m in entries], highlight))
+        plots.append(
+            svg.scatter(
+                "pareto-ce",
+                "L0 vs CE score",
+                "L0 (latents per token)",
+                "CE score (vs zero)",
+                labels,
+                [(m.get("l0", math.nan), m.get("ce_score", math.nan)) for _, m in entries],
+                highlight,
+            )
+        )
     return plots
 
 
-COMPARE_KEYS = [("d_sae", "latents"), ("l0", "L0"), ("explained_variance", "explained variance"),
-                ("mse", "MSE"), ("shrinkage_gamma", "shrinkage gamma"), ("ce_score", "CE score (vs zero)"),
-                ("ce_score_mean", "CE score (vs mean)"), ("kl_score", "KL score"), ("ce_sae", "CE with SAE"),
-                ("dead_count", "dead"), ("rare_count", "rare (< 1e-5)"), ("dense_count_1pct", "dense (> 1%)"),
-                ("dense_count", "dense (> 10%)"), ("n_tokens", "tokens scored")]
+COMPARE_KEYS = [
+    ("d_sae", "latents"),
+    ("l0", "L0"),
+    ("explained_variance", "explained variance"),
+    ("mse", "MSE"),
+    ("shrinkage_gamma", "shrinkage gamma"),
+    ("ce_score", "CE score (vs zero)"),
+    ("ce_score_mean", "CE score (vs mean)"),
+    ("kl_score", "KL score"),
+    ("ce_sae", "CE with SAE"),
+    ("dead_count", "dead"),
+    ("rare_count", "rare (< 1e-5)"),
+    ("dense_count_1pct", "dense (> 1%)"),
+    ("dense_count", "dense (> 10%)"),
+    ("n_tokens", "tokens scored"),
+]
 
 
 def compare_table(entries: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -108,7 +164,9 @@ def compare_table(entries: Sequence[tuple[str, dict[str, Any]]]) -> str:
         vals = [(m.get(nested[key][0]) or {}).get(nested[key][1]) if key in nested else m.get(key) for _, m in entries]
         if all(v is None for v in vals):
             continue
-        rows.append(f"<tr><td>{escape(label)}</td>" + "".join(f'<td class="num">{_num(v)}</td>' for v in vals) + "</tr>")
+        rows.append(
+            f"<tr><td>{escape(label)}</td>" + "".join(f'<td class="num">{_num(v)}</td>' for v in vals) + "</tr>"
+        )
     return f'<table class="compare"><tr><th>metric</th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -119,53 +177,108 @@ def dictionary_section(pairs: Sequence[dict[str, Any]]) -> list[str]:
     rows = []
     for p in pairs:
         st = p.get("stitching") or {}
-        rows.append("<tr>" + "".join(f'<td class="num">{_num(v)}</td>' for v in [
-            p["a"], p["b"], p["mmcs_a_to_b"], p["mmcs_b_to_a"], st.get("n_reconstruction"), st.get("n_novel"),
-            st.get("mse_narrow"), st.get("mse_plus_reconstruction"), st.get("mse_plus_novel")]) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ["A", "B", "MMCS A&rarr;B", "MMCS B&rarr;A", "wider: reconstruction-like",
-                                             "wider: novel", "MSE narrower", "+ reconstruction-like", "+ novel"])
-    return ["<h2>Dictionaries</h2>", f'<table class="dictionaries"><tr>{head}</tr>{"".join(rows)}</table>',
-            '<p class="note">MMCS: mean over A\'s decoder rows of the max cosine to any of B\'s. Stitching (pairs of '
-            "different widths): the wider SAE's latents split by max decoder cosine to the narrower one "
-            "(reconstruction-like at or above the threshold, novel below); the MSE columns add each group's "
-            "decoded contribution to the narrower SAE's reconstruction.</p>"]
+        rows.append(
+            "<tr>"
+            + "".join(
+                f'<td class="num">{_num(v)}</td>'
+                for v in [
+                    p["a"],
+                    p["b"],
+                    p["mmcs_a_to_b"],
+                    p["mmcs_b_to_a"],
+                    st.get("n_reconstruction"),
+                    st.get("n_novel"),
+                    st.get("mse_narrow"),
+                    st.get("mse_plus_reconstruction"),
+                    st.get("mse_plus_novel"),
+                ]
+            )
+            + "</tr>"
+        )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in [
+            "A",
+            "B",
+            "MMCS A&rarr;B",
+            "MMCS B&rarr;A",
+            "wider: reconstruction-like",
+            "wider: novel",
+            "MSE narrower",
+            "+ reconstruction-like",
+            "+ novel",
+        ]
+    )
+    return [
+        "<h2>Dictionaries</h2>",
+        f'<table class="dictionaries"><tr>{head}</tr>{"".join(rows)}</table>',
+        "<p class=\"note\">MMCS: mean over A's decoder rows of the max cosine to any of B's. Stitching (pairs of "
+        "different widths): the wider SAE's latents split by max decoder cosine to the narrower one "
+        "(reconstruction-like at or above the threshold, novel below); the MSE columns add each group's "
+        "decoded contribution to the narrower SAE's reconstruction.</p>",
+    ]
 
 
-def render_report(name: str, m: dict[str, Any], others: Sequence[tuple[str, dict[str, Any]]] = (),
-                  trained_context: int | None = None, sections: Sequence[str] = ()) -> str:
+def render_report(
+    name: str,
+    m: dict[str, Any],
+    others: Sequence[tuple[str, dict[str, Any]]] = (),
+    trained_context: int | None = None,
+    sections: Sequence[str] = (),
+) -> str:
     """One SAE's page: metrics table, density histogram, per-position curves, and where it sits among ``others``.
 
     ``sections``: further HTML blocks appended at the end (the training curves, evals/curves.py)."""
-    body = [f"<h1>SAE report: {escape(name)}</h1>",
-            f'<p class="note">{escape(str(m.get("model")))} at {escape(str(m.get("hook")))}, held-out text of '
-            f'{escape(str(m.get("corpus")))}, windows of {m.get("context_size")} tokens'
-            + (f" (trained on {trained_context})" if trained_context else "") + ".</p>",
-            "<h2>Metrics</h2>", _table(metrics_rows(m)),
-            "<h2>Feature density</h2>", '<div class="plots">', density_plot(m), "</div>",
-            f'<p class="note">dead {m.get("dead_count")}, rare (&lt; 1e-5, fired) {m.get("rare_count")}'
-            + ("" if m.get("rare_resolvable", True) else " (not resolvable at this token count)")
-            + f', dense &gt; 1% {m.get("dense_count_1pct")}, dense &gt; 10% {m.get("dense_count")} of {m.get("d_sae")}.</p>']
+    body = [
+        f"<h1>SAE report: {escape(name)}</h1>",
+        f'<p class="note">{escape(str(m.get("model")))} at {escape(str(m.get("hook")))}, held-out text of '
+        f"{escape(str(m.get('corpus')))}, windows of {m.get('context_size')} tokens"
+        + (f" (trained on {trained_context})" if trained_context else "")
+        + ".</p>",
+        "<h2>Metrics</h2>",
+        _table(metrics_rows(m)),
+        "<h2>Feature density</h2>",
+        '<div class="plots">',
+        density_plot(m),
+        "</div>",
+        f'<p class="note">dead {m.get("dead_count")}, rare (&lt; 1e-5, fired) {m.get("rare_count")}'
+        + ("" if m.get("rare_resolvable", True) else " (not resolvable at this token count)")
+        + f", dense &gt; 1% {m.get('dense_count_1pct')}, dense &gt; 10% {m.get('dense_count')} of {m.get('d_sae')}.</p>",
+    ]
     pos = position_plots([(name, m)], trained_context)
     if pos:
         body += ["<h2>By position in the context</h2>", '<div class="plots">', *pos, "</div>"]
     if others:
         entries = [(name, m), *others]
-        body += ["<h2>Against other SAEs</h2>", '<div class="plots">', *pareto_plots(entries, highlight=0), "</div>",
-                 compare_table(entries)]
+        body += [
+            "<h2>Against other SAEs</h2>",
+            '<div class="plots">',
+            *pareto_plots(entries, highlight=0),
+            "</div>",
+            compare_table(entries),
+        ]
     body += dictionary_section(m.get("dictionaries", []))
     body += sections
     return _page(f"SAE report: {name}", body)
 
 
-def render_compare(entries: Sequence[tuple[str, dict[str, Any]]], pairs: Sequence[dict[str, Any]] = (),
-                   trained_context: int | None = None) -> str:
+def render_compare(
+    entries: Sequence[tuple[str, dict[str, Any]]],
+    pairs: Sequence[dict[str, Any]] = (),
+    trained_context: int | None = None,
+) -> str:
     """Several SAEs scored on the same held-out tokens: table, Pareto plots, per-position curves, dictionaries."""
     first = entries[0][1]
-    body = [f"<h1>SAE comparison ({len(entries)} SAEs)</h1>",
-            f'<p class="note">{escape(str(first.get("model")))}, held-out text of {escape(str(first.get("corpus")))}: '
-            "every SAE scored on the same windows.</p>",
-            compare_table(entries), "<h2>Sparsity vs fidelity</h2>", '<div class="plots">', *pareto_plots(entries),
-            "</div>"]
+    body = [
+        f"<h1>SAE comparison ({len(entries)} SAEs)</h1>",
+        f'<p class="note">{escape(str(first.get("model")))}, held-out text of {escape(str(first.get("corpus")))}: '
+        "every SAE scored on the same windows.</p>",
+        compare_table(entries),
+        "<h2>Sparsity vs fidelity</h2>",
+        '<div class="plots">',
+        *pareto_plots(entries),
+        "</div>",
+    ]
     pos = position_plots(entries, trained_context)
     if pos:
         body += ["<h2>By position in the context</h2>", '<div class="plots">', *pos, "</div>"]

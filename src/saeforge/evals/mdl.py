@@ -44,8 +44,13 @@ def _bin_index(f_NF: torch.Tensor, lo_F: torch.Tensor, width_F: torch.Tensor, n:
 
 
 @torch.inference_mode()
-def description_length(sae, x_ND: torch.Tensor, epsilon: float | None = None, mse_tolerance: float = 0.05,
-                       bin_counts: list[int] = BIN_COUNTS) -> dict[str, Any]:
+def description_length(
+    sae,
+    x_ND: torch.Tensor,
+    epsilon: float | None = None,
+    mse_tolerance: float = 0.05,
+    bin_counts: list[int] = BIN_COUNTS,
+) -> dict[str, Any]:
     """DL in bits per token of ``sae``'s code on the rows ``x_ND``; see the module docstring."""
     N = x_ND.shape[0]
     if N == 0:
@@ -62,7 +67,10 @@ def description_length(sae, x_ND: torch.Tensor, epsilon: float | None = None, ms
         if count_F is None:
             F = f.shape[1]
             count_F = torch.zeros(F, dtype=torch.float64)
-            lo_F, hi_F = torch.full((F,), math.inf, dtype=torch.float64), torch.full((F,), -math.inf, dtype=torch.float64)
+            lo_F, hi_F = (
+                torch.full((F,), math.inf, dtype=torch.float64),
+                torch.full((F,), -math.inf, dtype=torch.float64),
+            )
         count_F += nz.sum(0)
         lo_F = torch.minimum(lo_F, torch.where(nz, f, math.inf).amin(0))
         hi_F = torch.maximum(hi_F, torch.where(nz, f, -math.inf).amax(0))

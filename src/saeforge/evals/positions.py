@@ -42,8 +42,10 @@ class PositionStats:
     def update(self, x_STD: torch.Tensor, x_hat_STD: torch.Tensor, keep_ST: torch.Tensor) -> None:
         """Add S windows; rows where ``keep_ST`` is False (BOS, padding, special tokens) are skipped."""
         if x_STD.shape[1:] != (self.T, self.d_in) or x_hat_STD.shape != x_STD.shape or keep_ST.shape != x_STD.shape[:2]:
-            raise ValueError(f"PositionStats(T={self.T}, d_in={self.d_in}) got x {tuple(x_STD.shape)}, x_hat "
-                             f"{tuple(x_hat_STD.shape)}, keep {tuple(keep_ST.shape)}; expected [S, T, D] and [S, T]")
+            raise ValueError(
+                f"PositionStats(T={self.T}, d_in={self.d_in}) got x {tuple(x_STD.shape)}, x_hat "
+                f"{tuple(x_hat_STD.shape)}, keep {tuple(keep_ST.shape)}; expected [S, T, D] and [S, T]"
+            )
         w_ST1 = keep_ST.to("cpu", torch.float64)[..., None]
         x = x_STD.detach().to("cpu", torch.float64) * w_ST1
         x_hat = x_hat_STD.detach().to("cpu", torch.float64) * w_ST1
@@ -102,8 +104,12 @@ def by_position(pos: PositionStats, ce_sums: dict[str, list[float]] | None, n_bu
     """The ``by_position`` block of eval.json: bucket bounds, EV per bucket, CE per bucket when measured."""
     buckets = position_buckets(pos.T, n_buckets)
     rows, evs = pos.bucket_ev(buckets)
-    out: dict[str, Any] = {"start": [a for a, _ in buckets], "end": [b for _, b in buckets],
-                           "rows": rows, "explained_variance": evs}
+    out: dict[str, Any] = {
+        "start": [a for a, _ in buckets],
+        "end": [b for _, b in buckets],
+        "rows": rows,
+        "explained_variance": evs,
+    }
     if ce_sums is not None:
         out.update(ce_by_bucket(ce_sums, buckets))
     return out

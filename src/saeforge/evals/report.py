@@ -19,21 +19,22 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from saeforge.config import ConfigError, DataConfig, EvalConfig
+from saeforge.data import excluded_mask, iter_documents, pack_windows, split_documents
+from saeforge.evals.mdl import description_length
 from saeforge.evals.metrics import ReconstructionStats
 from saeforge.evals.positions import PositionStats, by_position
 from saeforge.evals.splice import run_sae, spliced_ce_kl
-from saeforge.data import iter_documents, pack_windows, split_documents, excluded_mask
-from saeforge.models.hooks import capture, resolve_hook
 from saeforge.io import atomic_write_text
-from saeforge.evals.mdl import description_length
+from saeforge.models.hooks import capture, resolve_hook
 
 
 def _sae_d_in(sae: object) -> int | None:
@@ -43,8 +44,9 @@ def _sae_d_in(sae: object) -> int | None:
     return None if d_in is None else int(d_in)
 
 
-def check_width(sae: object, width: int, hook_name: str, model_name: str, out_width: int | None = None,
-                hook_out_name: str = "") -> None:
+def check_width(
+    sae: object, width: int, hook_name: str, model_name: str, out_width: int | None = None, hook_out_name: str = ""
+) -> None:
     """Raise a ValueError naming both widths when the SAE cannot read this hook's activations.
 
     ``out_width`` / ``hook_out_name``: the output hook of a transcoder (None: the SAE must be a plain SAE).
@@ -63,8 +65,10 @@ def check_width(sae: object, width: int, hook_name: str, model_name: str, out_wi
             "its output hook (--model.hook_out; its cfg.json metadata has hook_name_out)"
         )
     if out_width is not None and not transcoder:
-        raise ConfigError(f"hook_out={hook_out_name!r} was given, but this SAE reconstructs its own input "
-                         "(cfg.json has no d_out): drop --model.hook_out")
+        raise ConfigError(
+            f"hook_out={hook_out_name!r} was given, but this SAE reconstructs its own input "
+            "(cfg.json has no d_out): drop --model.hook_out"
+        )
     if out_width is not None and sae.d_out != out_width:
         raise ConfigError(
             f"the transcoder predicts width d_out={sae.d_out}, but its output hook {hook_out_name!r} of model "
@@ -96,8 +100,16 @@ class ReconstructionPass:
 
 @torch.inference_mode()
 def reconstruction_stats(
-    lm, hook, sae, windows_T: Iterable[torch.Tensor], data_cfg: DataConfig, eval_cfg: EvalConfig,
-    progress: bool = False, total_windows: int | None = None, keep_rows: int = 0, hook_out=None,
+    lm,
+    hook,
+    sae,
+    windows_T: Iterable[torch.Tensor],
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    progress: bool = False,
+    total_windows: int | None = None,
+    keep_rows: int = 0,
+    hook_out=None,
 ) -> ReconstructionPass:
     """Stream windows through the LM and the SAE: whole-set and per-position float64 sums (SAE in float32).
 
@@ -111,15 +123,26 @@ def reconstruction_stats(
     kept: list[torch.Tensor] = []
     n_kept = n_windows = 0
     total = None if total_windows is None else math.ceil(total_windows / eval_cfg.batch_size)
-    for tokens_ST in tqdm(_batches(windows_T, eval_cfg.batch_size), total=total, desc="reconstruction",
-                          unit="batch", disable=None if progress else True):
+    for tokens_ST in tqdm(
+        _batches(windows_T, eval_cfg.batch_size),
+        total=total,
+        desc="reconstruction",
+        unit="batch",
+        disable=None if progress else True,
+    ):
         acts = capture(lm.model, [hook] if hook_out is None else [hook, hook_out], tokens_ST)
         x_in_STD = acts[hook.name]
         x_STD = x_in_STD if hook_out is None else acts[hook_out.name]  # what is reconstructed
         keep_ST = ~excluded_mask(tokens_ST, lm.tokenizer, data_cfg).to(x_STD.device)
         if stats is None:
-            check_width(sae, x_in_STD.shape[-1], hook.name, lm.name, None if hook_out is None else x_STD.shape[-1],
-                        "" if hook_out is None else hook_out.name)
+            check_width(
+                sae,
+                x_in_STD.shape[-1],
+                hook.name,
+                lm.name,
+                None if hook_out is None else x_STD.shape[-1],
+                "" if hook_out is None else hook_out.name,
+            )
         x_ND = x_STD[keep_ST].float()
         f_NF, x_hat_ND = run_sae(sae, x_ND if hook_out is None else x_in_STD[keep_ST].float())
         if stats is None:
@@ -139,8 +162,16 @@ def reconstruction_stats(
 
 
 def evaluate(
-    lm, hook_point, sae, data_cfg: DataConfig, eval_cfg: EvalConfig, progress: bool = True, mean_ablation: bool = True,
-    mdl_tokens: int = 0, position_buckets: int = 16, hook_out=None,
+    lm,
+    hook_point,
+    sae,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    progress: bool = True,
+    mean_ablation: bool = True,
+    mdl_tokens: int = 0,
+    position_buckets: int = 16,
+    hook_out=None,
 ) -> dict[str, Any]:
     """All eval metrics for ``sae`` at ``hook_point`` (a name or HookPoint) of ``lm`` (a LoadedModel).
 
@@ -167,8 +198,18 @@ def evaluate(
             "corpus, a larger data.holdout_fraction, or a smaller data.context_size"
         )
 
-    rp = reconstruction_stats(lm, hook, sae, islice(heldout_windows(lm, data_cfg), n_recon), data_cfg, eval_cfg,
-                              progress, total_windows=n_recon, keep_rows=mdl_tokens, hook_out=out)
+    rp = reconstruction_stats(
+        lm,
+        hook,
+        sae,
+        islice(heldout_windows(lm, data_cfg), n_recon),
+        data_cfg,
+        eval_cfg,
+        progress,
+        total_windows=n_recon,
+        keep_rows=mdl_tokens,
+        hook_out=out,
+    )
     recon = rp.stats.result()
     metrics: dict[str, Any] = {
         "model": lm.name,
@@ -185,13 +226,23 @@ def evaluate(
     ce_sums = None
     n_available = rp.n_windows
     if n_ce > 0:
-        pairs = ((tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg))
-                 for tok_ST in _batches(islice(heldout_windows(lm, data_cfg), n_ce), eval_cfg.batch_size))
+        pairs = (
+            (tok_ST, excluded_mask(tok_ST, lm.tokenizer, data_cfg))
+            for tok_ST in _batches(islice(heldout_windows(lm, data_cfg), n_ce), eval_cfg.batch_size)
+        )
         # The mean over the scored eval tokens: the standard "mean ablation" baseline.
         mean_x_D = recon["mean_x"].float() if mean_ablation else None
-        ce = spliced_ce_kl(lm.model, hook if out is None else out, sae, pairs, mean_x_D=mean_x_D, progress=progress,
-                           total=math.ceil(n_ce / eval_cfg.batch_size), by_position=True,
-                           hook_in=None if out is None else hook)
+        ce = spliced_ce_kl(
+            lm.model,
+            hook if out is None else out,
+            sae,
+            pairs,
+            mean_x_D=mean_x_D,
+            progress=progress,
+            total=math.ceil(n_ce / eval_cfg.batch_size),
+            by_position=True,
+            hook_in=None if out is None else hook,
+        )
         ce_sums = ce.pop("ce_by_position")
         metrics.update(ce)
         n_available = max(n_available, ce["ce_n_sequences"])
@@ -210,6 +261,7 @@ def evaluate(
 
 # ---------------------------------------------------------------- presentation
 
+
 def _pct(m: dict[str, Any], key: str) -> str:
     return f"{m[key]:.2%}"
 
@@ -220,30 +272,57 @@ _ROWS: list[tuple[str, str, Any]] = [
     ("hook", "hook", str),
     ("output hook (transcoder)", "hook_out", str),
     ("corpus (held-out part)", "corpus", str),
-    ("tokens scored (reconstruction)", "n_tokens",
-     lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)"),
+    (
+        "tokens scored (reconstruction)",
+        "n_tokens",
+        lambda m: f"{m['n_tokens']:,} in {m['n_windows']} windows (excluded positions dropped)",
+    ),
     ("explained variance", "explained_variance", lambda m: f"{m['explained_variance']:.4f}"),
     ("L0", "l0", lambda m: f"{m['l0']:.2f}"),
     ("MSE (sum over d_in)", "mse", lambda m: f"{m['mse']:.6g}"),
     ("MSE per element", "mse_per_element", lambda m: f"{m['mse_per_element']:.6g}"),
     ("shrinkage gamma", "shrinkage_gamma", lambda m: f"{m['shrinkage_gamma']:.4f}"),
-    ("dead latents", "dead_fraction",
-     lambda m: f"{m['dead_fraction']:.2%} ({m['dead_count']}/{m['d_sae']}, never fired in {m['n_tokens']:,} tokens)"),
-    ("dense latents (> threshold)", "dense_fraction",
-     lambda m: f"{m['dense_fraction']:.2%} (fire on > {m['dense_threshold']:.0%} of tokens)"),
+    (
+        "dead latents",
+        "dead_fraction",
+        lambda m: f"{m['dead_fraction']:.2%} ({m['dead_count']}/{m['d_sae']}, never fired in {m['n_tokens']:,} tokens)",
+    ),
+    (
+        "dense latents (> threshold)",
+        "dense_fraction",
+        lambda m: f"{m['dense_fraction']:.2%} (fire on > {m['dense_threshold']:.0%} of tokens)",
+    ),
     ("dense latents (> 1%)", "dense_fraction_1pct", lambda m: _pct(m, "dense_fraction_1pct")),
-    ("latent counts", "rare_count",
-     lambda m: f"dead {m['dead_count']}, rare (< 1e-5, fired) {m['rare_count']}"
-               + ("" if m["rare_resolvable"] else " [needs > 1e5 tokens]")
-               + f", dense > 1% {m['dense_count_1pct']}, dense > {m['dense_threshold']:.0%} {m['dense_count']}"),
-    ("first-letter absorption", "absorption",
-     lambda m: m["absorption"].get("error") or (
-         f"{m['absorption']['absorption_rate']:.4f} (miss rate {m['absorption']['miss_rate']:.4f}, probe accuracy "
-         f"{m['absorption']['probe_test_accuracy']:.3f}, {m['absorption']['n_tokens']} tokens)")),
-    ("MDL description length", "mdl",
-     lambda m: f"{m['mdl']['dl_bits']:.4g} bits/token ({m['mdl']['n_bins']} bins, {m['mdl']['n_tokens']:,} tokens)"),
-    ("predictions scored (CE/KL)", "ce_n_predictions",
-     lambda m: f"{m['ce_n_predictions']:,} in {m['ce_n_sequences']} windows"),
+    (
+        "latent counts",
+        "rare_count",
+        lambda m: (
+            f"dead {m['dead_count']}, rare (< 1e-5, fired) {m['rare_count']}"
+            + ("" if m["rare_resolvable"] else " [needs > 1e5 tokens]")
+            + f", dense > 1% {m['dense_count_1pct']}, dense > {m['dense_threshold']:.0%} {m['dense_count']}"
+        ),
+    ),
+    (
+        "first-letter absorption",
+        "absorption",
+        lambda m: (
+            m["absorption"].get("error")
+            or (
+                f"{m['absorption']['absorption_rate']:.4f} (miss rate {m['absorption']['miss_rate']:.4f}, probe accuracy "
+                f"{m['absorption']['probe_test_accuracy']:.3f}, {m['absorption']['n_tokens']} tokens)"
+            )
+        ),
+    ),
+    (
+        "MDL description length",
+        "mdl",
+        lambda m: f"{m['mdl']['dl_bits']:.4g} bits/token ({m['mdl']['n_bins']} bins, {m['mdl']['n_tokens']:,} tokens)",
+    ),
+    (
+        "predictions scored (CE/KL)",
+        "ce_n_predictions",
+        lambda m: f"{m['ce_n_predictions']:,} in {m['ce_n_sequences']} windows",
+    ),
     ("CE clean", "ce_clean", lambda m: f"{m['ce_clean']:.4f}"),
     ("CE with SAE", "ce_sae", lambda m: f"{m['ce_sae']:.4f}"),
     ("CE zero-ablated", "ce_zero", lambda m: f"{m['ce_zero']:.4f}"),
@@ -260,7 +339,9 @@ _ROWS: list[tuple[str, str, Any]] = [
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A plain two-column text table (metric, value) of whatever ``metrics`` holds."""
-    rows = [(label, fmt(metrics) if fmt is not str else str(metrics[key])) for label, key, fmt in _ROWS if key in metrics]
+    rows = [
+        (label, fmt(metrics) if fmt is not str else str(metrics[key])) for label, key, fmt in _ROWS if key in metrics
+    ]
     width = max(len("metric"), *(len(label) for label, _ in rows))
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 5}"]
     lines += [f"{label:<{width}}  {value}" for label, value in rows]

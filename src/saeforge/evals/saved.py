@@ -14,14 +14,14 @@ import re
 from pathlib import Path
 
 from saeforge.config import ConfigError, DataConfig, EvalSetup
-from saeforge.evals.setup import eval_setup_for
-from saeforge.evals.report import evaluate, write_eval_json
-from saeforge.models import load_model, resolve_hook
-from saeforge.saes.formats import load_sae
 from saeforge.evals.absorption import first_letter_absorption
 from saeforge.evals.compare import compare_saved, sae_label, trained_context
 from saeforge.evals.curves import sae_training_section
 from saeforge.evals.html import render_report, write_html
+from saeforge.evals.report import evaluate, write_eval_json
+from saeforge.evals.setup import eval_setup_for
+from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import load_sae
 
 
 def trained_corpus(sae_dir: str | Path) -> str:
@@ -55,8 +55,10 @@ def eval_paths(sae_dir: str | Path, corpus: str, out: str | Path | None = None) 
     if out is not None:
         out = Path(out)
         if out.suffix == ".html":
-            raise ConfigError(f"--out {out}: name the JSON file (e.g. {out.with_suffix('.json')}); "
-                              "the --report page is written beside it with the .html suffix")
+            raise ConfigError(
+                f"--out {out}: name the JSON file (e.g. {out.with_suffix('.json')}); "
+                "the --report page is written beside it with the .html suffix"
+            )
         return out, out.with_suffix(".html")
     sae_dir = Path(sae_dir)
     if _same_corpus(corpus, trained_corpus(sae_dir)):
@@ -65,9 +67,16 @@ def eval_paths(sae_dir: str | Path, corpus: str, out: str | Path | None = None) 
     return sae_dir / f"eval.{slug}.json", sae_dir / f"report.{slug}.html"
 
 
-def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None, progress: bool = True,
-                   lm=None, report: bool = False, compare: list[str | Path] | None = None,
-                   mdl_tokens: int = 8192, out: str | Path | None = None) -> tuple[dict, list[Path]]:
+def evaluate_saved(
+    sae_dir: str | Path,
+    overrides: dict[str, dict] | None = None,
+    progress: bool = True,
+    lm=None,
+    report: bool = False,
+    compare: list[str | Path] | None = None,
+    mdl_tokens: int = 8192,
+    out: str | Path | None = None,
+) -> tuple[dict, list[Path]]:
     """Load the SAE and its model, evaluate on held-out text, write the eval JSON; returns (metrics, files written).
 
     The JSON is SAE_DIR/eval.json on the SAE's own corpus, SAE_DIR/eval.<slug>.json on another, or ``out``
@@ -89,16 +98,30 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
         sae = load_sae(sae_dir, device=str(lm.device))
         hook_point = resolve_hook(lm.model, cfg.model.hook)
         hook_out = resolve_hook(lm.model, cfg.model.hook_out) if cfg.model.hook_out else None
-        metrics = evaluate(lm, hook_point, sae, cfg.data, cfg.eval, progress=progress,
-                           mean_ablation=cfg.eval.mean_ablation, mdl_tokens=mdl_tokens, hook_out=hook_out)
+        metrics = evaluate(
+            lm,
+            hook_point,
+            sae,
+            cfg.data,
+            cfg.eval,
+            progress=progress,
+            mean_ablation=cfg.eval.mean_ablation,
+            mdl_tokens=mdl_tokens,
+            hook_out=hook_out,
+        )
     if report:
-        metrics["absorption"] = (_absorption(lm, cfg, sae_dir) if not cfg.model.hook_out else
-                                 {"error": "first-letter absorption is defined for SAEs of one hook, not transcoders"})
+        metrics["absorption"] = (
+            _absorption(lm, cfg, sae_dir)
+            if not cfg.model.hook_out
+            else {"error": "first-letter absorption is defined for SAEs of one hook, not transcoders"}
+        )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     written = [write_eval_json(metrics, json_path.parent, json_path.name)]
     if report:
-        write_html(render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir),
-                                 sae_training_section(sae_dir)), html_path)
+        write_html(
+            render_report(sae_label(sae_dir), metrics, others, trained_context(sae_dir), sae_training_section(sae_dir)),
+            html_path,
+        )
         written.append(html_path)
     return metrics, written
 
@@ -106,6 +129,8 @@ def evaluate_saved(sae_dir: str | Path, overrides: dict[str, dict] | None = None
 def _absorption(lm, cfg: EvalSetup, sae_dir: str | Path) -> dict:
     """First-letter absorption, or {"error": why} when the vocabulary has too few single-word tokens."""
     try:
-        return first_letter_absorption(lm, resolve_hook(lm.model, cfg.model.hook), load_sae(sae_dir, device=str(lm.device)))
+        return first_letter_absorption(
+            lm, resolve_hook(lm.model, cfg.model.hook), load_sae(sae_dir, device=str(lm.device))
+        )
     except ValueError as e:
         return {"error": str(e)}

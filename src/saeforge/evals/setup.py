@@ -18,17 +18,28 @@ def eval_setup_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None
     """The model, corpus split and eval budgets of the run that made ``sae_dir``, with ``overrides`` over them."""
     path = Path(sae_dir) / "cfg.json"
     if not path.exists():
-        raise ConfigError(f"{sae_dir} is not an SAE folder (no cfg.json); pass the folder that `saeforge train` "
-                          "printed (runs/NAME/sae)")
+        raise ConfigError(
+            f"{sae_dir} is not an SAE folder (no cfg.json); pass the folder that `saeforge train` "
+            "printed (runs/NAME/sae)"
+        )
     meta = json.loads(path.read_text()).get("metadata", {}) or {}
     base = meta.get("saeforge_config")
     if base is None:
         model = {"name": meta.get("model_name", ""), "hook": meta.get("hook_name", "")}
         if meta.get("hook_name_out"):  # a SAELens transcoder
             model["hook_out"] = meta["hook_name_out"]
-        base = {"model": model,
-                "data": {k: v for k, v in {"context_size": meta.get("context_size"), "corpus": meta.get("dataset_path"),
-                                            "prepend_bos": meta.get("prepend_bos")}.items() if v is not None}}
+        base = {
+            "model": model,
+            "data": {
+                k: v
+                for k, v in {
+                    "context_size": meta.get("context_size"),
+                    "corpus": meta.get("dataset_path"),
+                    "prepend_bos": meta.get("prepend_bos"),
+                }.items()
+                if v is not None
+            },
+        }
     d = {k: dict(v) for k, v in base.items() if k in EvalSetup.SECTIONS}
     for section, values in (overrides or {}).items():
         d.setdefault(section, {}).update(values)

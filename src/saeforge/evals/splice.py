@@ -33,8 +33,9 @@ tensors [S, T, V] in the model's dtype (the clean one and the current variant's)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -224,8 +225,10 @@ def spliced_ce_kl(
             pos = {k: torch.zeros(tokens_ST.shape[1], dtype=torch.float64) for k in ["n", "clean", *variants]}
         if by_position:
             if pos["n"].shape[0] != tokens_ST.shape[1]:
-                raise ValueError("spliced_ce_kl(by_position=True) needs windows of one length; got "
-                                 f"{pos['n'].shape[0]} then {tokens_ST.shape[1]}")
+                raise ValueError(
+                    "spliced_ce_kl(by_position=True) needs windows of one length; got "
+                    f"{pos['n'].shape[0]} then {tokens_ST.shape[1]}"
+                )
             pos["n"].index_add_(0, t_idx.cpu(), torch.ones(len(t_idx), dtype=torch.float64))
         logits_clean_STV = model(input_ids=tokens_ST, use_cache=False).logits
         for i, (name, replacement) in enumerate(variants.items()):
@@ -236,8 +239,9 @@ def spliced_ce_kl(
                 logits_new_STV = model(input_ids=tokens_ST, use_cache=False).logits
             # The clean per-position sum is the same for every variant: collect it with the first only.
             clean_T = (pos["clean"] if i == 0 else torch.zeros_like(pos["clean"])) if by_position else None
-            ce_clean, ce_new, kl = _ce_kl_sums(logits_clean_STV, logits_new_STV, s_idx, t_idx, targets_N,
-                                               clean_T, pos.get(name))
+            ce_clean, ce_new, kl = _ce_kl_sums(
+                logits_clean_STV, logits_new_STV, s_idx, t_idx, targets_N, clean_T, pos.get(name)
+            )
             del logits_new_STV  # free before the next variant's forward: peak stays at two logits tensors
             sums[f"ce_{name}"] += ce_new
             sums[f"kl_{name}"] += kl

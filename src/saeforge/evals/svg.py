@@ -9,8 +9,8 @@ Non-finite values (NaN metrics) are skipped, never drawn at a made-up place.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 W, H = 560, 320
 ML, MR, MT, MB = 64, 16, 34, 46  # margins: left (y ticks), right, top (title), bottom (x ticks + label)
@@ -54,20 +54,28 @@ class _Axes:
         return H - MB - (y - self.y0) / ((self.y1 - self.y0) or 1) * (H - MT - MB)
 
     def frame(self, name: str, title: str, xlabel: str, ylabel: str) -> list[str]:
-        out = [f'<svg class="plot" data-plot="{escape(name)}" xmlns="http://www.w3.org/2000/svg" '
-               f'viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{escape(title)}">',
-               f'<text x="{W / 2}" y="20" text-anchor="middle" class="title">{escape(title)}</text>']
+        out = [
+            f'<svg class="plot" data-plot="{escape(name)}" xmlns="http://www.w3.org/2000/svg" '
+            f'viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{escape(title)}">',
+            f'<text x="{W / 2}" y="20" text-anchor="middle" class="title">{escape(title)}</text>',
+        ]
         for t in self.xt:
             x = self.px(t)
-            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="grid"/>'
-                       f'<text x="{x:.1f}" y="{H - MB + 16}" text-anchor="middle">{_fmt(t)}</text>')
+            out.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="grid"/>'
+                f'<text x="{x:.1f}" y="{H - MB + 16}" text-anchor="middle">{_fmt(t)}</text>'
+            )
         for t in self.yt:
             y = self.py(t)
-            out.append(f'<line x1="{ML}" x2="{W - MR}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                       f'<text x="{ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+            out.append(
+                f'<line x1="{ML}" x2="{W - MR}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                f'<text x="{ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>'
+            )
         out.append(f'<text x="{(ML + W - MR) / 2}" y="{H - 8}" text-anchor="middle">{escape(xlabel)}</text>')
-        out.append(f'<text transform="translate(14 {(MT + H - MB) / 2}) rotate(-90)" text-anchor="middle">'
-                   f'{escape(ylabel)}</text>')
+        out.append(
+            f'<text transform="translate(14 {(MT + H - MB) / 2}) rotate(-90)" text-anchor="middle">'
+            f"{escape(ylabel)}</text>"
+        )
         return out
 
 
@@ -75,17 +83,25 @@ def _legend(labels: Sequence[str]) -> list[str]:
     out = []
     for i, label in enumerate(labels):
         y = MT + 6 + 14 * i
-        out.append(f'<rect x="{W - MR - 150}" y="{y - 8}" width="10" height="10" fill="{COLOURS[i % len(COLOURS)]}"/>'
-                   f'<text x="{W - MR - 136}" y="{y + 1}" class="legend">{escape(label[:24])}</text>')
+        out.append(
+            f'<rect x="{W - MR - 150}" y="{y - 8}" width="10" height="10" fill="{COLOURS[i % len(COLOURS)]}"/>'
+            f'<text x="{W - MR - 136}" y="{y + 1}" class="legend">{escape(label[:24])}</text>'
+        )
     return out
 
 
-def line_chart(name: str, title: str, xlabel: str, ylabel: str,
-               series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
-               vline: tuple[float, str] | None = None) -> str:
+def line_chart(
+    name: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    vline: tuple[float, str] | None = None,
+) -> str:
     """One polyline per (label, xs, ys); a gap wherever y is not finite; optional labelled vertical line."""
-    ax = _Axes([x for _, xs, _ in series for x in xs] + ([vline[0]] if vline else []),
-               [y for _, _, ys in series for y in ys])
+    ax = _Axes(
+        [x for _, xs, _ in series for x in xs] + ([vline[0]] if vline else []), [y for _, _, ys in series for y in ys]
+    )
     out = ax.frame(name, title, xlabel, ylabel)
     for i, (label, xs, ys) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
@@ -101,13 +117,17 @@ def line_chart(name: str, title: str, xlabel: str, ylabel: str,
                 pts = " ".join(f"{ax.px(x):.1f},{ax.py(y):.1f}" for x, y in r)
                 out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
             for x, y in r:
-                out.append(f'<circle cx="{ax.px(x):.1f}" cy="{ax.py(y):.1f}" r="3" fill="{colour}" '
-                           f'data-series="{escape(label)}" data-x="{x!r}" data-y="{y!r}"><title>{escape(label)}: '
-                           f'{_fmt(x)}, {_fmt(y)}</title></circle>')
+                out.append(
+                    f'<circle cx="{ax.px(x):.1f}" cy="{ax.py(y):.1f}" r="3" fill="{colour}" '
+                    f'data-series="{escape(label)}" data-x="{x!r}" data-y="{y!r}"><title>{escape(label)}: '
+                    f"{_fmt(x)}, {_fmt(y)}</title></circle>"
+                )
     if vline is not None:
         x = ax.px(vline[0])
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="vline"/>'
-                   f'<text x="{x + 4:.1f}" y="{H - MB - 6}" class="legend">{escape(vline[1])}</text>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="vline"/>'
+            f'<text x="{x + 4:.1f}" y="{H - MB - 6}" class="legend">{escape(vline[1])}</text>'
+        )
     if len(series) > 1:
         out += _legend([s[0] for s in series])
     return "\n".join(out + ["</svg>"])
@@ -119,22 +139,36 @@ def histogram(name: str, title: str, xlabel: str, ylabel: str, edges: Sequence[f
     out = ax.frame(name, title, xlabel, ylabel)
     for a, b, c in zip(edges[:-1], edges[1:], counts):
         x0, x1, y = ax.px(a), ax.px(b), ax.py(c)
-        out.append(f'<rect class="bar" x="{x0 + 1:.1f}" y="{y:.1f}" width="{max(0.5, x1 - x0 - 2):.1f}" '
-                   f'height="{ax.py(0) - y:.1f}" data-x="{a!r}" data-y="{c}"><title>[{_fmt(a)}, {_fmt(b)}): '
-                   f'{c}</title></rect>')
+        out.append(
+            f'<rect class="bar" x="{x0 + 1:.1f}" y="{y:.1f}" width="{max(0.5, x1 - x0 - 2):.1f}" '
+            f'height="{ax.py(0) - y:.1f}" data-x="{a!r}" data-y="{c}"><title>[{_fmt(a)}, {_fmt(b)}): '
+            f"{c}</title></rect>"
+        )
     return "\n".join(out + ["</svg>"])
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats (lower x = sparser, higher y = better), sorted by x."""
     idx = [i for i, (x, y) in enumerate(points) if _finite(x) and _finite(y)]
-    front = [i for i in idx if not any(points[j][0] <= points[i][0] and points[j][1] >= points[i][1]
-                                       and points[j] != points[i] for j in idx)]
+    front = [
+        i
+        for i in idx
+        if not any(
+            points[j][0] <= points[i][0] and points[j][1] >= points[i][1] and points[j] != points[i] for j in idx
+        )
+    ]
     return sorted(front, key=lambda i: points[i][0])
 
 
-def scatter(name: str, title: str, xlabel: str, ylabel: str, labels: Sequence[str],
-            points: Sequence[tuple[float, float]], highlight: int | None = None) -> str:
+def scatter(
+    name: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    labels: Sequence[str],
+    points: Sequence[tuple[float, float]],
+    highlight: int | None = None,
+) -> str:
     """Labelled points with the Pareto front (sparser and better) joined by a line; ``highlight`` ringed."""
     ax = _Axes([p[0] for p in points], [p[1] for p in points])
     out = ax.frame(name, title, xlabel, ylabel)
@@ -147,8 +181,10 @@ def scatter(name: str, title: str, xlabel: str, ylabel: str, labels: Sequence[st
             continue
         colour = COLOURS[i % len(COLOURS)]
         ring = ' stroke="#000" stroke-width="2"' if i == highlight else ""
-        out.append(f'<circle cx="{ax.px(x):.1f}" cy="{ax.py(y):.1f}" r="{6 if i == highlight else 5}" fill="{colour}"'
-                   f'{ring} data-series="{escape(label)}" data-x="{x!r}" data-y="{y!r}"><title>{escape(label)}: '
-                   f'{_fmt(x)}, {_fmt(y)}</title></circle>'
-                   f'<text x="{ax.px(x) + 8:.1f}" y="{ax.py(y) - 6:.1f}" class="legend">{escape(label[:24])}</text>')
+        out.append(
+            f'<circle cx="{ax.px(x):.1f}" cy="{ax.py(y):.1f}" r="{6 if i == highlight else 5}" fill="{colour}"'
+            f'{ring} data-series="{escape(label)}" data-x="{x!r}" data-y="{y!r}"><title>{escape(label)}: '
+            f"{_fmt(x)}, {_fmt(y)}</title></circle>"
+            f'<text x="{ax.px(x) + 8:.1f}" y="{ax.py(y) - 6:.1f}" class="legend">{escape(label[:24])}</text>'
+        )
     return "\n".join(out + ["</svg>"])

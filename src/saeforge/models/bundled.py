@@ -48,7 +48,9 @@ def gguf_path(name: str = "smollm2-135m") -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise ModelLoadError(f"{package} is installed but {path} is missing; reinstall it: `{_INSTALL_HINT} --force-reinstall`")
+        raise ModelLoadError(
+            f"{package} is installed but {path} is missing; reinstall it: `{_INSTALL_HINT} --force-reinstall`"
+        )
     return path
 
 
@@ -108,7 +110,9 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
     if is_cached(folder):
         return folder
     if folder.exists():
-            raise ModelLoadError(f"{folder} exists but is not a complete model folder (no config.json/model.safetensors); delete it and retry")
+        raise ModelLoadError(
+            f"{folder} exists but is not a complete model folder (no config.json/model.safetensors); delete it and retry"
+        )
     gguf = gguf_path(name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(folder)

@@ -22,8 +22,9 @@ activations on a tiny model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,8 +108,12 @@ class _CompiledLayer:
             out = self.fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any compile failure: the eager forward is always right
             self.ok = False
-            log.warning("torch.compile of a decoder layer failed (%s: %s); running it eagerly. "
-                        "Set --model.compile off to skip the attempt.", type(e).__name__, str(e).splitlines()[0][:200])
+            log.warning(
+                "torch.compile of a decoder layer failed (%s: %s); running it eagerly. "
+                "Set --model.compile off to skip the attempt.",
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+            )
             return self.eager(*args, **kwargs)
         self.ok, self.calls = True, self.calls + 1
         return out
@@ -119,8 +124,9 @@ def _hooks_inside(layer: nn.Module) -> bool:
 
 
 @contextmanager
-def compiled_forwards(model: nn.Module, input_ids_ST: torch.Tensor, attention_mask_ST: torch.Tensor | None,
-                      points: Sequence[Any]) -> Iterator[None]:
+def compiled_forwards(
+    model: nn.Module, input_ids_ST: torch.Tensor, attention_mask_ST: torch.Tensor | None, points: Sequence[Any]
+) -> Iterator[None]:
     """Within the block, marked layers that may run compiled do (see the module docstring)."""
     layers = [] if attention_mask_ST is not None or torch.is_grad_enabled() else decoder_layers(model)
     swapped: list[nn.Module] = []
@@ -140,4 +146,3 @@ def compiled_forwards(model: nn.Module, input_ids_ST: torch.Tensor, attention_ma
     finally:
         for layer in swapped:
             layer.__dict__.pop("forward", None)
-

@@ -26,9 +26,10 @@ from __future__ import annotations
 import difflib
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,9 @@ def _check_replacement(name: str, old: torch.Tensor, new: Any) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
         raise HookError(f"hook fn for {name} returned {type(new).__name__}; return a tensor or None")
     if new.shape != old.shape:
-        raise HookError(f"hook fn for {name} returned shape {tuple(new.shape)}; the hooked tensor has {tuple(old.shape)}")
+        raise HookError(
+            f"hook fn for {name} returned shape {tuple(new.shape)}; the hooked tensor has {tuple(old.shape)}"
+        )
     return new
 
 
@@ -244,21 +247,31 @@ def capture(
 
     # Registered via patched() so the hooks go away even when the forward raises. Layers marked by
     # models.compiled.enable run compiled where that is safe (entered after patched: it sees our hooks).
-    with patched(model, {p: recorder(p.name) for p in points}), torch.no_grad(), \
-            compiled_forwards(model, input_ids_ST, attention_mask_ST, points):
+    with (
+        patched(model, {p: recorder(p.name) for p in points}),
+        torch.no_grad(),
+        compiled_forwards(model, input_ids_ST, attention_mask_ST, points),
+    ):
         try:
             model(input_ids=input_ids_ST, attention_mask=attention_mask_ST, use_cache=False)
         except _StopForward:
             pass
     missing = wanted - set(got)
     if missing:
-        raise HookError(f"hook points {sorted(missing)} never fired during the forward; is the module on the forward path?")
+        raise HookError(
+            f"hook points {sorted(missing)} never fired during the forward; is the module on the forward path?"
+        )
     return {p.name: got[p.name] for p in points}
 
 
 # Module paths of the norm applied before the unembedding (llama-style, OPT/Phi, GPT-2, NeoX, OPT decoder).
-FINAL_NORMS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-               "model.decoder.final_layer_norm")
+FINAL_NORMS = (
+    "model.norm",
+    "model.final_layernorm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+)
 
 
 def final_norm(model: Any) -> nn.Module | None:

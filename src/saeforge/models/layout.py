@@ -31,8 +31,10 @@ def hf_model(model: Any) -> nn.Module:
         return model
     inner = getattr(model, "model", None)
     if not isinstance(inner, nn.Module):
-        raise TypeError(f"expected an HF causal LM (a torch.nn.Module) or a LoadedModel from saeforge.models.load_model, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"expected an HF causal LM (a torch.nn.Module) or a LoadedModel from saeforge.models.load_model, "
+            f"got {type(model).__name__}"
+        )
     return inner
 
 

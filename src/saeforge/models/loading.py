@@ -34,7 +34,7 @@ class LoadedModel:
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """"auto" (cuda:0 when available, else CPU), "cpu", "cuda" (= cuda:0) or "cuda:N" -> torch.device."""
+    """ "auto" (cuda:0 when available, else CPU), "cpu", "cuda" (= cuda:0) or "cuda:N" -> torch.device."""
     if isinstance(spec, torch.device):
         return spec
     spec = spec.strip().lower()
@@ -48,7 +48,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             raise ModelLoadError(f"device {spec!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
         index = int(spec[5:]) if ":" in spec else 0
         if index >= torch.cuda.device_count():
-            raise ModelLoadError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) (0..{torch.cuda.device_count() - 1})")
+            raise ModelLoadError(
+                f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) (0..{torch.cuda.device_count() - 1})"
+            )
         return torch.device("cuda", index)
     raise ModelLoadError(f"device {spec!r} not understood; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -68,8 +70,10 @@ def bf16_is_fast(device: torch.device) -> bool:
     forced = os.environ.get(BF16_FAST_ENV, "").strip()
     if forced:
         if forced not in ("0", "1"):
-            raise ConfigError(f"{BF16_FAST_ENV}={forced!r} not understood; set it to 1 (bf16 is fast: auto picks "
-                             "bf16), 0 (bf16 is slow: auto picks float32), or leave it unset/empty to detect")
+            raise ConfigError(
+                f"{BF16_FAST_ENV}={forced!r} not understood; set it to 1 (bf16 is fast: auto picks "
+                "bf16), 0 (bf16 is slow: auto picks float32), or leave it unset/empty to detect"
+            )
         return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -79,7 +83,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def resolve_dtype(spec: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """"auto" | "float32" | "bfloat16" | "float16" -> torch.dtype; auto = bf16 where it is fast on ``device``."""
+    """ "auto" | "float32" | "bfloat16" | "float16" -> torch.dtype; auto = bf16 where it is fast on ``device``."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
         return torch.bfloat16 if bf16_is_fast(device or torch.device("cpu")) else torch.float32
     if isinstance(spec, torch.dtype):
@@ -120,7 +124,9 @@ def _open(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"folder {path} has no config.json; pass a folder written by save_pretrained, a .gguf file, or a hub id")
+            raise ModelLoadError(
+                f"folder {path} has no config.json; pass a folder written by save_pretrained, a .gguf file, or a hub id"
+            )
         return _load_folder(path, dtype)
     if path.suffix.lower() == ".gguf":
         if not path.is_file():

@@ -35,11 +35,22 @@ class SAEConfig:
     architecture: str = F("", "Architecture name from the registry (set by the config class; not chosen freely).")
     d_in: int = F(0, "Input width; 0 = take the hooked model's d_model.")
     d_sae: int = F(4608, "Number of latents (dictionary size).")
-    dtype: str = F("float32", "dtype of the SAE parameters: float32, bfloat16 or float16 (use train.autocast for bf16 speed).")
+    dtype: str = F(
+        "float32", "dtype of the SAE parameters: float32, bfloat16 or float16 (use train.autocast for bf16 speed)."
+    )
     device: str = F("cpu", "Device of the SAE parameters: cpu, cuda, cuda:N.")
-    apply_b_dec_to_input: bool = F(True, "Subtract b_dec from the input before encoding (SAELens default; always off for transcoders, whose b_dec lives in the output space).")
-    d_out: int = F(0, "Transcoder output width (the width at model.hook_out); 0 = an ordinary SAE, or take it from the model when model.hook_out is set.")
-    skip: bool = F(False, "Transcoder only: add a linear skip W_skip x (W_skip [d_out, d_in], zero-initialised, SAELens's skip_transcoder).")
+    apply_b_dec_to_input: bool = F(
+        True,
+        "Subtract b_dec from the input before encoding (SAELens default; always off for transcoders, whose b_dec lives in the output space).",
+    )
+    d_out: int = F(
+        0,
+        "Transcoder output width (the width at model.hook_out); 0 = an ordinary SAE, or take it from the model when model.hook_out is set.",
+    )
+    skip: bool = F(
+        False,
+        "Transcoder only: add a linear skip W_skip x (W_skip [d_out, d_in], zero-initialised, SAELens's skip_transcoder).",
+    )
 
     def __post_init__(self) -> None:
         # The architecture string selects this class in the registry; a config class carrying
@@ -57,11 +68,15 @@ class SAEConfig:
         if self.d_out < 0:
             raise ConfigError(f"sae.d_out={self.d_out}: expected a positive width, or 0")
         if self.d_out > 0 and self.apply_b_dec_to_input:
-            raise ConfigError("sae.apply_b_dec_to_input=True with sae.d_out > 0: a transcoder's b_dec lives in the "
-                              "output space and cannot be subtracted from its input; set apply_b_dec_to_input False")
+            raise ConfigError(
+                "sae.apply_b_dec_to_input=True with sae.d_out > 0: a transcoder's b_dec lives in the "
+                "output space and cannot be subtracted from its input; set apply_b_dec_to_input False"
+            )
         if self.d_out > 0 and getattr(self, "tied", False):
-            raise ConfigError("sae.tied=True with a transcoder (sae.d_out > 0): the encoder reads another space than "
-                              "the decoder writes, so W_enc cannot be W_dec^T; leave tied False")
+            raise ConfigError(
+                "sae.tied=True with a transcoder (sae.d_out > 0): the encoder reads another space than "
+                "the decoder writes, so W_enc cannot be W_dec^T; leave tied False"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"sae.dtype={self.dtype!r}: expected one of {DTYPES}")
         try:
@@ -176,10 +191,14 @@ class SAE(nn.Module, abc.ABC):
                 "(the trainer does this when d_in is 0)"
             )
         if cfg.d_out > 0 and not self.transcoder_ok:
-            raise ConfigError(f"sae.architecture={cfg.architecture!r} cannot be a transcoder (sae.d_out / model.hook_out); "
-                              f"architectures that can: {transcoder_architectures()}")
+            raise ConfigError(
+                f"sae.architecture={cfg.architecture!r} cannot be a transcoder (sae.d_out / model.hook_out); "
+                f"architectures that can: {transcoder_architectures()}"
+            )
         if cfg.skip and cfg.d_out <= 0:
-            raise ConfigError("sae.skip=True needs a transcoder: set model.hook_out (or sae.d_out), or leave skip False")
+            raise ConfigError(
+                "sae.skip=True needs a transcoder: set model.hook_out (or sae.d_out), or leave skip False"
+            )
         self.cfg = cfg
         D, F_, O = cfg.d_in, cfg.d_sae, cfg.d_out or cfg.d_in
         kw = dict(dtype=getattr(torch, cfg.dtype), device=torch.device(cfg.device))
@@ -236,8 +255,10 @@ class SAE(nn.Module, abc.ABC):
             return x_BD, x_BD
         D, O = self.d_in, self.d_out
         if x_BD.shape[-1] != D + O:
-            raise ValueError(f"transcoder rows must be [input | output] of width {D} + {O} = {D + O}; got width "
-                             f"{x_BD.shape[-1]} (read them from a stream or cache of both hooks, input first)")
+            raise ValueError(
+                f"transcoder rows must be [input | output] of width {D} + {O} = {D + O}; got width "
+                f"{x_BD.shape[-1]} (read them from a stream or cache of both hooks, input first)"
+            )
         return x_BD[..., :D], x_BD[..., D:]
 
     def add_skip(self, y_hat_BO: Tensor, x_BD: Tensor) -> Tensor:
@@ -338,8 +359,10 @@ class SAE(nn.Module, abc.ABC):
         if not (c > 0 and c_out > 0):
             raise ValueError(f"fold_input_scale(c={c}, c_out={c_out}): the scales must be positive numbers")
         if c_out != c and self.cfg.apply_b_dec_to_input:
-            raise ValueError("fold_input_scale: separate input and output scales need apply_b_dec_to_input False "
-                             "(b_dec would have to be c * b and c_out * b at once)")
+            raise ValueError(
+                "fold_input_scale: separate input and output scales need apply_b_dec_to_input False "
+                "(b_dec would have to be c * b and c_out * b at once)"
+            )
         if self._tied and c == 1.0:
             return
         self.untie()

@@ -32,16 +32,23 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, Ranks, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, unit_norm_rows_,
+    SAE,
+    LossContext,
+    Ranks,
+    SAEConfig,
+    StepOutput,
+    remove_parallel_grad_,
+    unit_norm_rows_,
 )
-from saeforge.saes.losses import auxk_loss, fvu
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saeforge.saes.losses import auxk_loss, fvu
 
 
 @dataclass
 class BatchTopKConfig(SAEConfig):
-    architecture: str = F("batchtopk", "Architecture name from the registry (set by the config class; not chosen freely).")
+    architecture: str = F(
+        "batchtopk", "Architecture name from the registry (set by the config class; not chosen freely)."
+    )
     k: int = F(32, "Mean active latents per token: the batch keeps its B * k largest activations.")
     aux_k: int = F(0, "Dead latents per token used by the AuxK loss; 0 = d_in // 2.")
     aux_coefficient: float = F(1 / 32, "Weight of the AuxK dead-latent loss.")
@@ -143,15 +150,21 @@ class BatchTopKSAE(SAE):
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
-            raise ConfigError(f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+            raise ConfigError(
+                f"BatchTopK's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size"
+            )
         z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         x_hat_BD = self.decode(f_BF)
         loss_fvu, err_B = fvu(x_BD, x_hat_BD, ctx.ranks)
         auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD.float(), self.W_dec, self.aux_k, ctx.ranks)
         loss = loss_fvu + self.cfg.aux_coefficient * auxk
         with torch.no_grad():
-            parts = {"fvu": loss_fvu.detach(), "mse": err_B.mean(), "auxk": auxk.detach(),
-                     "l0": torch.count_nonzero(f_BF).float() / B}
+            parts = {
+                "fvu": loss_fvu.detach(),
+                "mse": err_B.mean(),
+                "auxk": auxk.detach(),
+                "l0": torch.count_nonzero(f_BF).float() / B,
+            }
         return StepOutput(loss, x_hat_BD, f_BF, parts)
 
     def remove_parallel_grads(self) -> None:
@@ -169,8 +182,15 @@ class BatchTopKSAE(SAE):
         if self.threshold < 0:
             raise ValueError("this BatchTopK SAE has no inference threshold yet (train at least one step first)")
         cfg = self.cfg
-        jr = JumpReLUSAE(JumpReLUConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device=cfg.device,
-                                        apply_b_dec_to_input=cfg.apply_b_dec_to_input))
+        jr = JumpReLUSAE(
+            JumpReLUConfig(
+                d_in=cfg.d_in,
+                d_sae=cfg.d_sae,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+            )
+        )
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(jr, name).copy_(getattr(self, name))
         jr.threshold.fill_(float(self.threshold))

@@ -64,8 +64,12 @@ TO_SAELENS = {"relu": "standard", "topk": "topk", "gated": "gated", "jumprelu": 
 FROM_SAELENS = {v: k for k, v in TO_SAELENS.items()}
 
 # (our architecture, skip) <-> SAELens's transcoder architecture names
-TO_SAELENS_TRANSCODER = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
-                         ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+TO_SAELENS_TRANSCODER = {
+    ("relu", False): "transcoder",
+    ("relu", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
 FROM_SAELENS_TRANSCODER = {v: k for k, v in TO_SAELENS_TRANSCODER.items()}
 
 
@@ -108,7 +112,9 @@ def build_cfg(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
         try:
             json.dumps(value)
         except (TypeError, ValueError):
-            raise ValueError(f"metadata[{key!r}] = {value!r} cannot be written to JSON; pass str/int/float/bool/list/dict") from None
+            raise ValueError(
+                f"metadata[{key!r}] = {value!r} cannot be written to JSON; pass str/int/float/bool/list/dict"
+            ) from None
     return cfg
 
 
@@ -124,9 +130,13 @@ def save_sae(sae: SAE, folder: str | Path, metadata: dict[str, Any], sparsity_F:
         sae = sae.inference_sae()
     cfg = build_cfg(sae, metadata)
     if sparsity_F is not None and tuple(sparsity_F.shape) != (sae.d_sae,):
-        raise ValueError(f"sparsity_F has shape {list(sparsity_F.shape)}; expected [{sae.d_sae}] (one value per latent)")
+        raise ValueError(
+            f"sparsity_F has shape {list(sparsity_F.shape)}; expected [{sae.d_sae}] (one value per latent)"
+        )
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / CFG_FILE).exists())):
-        raise FileExistsError(f"{folder} exists and is not an SAE folder (no {CFG_FILE}); refusing to replace it. Pick another path.")
+        raise FileExistsError(
+            f"{folder} exists and is not an SAE folder (no {CFG_FILE}); refusing to replace it. Pick another path."
+        )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
     if sae.tied:  # SAELens has no tied layout: write the encoder out as its own tensor
         tensors["W_enc"] = sae.W_enc.detach().to("cpu").contiguous()
@@ -230,8 +240,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             "'none' (input scaling folded into the weights). Fold it in SAELens first (fold_activation_norm_scaling_factor)."
         )
     if cfg.get("reshape_activations", "none") != "none":
-        raise SAEFolderError(f"{folder / CFG_FILE}: reshape_activations={cfg['reshape_activations']!r} (attention heads) "
-                         "is not supported by saeforge")
+        raise SAEFolderError(
+            f"{folder / CFG_FILE}: reshape_activations={cfg['reshape_activations']!r} (attention heads) "
+            "is not supported by saeforge"
+        )
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm"))
     if rescale and name != "topk":
         raise SAEFolderError(f"{folder / CFG_FILE}: rescale_acts_by_decoder_norm is only understood for topk SAEs")
@@ -247,8 +259,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if sae.tied and "W_enc" in tensors and "W_dec" in tensors:
         W_enc_DF = tensors.pop("W_enc")
         if W_enc_DF.shape != tensors["W_dec"].T.shape or not torch.equal(W_enc_DF, tensors["W_dec"].T):
-            raise SAEFolderError(f"{weights_path}: cfg.json says tied=true but W_enc is not W_dec^T; "
-                             "set \"tied\": false in cfg.json to load the two matrices separately")
+            raise SAEFolderError(
+                f"{weights_path}: cfg.json says tied=true but W_enc is not W_dec^T; "
+                'set "tied": false in cfg.json to load the two matrices separately'
+            )
     expected = sae.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -263,8 +277,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
                 f"{weights_path}: {key} has shape {list(got.shape)} but cfg.json (d_in={sae.d_in}, d_sae={sae.d_sae}"
                 f"{f', d_out={sae.d_out}' if sae.is_transcoder else ''}) implies {list(want.shape)}; the weights "
                 "and cfg.json come from different SAEs"
-                + (" (a transcoder's W_dec/b_dec are [d_sae, d_out]/[d_out]: is \"d_out\" missing from cfg.json?)"
-                   if key in ("W_dec", "b_dec") and not sae.is_transcoder else "")
+                + (
+                    ' (a transcoder\'s W_dec/b_dec are [d_sae, d_out]/[d_out]: is "d_out" missing from cfg.json?)'
+                    if key in ("W_dec", "b_dec") and not sae.is_transcoder
+                    else ""
+                )
             )
     if rescale:
         _fold_decoder_norm(tensors)

@@ -27,8 +27,12 @@ from torch import Tensor, nn
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, unit_norm_rows_,
+    SAE,
+    LossContext,
+    SAEConfig,
+    StepOutput,
+    remove_parallel_grad_,
+    unit_norm_rows_,
 )
 from saeforge.saes.losses import sum_sq_BD
 

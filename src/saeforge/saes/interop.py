@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from saeforge.saes import formats, registry
-from saeforge.saes.formats import MissingSAEError, SAEFolderError
 from saeforge.saes.base import SAE
+from saeforge.saes.formats import MissingSAEError, SAEFolderError
 
 
 def load_foreign(folder: str | Path, device: str = "cpu") -> SAE:
@@ -45,7 +45,9 @@ def load_foreign(folder: str | Path, device: str = "cpu") -> SAE:
         if "metadata" in cfg:
             return formats.load_sae(folder, device)
         return load_saelens_legacy(folder, device)
-    raise MissingSAEError(f"{folder}: no ae.pt (dictionary_learning), sae.safetensors (sparsify) or cfg.json (SAELens) here")
+    raise MissingSAEError(
+        f"{folder}: no ae.pt (dictionary_learning), sae.safetensors (sparsify) or cfg.json (SAELens) here"
+    )
 
 
 def _build(arch: str, tensors: dict[str, torch.Tensor], where: Path, device: str, **fields: Any) -> SAE:
@@ -58,7 +60,9 @@ def _build(arch: str, tensors: dict[str, torch.Tensor], where: Path, device: str
         raise SAEFolderError(f"{where}: cannot map to a {arch} SAE: missing {missing}, unexpected {extra}")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(want[k].shape):
-            raise SAEFolderError(f"{where}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+            raise SAEFolderError(
+                f"{where}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+            )
     sae.load_state_dict({k: v.to(want[k].dtype).to(device) for k, v in tensors.items()})
     return sae
 
@@ -70,7 +74,9 @@ def load_saelens_legacy(folder: str | Path, device: str = "cpu") -> SAE:
     folder = Path(folder)
     cfg = formats.read_cfg(folder)
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise SAEFolderError(f"{folder}: normalize_activations={cfg['normalize_activations']!r}; fold it into the weights in SAELens first")
+        raise SAEFolderError(
+            f"{folder}: normalize_activations={cfg['normalize_activations']!r}; fold it into the weights in SAELens first"
+        )
     tensors = load_file(str(folder / formats.WEIGHTS_FILE))
     scale = tensors.pop("scaling_factor", None)  # old finetuning factor: ones unless finetuned
     if scale is not None and not torch.all(scale == 1):
@@ -95,17 +101,36 @@ def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
     cfg = json.loads((folder / "cfg.json").read_text())
     transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
     if cfg.get("activation", "topk") != "topk" or (skip and not transcode):
-        raise SAEFolderError(f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={transcode}, "
-                         f"skip_connection={skip}: only TopK SAEs and TopK (skip) transcoders are read")
+        raise SAEFolderError(
+            f"{folder}: sparsify activation={cfg.get('activation')!r}, transcode={transcode}, "
+            f"skip_connection={skip}: only TopK SAEs and TopK (skip) transcoders are read"
+        )
     t = load_file(str(folder / "sae.safetensors"))
     d_sae, d_in = t["encoder.weight"].shape
-    tensors = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    tensors = {
+        "W_enc": t["encoder.weight"].T.contiguous(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    }
     if not transcode:
-        return _build("topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=True)
+        return _build(
+            "topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=True
+        )
     if skip:
         tensors["W_skip"] = t["W_skip"]
-    return _build("topk", tensors, folder, device, d_in=d_in, d_sae=d_sae, k=int(cfg["k"]), apply_b_dec_to_input=False,
-                  d_out=int(t["W_dec"].shape[1]), skip=skip)
+    return _build(
+        "topk",
+        tensors,
+        folder,
+        device,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=int(cfg["k"]),
+        apply_b_dec_to_input=False,
+        d_out=int(t["W_dec"].shape[1]),
+        skip=skip,
+    )
 
 
 def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
@@ -116,30 +141,59 @@ def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
     kind = trainer.get("dict_class", "AutoEncoder")
     if kind == "AutoEncoder":
         D, F_ = sd["encoder.weight"].shape[1], sd["encoder.weight"].shape[0]
-        tensors = {"W_enc": sd["encoder.weight"].T, "b_enc": sd["encoder.bias"], "W_dec": sd["decoder.weight"].T, "b_dec": sd["bias"]}
+        tensors = {
+            "W_enc": sd["encoder.weight"].T,
+            "b_enc": sd["encoder.bias"],
+            "W_dec": sd["decoder.weight"].T,
+            "b_dec": sd["bias"],
+        }
         return _build("relu", _contig(tensors), folder, device, d_in=D, d_sae=F_)
     if kind in ("AutoEncoderTopK", "BatchTopKSAE"):
         D, F_ = sd["encoder.weight"].shape[1], sd["encoder.weight"].shape[0]
-        tensors = {"W_enc": sd["encoder.weight"].T, "b_enc": sd["encoder.bias"], "W_dec": sd["decoder.weight"].T, "b_dec": sd["b_dec"]}
+        tensors = {
+            "W_enc": sd["encoder.weight"].T,
+            "b_enc": sd["encoder.bias"],
+            "W_dec": sd["decoder.weight"].T,
+            "b_dec": sd["b_dec"],
+        }
         if kind == "AutoEncoderTopK":
-            return _build("topk", _contig(tensors), folder, device, d_in=D, d_sae=F_, k=int(sd.get("k", trainer.get("k"))))
+            return _build(
+                "topk", _contig(tensors), folder, device, d_in=D, d_sae=F_, k=int(sd.get("k", trainer.get("k")))
+            )
         theta = float(sd["threshold"])
         if theta < 0:
-            raise SAEFolderError(f"{folder}: BatchTopKSAE threshold {theta} < 0: it was never estimated, so it has no inference form")
+            raise SAEFolderError(
+                f"{folder}: BatchTopKSAE threshold {theta} < 0: it was never estimated, so it has no inference form"
+            )
         tensors["threshold"] = torch.full((F_,), theta)
         return _build("jumprelu", _contig(tensors), folder, device, d_in=D, d_sae=F_)
     if kind == "JumpReluAutoEncoder":
         D, F_ = sd["W_enc"].shape
         tensors = {k: sd[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-        return _build("jumprelu", tensors, folder, device, d_in=D, d_sae=F_,
-                      apply_b_dec_to_input=bool(trainer.get("apply_b_dec_to_input", False)))
+        return _build(
+            "jumprelu",
+            tensors,
+            folder,
+            device,
+            d_in=D,
+            d_sae=F_,
+            apply_b_dec_to_input=bool(trainer.get("apply_b_dec_to_input", False)),
+        )
     if kind == "GatedAutoEncoder":
         F_, D = sd["encoder.weight"].shape
-        tensors = {"W_enc": sd["encoder.weight"].T, "b_gate": sd["gate_bias"], "b_mag": sd["mag_bias"], "r_mag": sd["r_mag"],
-                   "W_dec": sd["decoder.weight"].T, "b_dec": sd["decoder_bias"]}
+        tensors = {
+            "W_enc": sd["encoder.weight"].T,
+            "b_gate": sd["gate_bias"],
+            "b_mag": sd["mag_bias"],
+            "r_mag": sd["r_mag"],
+            "W_dec": sd["decoder.weight"].T,
+            "b_dec": sd["decoder_bias"],
+        }
         return _build("gated", _contig(tensors), folder, device, d_in=D, d_sae=F_)
-    raise SAEFolderError(f"{folder}: dictionary_learning dict_class {kind!r} is not one saeforge reads "
-                     "(AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder, GatedAutoEncoder)")
+    raise SAEFolderError(
+        f"{folder}: dictionary_learning dict_class {kind!r} is not one saeforge reads "
+        "(AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder, GatedAutoEncoder)"
+    )
 
 
 def _contig(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

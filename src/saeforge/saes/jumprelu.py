@@ -28,11 +28,16 @@ from saeforge.saes.losses import sum_sq_BD
 
 @dataclass
 class JumpReLUConfig(SAEConfig):
-    architecture: str = F("jumprelu", "Architecture name from the registry (set by the config class; not chosen freely).")
-    l0_coefficient: float = F(
-        0.5, "lambda of the L0 penalty (mean active latents per token), for inputs scaled to E||x|| = sqrt(d_in). Larger = sparser."
+    architecture: str = F(
+        "jumprelu", "Architecture name from the registry (set by the config class; not chosen freely)."
     )
-    bandwidth: float = F(0.05, "eps, the width of the straight-through kernel for theta's gradient (SAELens's default).")
+    l0_coefficient: float = F(
+        0.5,
+        "lambda of the L0 penalty (mean active latents per token), for inputs scaled to E||x|| = sqrt(d_in). Larger = sparser.",
+    )
+    bandwidth: float = F(
+        0.05, "eps, the width of the straight-through kernel for theta's gradient (SAELens's default)."
+    )
     threshold_init: float = F(0.001, "Initial threshold theta of every latent.")
     min_threshold: float = F(1e-6, "Thresholds are clamped to at least this after every step (theta must stay > 0).")
     init_decoder_norm: float = F(0.1, "Norm of each decoder row at initialisation; W_enc = W_dec^T.")
@@ -103,7 +108,7 @@ class JumpReLUSAE(SAE):
         return torch.relu(z_BF) * (z_BF > self.threshold)
 
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
-        B, eps = x_BD.shape[0], self.cfg.bandwidth
+        eps = self.cfg.bandwidth
         x_BD, y_BD = self.split_io(x_BD)  # a transcoder reads x and predicts y; an SAE's y is x
         z_BF = self.pre_acts(x_BD)
         f_BF = JumpReLUFn.apply(z_BF, self.threshold, eps)

@@ -45,8 +45,9 @@ def total_variance(x_BD: Tensor, ranks: Ranks | None = None) -> Tensor:
     return (total / ranks.world).float().clamp_min(1e-12 / ranks.world)
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor, ranks: Ranks | None = None,
-        total_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def fvu(
+    x_BD: Tensor, x_hat_BD: Tensor, ranks: Ranks | None = None, total_var: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(FVU, per-row squared error err_B): sum_B ||x - x_hat||^2 / total_variance(x, ranks), in float32.
 
     ``total_var``: the denominator when already known (Matryoshka scores every prefix against one x).
@@ -82,8 +83,9 @@ def auxk(e_BD: Tensor, e_hat_BD: Tensor, ranks: Ranks | None = None) -> Tensor:
     return fvu(e_BD.detach(), e_hat_BD, ranks)[0]
 
 
-def auxk_loss(pre_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int,
-              ranks: Ranks | None = None) -> Tensor:
+def auxk_loss(
+    pre_BF: Tensor, dead_mask_F: Tensor | None, e_BD: Tensor, W_dec_FD: Tensor, aux_k: int, ranks: Ranks | None = None
+) -> Tensor:
     """AuxK, dense form: e rebuilt from ReLU of each row's top aux_k dead pre-activations (or post-ReLU z);
     0 without dead latents."""
     vals_BA, idx_BA = dead_topk(pre_BF, dead_mask_F, aux_k)

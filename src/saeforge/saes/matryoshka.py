@@ -31,10 +31,13 @@ from saeforge.saes.losses import auxk_loss, fvu, total_variance
 
 @dataclass
 class MatryoshkaConfig(BatchTopKConfig):
-    architecture: str = F("matryoshka", "Architecture name from the registry (set by the config class; not chosen freely).")
+    architecture: str = F(
+        "matryoshka", "Architecture name from the registry (set by the config class; not chosen freely)."
+    )
     group_sizes: list[int] = F(
-        [], "Latents per nested group, summing to d_sae, e.g. 512,512,1024,2048. Empty = halving: "
-        "d_sae/16, d_sae/16, d_sae/8, d_sae/4, d_sae/2 (the rest goes to the last group)."
+        [],
+        "Latents per nested group, summing to d_sae, e.g. 512,512,1024,2048. Empty = halving: "
+        "d_sae/16, d_sae/16, d_sae/8, d_sae/4, d_sae/2 (the rest goes to the last group).",
     )
     group_weights: list[float] = F([], "Weight w_g of each prefix's reconstruction loss; empty = 1/G each.")
 
@@ -42,9 +45,13 @@ class MatryoshkaConfig(BatchTopKConfig):
         BatchTopKConfig.__post_init__(self)
         sizes = self.sizes()
         if any(s <= 0 for s in sizes) or sum(sizes) != self.d_sae:
-            raise ConfigError(f"sae.group_sizes={self.group_sizes}: expected positive sizes summing to d_sae={self.d_sae}")
+            raise ConfigError(
+                f"sae.group_sizes={self.group_sizes}: expected positive sizes summing to d_sae={self.d_sae}"
+            )
         if self.group_weights and (len(self.group_weights) != len(sizes) or min(self.group_weights) < 0):
-            raise ConfigError(f"sae.group_weights={self.group_weights}: expected {len(sizes)} weights >= 0 (one per group)")
+            raise ConfigError(
+                f"sae.group_weights={self.group_weights}: expected {len(sizes)} weights >= 0 (one per group)"
+            )
 
     def sizes(self) -> list[int]:
         if self.group_sizes:
@@ -65,7 +72,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     def training_loss(self, x_BD: Tensor, ctx: LossContext) -> StepOutput:
         B = x_BD.shape[0]
         if B < 2:
-            raise ConfigError(f"Matryoshka's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size")
+            raise ConfigError(
+                f"Matryoshka's normalised MSE needs a batch of at least 2 rows (got {B}); raise the batch size"
+            )
         z_BF, f_BF = self.train_latents(x_BD, ctx.ranks)
         total_var = total_variance(x_BD, ctx.ranks)  # every prefix's FVU has the same denominator
         x_hat_BD = self.b_dec.float().expand(B, -1)
@@ -74,7 +83,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         start = 0
         for g, (size, w) in enumerate(zip(self.cfg.sizes(), self.cfg.weights())):
             # each prefix adds its group's rows to the previous prefix's reconstruction
-            x_hat_BD = x_hat_BD + (f_BF[:, start:start + size] @ self.W_dec[start:start + size]).float()
+            x_hat_BD = x_hat_BD + (f_BF[:, start : start + size] @ self.W_dec[start : start + size]).float()
             start += size
             fvu_g, err_B = fvu(x_BD, x_hat_BD, total_var=total_var)
             loss = loss + w * fvu_g
@@ -82,6 +91,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         auxk = auxk_loss(z_BF, ctx.dead_mask_F, x_BD.float() - x_hat_BD, self.W_dec, self.aux_k, ctx.ranks)
         loss = loss + self.cfg.aux_coefficient * auxk
         with torch.no_grad():
-            parts.update(fvu=fvu_g.detach(), mse=err_B.mean(), auxk=auxk.detach(),
-                         l0=torch.count_nonzero(f_BF).float() / B)
+            parts.update(
+                fvu=fvu_g.detach(), mse=err_B.mean(), auxk=auxk.detach(), l0=torch.count_nonzero(f_BF).float() / B
+            )
         return StepOutput(loss, x_hat_BD, f_BF, parts)

@@ -30,7 +30,9 @@ def register(name: str, sae_cls: type, cfg_cls: type) -> None:
     """Add an architecture. Its config class's ``architecture`` default must be ``name``."""
     own = cfg_cls.__dataclass_fields__["architecture"].default
     if own != name:
-        raise ValueError(f"register({name!r}, ...): {cfg_cls.__name__}.architecture defaults to {own!r}; make it {name!r}")
+        raise ValueError(
+            f"register({name!r}, ...): {cfg_cls.__name__}.architecture defaults to {own!r}; make it {name!r}"
+        )
     known = _REGISTERED.get(name)
     if known is not None and known != (sae_cls, cfg_cls):
         raise ValueError(f"architecture {name!r} is already registered to {known[0].__name__}; pick another name")

@@ -116,7 +116,7 @@ def transpose_tiled(a_FD: Tensor, rows: int = 256) -> Tensor:
     of the whole matrix at once misses the cache on every write)."""
     out_DF = a_FD.new_empty(a_FD.shape[1], a_FD.shape[0])
     for start in range(0, a_FD.shape[0], rows):
-        out_DF[:, start:start + rows].copy_(a_FD[start:start + rows].T)
+        out_DF[:, start : start + rows].copy_(a_FD[start : start + rows].T)
     return out_DF
 
 

@@ -43,8 +43,12 @@ from torch import Tensor
 
 from saeforge.config import ConfigError, F
 from saeforge.saes.base import (
-    LossContext, remove_parallel_grad_, SAE, SAEConfig,
-    StepOutput, unit_norm_rows_,
+    SAE,
+    LossContext,
+    SAEConfig,
+    StepOutput,
+    remove_parallel_grad_,
+    unit_norm_rows_,
 )
 from saeforge.saes.losses import auxk, dead_topk, fvu
 from saeforge.saes.sparse import latent_csr, scatter_rows, scratch, sparse_decode, topk_blocked, transpose_tiled

@@ -26,8 +26,10 @@ P_ANNEAL_ARCHS = ("relu", "gated")
 def check_p_anneal(train: TrainConfig, sae_cfg) -> None:
     arch = getattr(sae_cfg, "architecture", "")
     if train.p_end < 1 and arch not in P_ANNEAL_ARCHS:
-        raise ConfigError(f"train.p_end={train.p_end} (p-annealing) works with an L1-style penalty: sae.architecture "
-                          f"relu or gated, not {arch!r}; leave train.p_end at 1 for {arch}")
+        raise ConfigError(
+            f"train.p_end={train.p_end} (p-annealing) works with an L1-style penalty: sae.architecture "
+            f"relu or gated, not {arch!r}; leave train.p_end at 1 for {arch}"
+        )
 
 
 class PAnneal:

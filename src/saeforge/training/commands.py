@@ -14,7 +14,6 @@ from saeforge.saes.registry import config_class, names
 from saeforge.training import distributed
 from saeforge.training.config import RunConfig
 from saeforge.training.run import hook_points, train
-from saeforge.training.sweep_run import SWEEP_FILE
 from saeforge.training.sweep import (
     PLAN_FILE,
     format_sweep_table,
@@ -24,16 +23,25 @@ from saeforge.training.sweep import (
     read_plan,
     train_sweep,
 )
+from saeforge.training.sweep_run import SWEEP_FILE
 
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
-    t = sub.add_parser("train", help="train an SAE (live from the LM, or from a cache), save and evaluate it",
-                       description=f"Architectures: {', '.join(names())}. SAE options below are for --arch {arch}.")
+    t = sub.add_parser(
+        "train",
+        help="train an SAE (live from the LM, or from a cache), save and evaluate it",
+        description=f"Architectures: {', '.join(names())}. SAE options below are for --arch {arch}.",
+    )
     t.add_argument("--config", help="JSON config file (same shape as a run's config.json)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or sweep) from its checkpoint")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    t.add_argument("--sweep", action="append", metavar="FIELD=V1,V2", help="train one SAE per value from the same "
-                   "batches, e.g. sae.k=16,32,64 (repeat for a grid; '|' separates values that hold commas)")
+    t.add_argument(
+        "--sweep",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="train one SAE per value from the same "
+        "batches, e.g. sae.k=16,32,64 (repeat for a grid; '|' separates values that hold commas)",
+    )
     t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     add_config_options(t, ["model", "data", "activations", "train", "eval"], config_class(arch))
     t.set_defaults(func=cmd_train)
@@ -77,16 +85,23 @@ def cmd_sweep(ns: argparse.Namespace, base: dict) -> int:
     if ns.resume:
         plan = read_plan(ns.resume)
         if points != plan["points"]:
-            raise ConfigError(f"--sweep {' '.join(ns.sweep)} is not the sweep in {ns.resume} (points "
-                              f"{[point_name(p) for p in plan['points']]}): repeat its --sweep options")
+            raise ConfigError(
+                f"--sweep {' '.join(ns.sweep)} is not the sweep in {ns.resume} (points "
+                f"{[point_name(p) for p in plan['points']]}): repeat its --sweep options"
+            )
         if overrides(ns) or ns.config:  # the original command again, with --resume: fine if nothing changed
             saved, given = plan["base"], jsonable(config)
-            diff = sorted(f"{s}.{f}" for s in set(saved) | set(given)
-                          for f in set(saved.get(s, {})) | set(given.get(s, {}))
-                          if saved.get(s, {}).get(f) != given.get(s, {}).get(f))
+            diff = sorted(
+                f"{s}.{f}"
+                for s in set(saved) | set(given)
+                for f in set(saved.get(s, {})) | set(given.get(s, {}))
+                if saved.get(s, {}).get(f) != given.get(s, {}).get(f)
+            )
             if diff:
-                raise ConfigError(f"--resume continues {ns.resume} with its saved plan ({PLAN_FILE}), but {diff} "
-                                  "differ from it: drop those options (or all of them, keeping --sweep)")
+                raise ConfigError(
+                    f"--resume continues {ns.resume} with its saved plan ({PLAN_FILE}), but {diff} "
+                    "differ from it: drop those options (or all of them, keeping --sweep)"
+                )
         config = plan["base"]
     result = train_sweep(config, points, evaluate=not ns.no_eval, progress=not ns.quiet, resume=ns.resume)
     if ranks.is_main_process():
@@ -104,14 +119,18 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
     hook_point = hook_points(cfg, lm)  # with --model.hook_out: rows [hook | hook_out], for transcoders
     if ctx is None:
-        m = write_cache(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part,
-                        progress=not ns.quiet)
+        m = write_cache(
+            lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, part=ns.part, progress=not ns.quiet
+        )
     else:
-        m = write_cache_parallel(lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, ctx, part=ns.part,
-                                 progress=not ns.quiet)
+        m = write_cache_parallel(
+            lm, hook_point, cfg.data, cfg.activations, ns.out, ns.tokens, ctx, part=ns.part, progress=not ns.quiet
+        )
         ranks.shutdown()
         if not ctx.is_main:
             return 0
-    print(f"cache {ns.out}: {m['n_rows']} rows of width {m['d_in']} in {len(m['shards'])} shards "
-          f"({cfg.model.name} at {' + '.join(cfg.model.hook_names())})")
+    print(
+        f"cache {ns.out}: {m['n_rows']} rows of width {m['d_in']} in {len(m['shards'])} shards "
+        f"({cfg.model.name} at {' + '.join(cfg.model.hook_names())})"
+    )
     return 0

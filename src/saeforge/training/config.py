@@ -30,7 +30,6 @@ from saeforge.saes.registry import config_class, transcoder_architectures
 from saeforge.training.anneal import check_p_anneal
 from saeforge.training.dead import check_dead_latents
 
-
 # TopK's fast-path switches (now saes.topk.FastPaths, not config): same latents, same losses up to rounding.
 RETIRED_SAE_FIELDS = ("sparse_decode", "sparse_encoder_grad", "blocked_topk")
 
@@ -59,17 +58,26 @@ class RunConfig:
     def _check_transcoder(self) -> None:
         """model.hook_out makes the SAE a transcoder: check what it needs before any model is loaded."""
         if not self.model.hook_out:
-            check(self.sae.d_out == 0 and not self.sae.skip,
-                   f"sae.d_out={self.sae.d_out}, sae.skip={self.sae.skip} describe a transcoder: set model.hook_out "
-                   "(the hook it predicts), or leave d_out 0 and skip False")
+            check(
+                self.sae.d_out == 0 and not self.sae.skip,
+                f"sae.d_out={self.sae.d_out}, sae.skip={self.sae.skip} describe a transcoder: set model.hook_out "
+                "(the hook it predicts), or leave d_out 0 and skip False",
+            )
             return
         archs = transcoder_architectures()
-        check(self.sae.architecture in archs,
-               f"sae.architecture={self.sae.architecture!r} cannot be a transcoder (model.hook_out is set); use one of {archs}")
-        check(self.train.dead_latents not in ("resample", "ghost"),
-               f"train.dead_latents={self.train.dead_latents!r} is not implemented for transcoders; use auto or none")
-        check(not getattr(self.sae, "tied", False), "sae.tied=True with model.hook_out: a transcoder's encoder "
-               "reads another space than its decoder writes; leave tied False")
+        check(
+            self.sae.architecture in archs,
+            f"sae.architecture={self.sae.architecture!r} cannot be a transcoder (model.hook_out is set); use one of {archs}",
+        )
+        check(
+            self.train.dead_latents not in ("resample", "ghost"),
+            f"train.dead_latents={self.train.dead_latents!r} is not implemented for transcoders; use auto or none",
+        )
+        check(
+            not getattr(self.sae, "tied", False),
+            "sae.tied=True with model.hook_out: a transcoder's encoder "
+            "reads another space than its decoder writes; leave tied False",
+        )
         # b_dec lives in the output space: it cannot be subtracted from the input (SAELens refuses it too)
         self.sae = dataclasses.replace(self.sae, apply_b_dec_to_input=False)
 
@@ -77,7 +85,7 @@ class RunConfig:
         return {name: to_dict(getattr(self, name)) for name in self.SECTIONS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         unknown = set(d) - set(cls.SECTIONS)
         check(not unknown, f"unknown config sections {sorted(unknown)}; valid: {list(cls.SECTIONS)}")
         # Fields that older saeforge versions wrote and that never changed a result: an old run folder resumes.
@@ -96,7 +104,7 @@ class RunConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as e:

@@ -40,13 +40,17 @@ LATENT_BIASES = ("b_enc", "b_gate", "b_mag", "r_mag")  # [F] parameters a resamp
 def check_dead_latents(train: TrainConfig, sae_cfg) -> None:
     arch, mode = getattr(sae_cfg, "architecture", ""), train.dead_latents
     if mode == "ghost" and arch not in GHOST_ARCHS:
-        raise ConfigError(f"train.dead_latents=ghost needs a ReLU-style encoder (relu or gated), not {arch!r}; "
-                          "use auto (AuxK) or resample for it")
+        raise ConfigError(
+            f"train.dead_latents=ghost needs a ReLU-style encoder (relu or gated), not {arch!r}; "
+            "use auto (AuxK) or resample for it"
+        )
     if mode == "resample" and arch not in RESAMPLE_ARCHS:
         raise ConfigError(f"train.dead_latents=resample supports {RESAMPLE_ARCHS}, not {arch!r}; use auto or none")
     if mode == "resample" and getattr(sae_cfg, "tied", False):
-        raise ConfigError("train.dead_latents=resample sets the encoder row to 0.2x a different norm than the decoder "
-                          "row, which a tied SAE cannot hold: use sae.tied=false, or dead_latents auto/none/ghost")
+        raise ConfigError(
+            "train.dead_latents=resample sets the encoder row to 0.2x a different norm than the decoder "
+            "row, which a tied SAE cannot hold: use sae.tied=false, or dead_latents auto/none/ghost"
+        )
 
 
 class DeadLatentHandler:
@@ -90,8 +94,9 @@ class Resample(DeadLatentHandler):
 
 
 @torch.no_grad()
-def resample_latents(sae, opt: torch.optim.Optimizer, dead_F: Tensor, x_ND: Tensor, loss_N: Tensor,
-                     generator: torch.Generator) -> Tensor:
+def resample_latents(
+    sae, opt: torch.optim.Optimizer, dead_F: Tensor, x_ND: Tensor, loss_N: Tensor, generator: torch.Generator
+) -> Tensor:
     """Re-initialise the latents in ``dead_F`` from rows of x_ND (the recipe in the module docstring).
 
     Returns the chosen row index per dead latent (in dead_F.nonzero() order).

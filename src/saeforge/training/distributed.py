@@ -76,9 +76,10 @@ class DataParallelTrainer(Trainer):
         if not self.cfg.normalize_activations:
             return 1.0
         norms = torch.cat(batches).double().norm(dim=-1)
-        total = all_reduce_sum(torch.stack([norms.sum(), torch.tensor(float(len(norms)), dtype=torch.float64)]),
-                               self.ctx)
-        return (self.sae.cfg.d_in ** 0.5) / (total[0] / total[1]).item()
+        total = all_reduce_sum(
+            torch.stack([norms.sum(), torch.tensor(float(len(norms)), dtype=torch.float64)]), self.ctx
+        )
+        return (self.sae.cfg.d_in**0.5) / (total[0] / total[1]).item()
 
     def _gather_rows(self, x_BD: torch.Tensor) -> torch.Tensor:
         return all_gather_rows(x_BD, self.ctx)
@@ -114,6 +115,14 @@ def launch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "saeforge.cli", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "saeforge.cli",
+        *rest,
+    ]
     return subprocess.run(cmd).returncode

@@ -36,12 +36,15 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, 32 << 20),  # blocks up to 32 MB come from the heap (the most glibc allows)
-        (_M_TRIM_THRESHOLD, 1 << 30),  # keep up to 1 GB of free heap top instead of returning it
-        (_M_TOP_PAD, 64 << 20),  # grow the heap in 64 MB steps
-        (_M_ARENA_MAX, 1),  # threads started from now on (the prefetch thread) share the main heap
-    ))
+    ok = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_THRESHOLD, 32 << 20),  # blocks up to 32 MB come from the heap (the most glibc allows)
+            (_M_TRIM_THRESHOLD, 1 << 30),  # keep up to 1 GB of free heap top instead of returning it
+            (_M_TOP_PAD, 64 << 20),  # grow the heap in 64 MB steps
+            (_M_ARENA_MAX, 1),  # threads started from now on (the prefetch thread) share the main heap
+        )
+    )
     if not ok:
         log.debug("mallopt refused a setting; malloc keeps its defaults for it")
     _done = ok

@@ -28,7 +28,8 @@ from saeforge.activations.sharding import RankSlice, ShardedActivationStream
 from saeforge.activations.stream import as_points
 from saeforge.config import ConfigError
 from saeforge.data import iter_documents, split_documents
-from saeforge.evals.report import evaluate as run_eval, write_eval_json
+from saeforge.evals.report import evaluate as run_eval
+from saeforge.evals.report import write_eval_json
 from saeforge.models import capture, compiled, load_model, patched, resolve_hook
 from saeforge.models.compiled import compile_policy
 from saeforge.saes.formats import save_sae
@@ -61,11 +62,18 @@ def sae_metadata(cfg: RunConfig, tokens: int, scale: float, scale_out: float | N
 
     A transcoder adds SAELens's ``hook_name_out`` and the output scale folded into its decoder.
     """
-    meta = {"model_name": cfg.model.name, "hook_name": cfg.model.hook, "context_size": cfg.data.context_size,
-            "prepend_bos": cfg.data.prepend_bos, "dataset_path": cfg.data.corpus,
-            "exclude_special_tokens": cfg.data.exclude_special_tokens, "training_tokens": tokens,
-            "saeforge_version": saeforge.__version__, "saeforge_input_scale_folded": scale,
-            "saeforge_config": cfg.to_dict()}
+    meta = {
+        "model_name": cfg.model.name,
+        "hook_name": cfg.model.hook,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.corpus,
+        "exclude_special_tokens": cfg.data.exclude_special_tokens,
+        "training_tokens": tokens,
+        "saeforge_version": saeforge.__version__,
+        "saeforge_input_scale_folded": scale,
+        "saeforge_config": cfg.to_dict(),
+    }
     if cfg.model.hook_out:
         meta.update(hook_name_out=cfg.model.hook_out, saeforge_output_scale_folded=scale_out)
     return meta
@@ -77,8 +85,10 @@ def hook_points(cfg: RunConfig, lm):
     if not cfg.model.hook_out:
         return points[0]
     if forward_order(lm, points) != [p.name for p in points]:
-        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} runs before model.hook={cfg.model.hook!r} in the "
-                          "forward; a transcoder predicts a later hook from an earlier one: swap them")
+        raise ConfigError(
+            f"model.hook_out={cfg.model.hook_out!r} runs before model.hook={cfg.model.hook!r} in the "
+            "forward; a transcoder predicts a later hook from an earlier one: swap them"
+        )
     return points
 
 
@@ -95,12 +105,16 @@ def _prepare_dir(cfg: RunConfig, resume: str | Path | None) -> tuple[RunConfig, 
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CONFIG).exists():
-            raise ConfigError(f"cannot resume {run_dir}: no {CONFIG} there (is it a run folder made by `saeforge train`?)")
+            raise ConfigError(
+                f"cannot resume {run_dir}: no {CONFIG} there (is it a run folder made by `saeforge train`?)"
+            )
         return RunConfig.load(run_dir / CONFIG), run_dir
     run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or default_run_name(cfg))
     if (run_dir / CHECKPOINT).exists() or (run_dir / SAE_DIR).exists():
-        raise ConfigError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                          "or choose another --train.run_name / --train.out_dir")
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+            "or choose another --train.run_name / --train.out_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return cfg, run_dir
 
@@ -117,9 +131,11 @@ def build_source(cfg: RunConfig, lm, hook_point):
         m, names = reader.manifest, [p.name for p in as_points(hook_point)]
         if (m["model"], reader.hooks) != (cfg.model.name, names):
             flags = " ".join(f"--model.{k} {v}" for k, v in zip(("hook", "hook_out"), reader.hooks))
-            raise ConfigError(f"cache {cfg.activations.cache} holds {m['model']} at {reader.hooks}, but the config asks "
-                              f"for {cfg.model.name} at {names}: pass --model.name {m['model']} {flags}, or cache "
-                              "the hooks this run needs with `saeforge cache` (same --model.hook/--model.hook_out)")
+            raise ConfigError(
+                f"cache {cfg.activations.cache} holds {m['model']} at {reader.hooks}, but the config asks "
+                f"for {cfg.model.name} at {names}: pass --model.name {m['model']} {flags}, or cache "
+                "the hooks this run needs with `saeforge cache` (same --model.hook/--model.hook_out)"
+            )
         return reader
     return ActivationStream(lm, hook_point, cfg.data, cfg.activations, part="train", seed=cfg.train.seed)
 
@@ -129,8 +145,9 @@ def build_sharded_source(cfg: RunConfig, lm, hook_point, ctx: ranks.DistContext)
     if cfg.activations.cache:
         source = build_source(cfg, lm, hook_point)
     else:
-        source = ShardedActivationStream(lm, hook_point, cfg.data, cfg.activations, ctx, part="train",
-                                          seed=cfg.train.seed)
+        source = ShardedActivationStream(
+            lm, hook_point, cfg.data, cfg.activations, ctx, part="train", seed=cfg.train.seed
+        )
     return RankSlice(source, cfg.activations.batch_size, ctx)
 
 
@@ -138,22 +155,29 @@ def build_sae(cfg: RunConfig, d_in: int, device: torch.device, d_out: int = 0):
     """The SAE to train, its widths taken from the model: d_in at model.hook, d_out at model.hook_out."""
 
     if cfg.sae.d_in not in (0, d_in):
-        raise ConfigError(f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
-                          "leave sae.d_in at 0 to take it from the model")
+        raise ConfigError(
+            f"sae.d_in={cfg.sae.d_in} but the activations at {cfg.model.hook} have width {d_in}: "
+            "leave sae.d_in at 0 to take it from the model"
+        )
     if cfg.model.hook_out and d_out <= 0:
-        raise ConfigError(f"model.hook_out={cfg.model.hook_out!r} (a transcoder) needs the output width: pass "
-                          "build_sae(..., d_out=width at hook_out), e.g. from the stream's .columns")
+        raise ConfigError(
+            f"model.hook_out={cfg.model.hook_out!r} (a transcoder) needs the output width: pass "
+            "build_sae(..., d_out=width at hook_out), e.g. from the stream's .columns"
+        )
     if cfg.sae.d_out not in (0, d_out):
-        raise ConfigError(f"sae.d_out={cfg.sae.d_out} but the activations at {cfg.model.hook_out} have width {d_out}: "
-                          "leave sae.d_out at 0 to take it from the model")
+        raise ConfigError(
+            f"sae.d_out={cfg.sae.d_out} but the activations at {cfg.model.hook_out} have width {d_out}: "
+            "leave sae.d_out at 0 to take it from the model"
+        )
     sae_cfg = dataclasses.replace(cfg.sae, d_in=d_in, d_out=d_out, device=str(device))
     sae = sae_class(sae_cfg.architecture)(sae_cfg)
     sae.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return sae, sae_cfg
 
 
-def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True,
-          lm=None) -> RunResult:
+def train(
+    cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = True, progress: bool = True, lm=None
+) -> RunResult:
     """Train (or resume) one SAE; save it in SAELens format; evaluate it on held-out text."""
     ctx = ranks.init()  # None in one process: no process group at all
     keep_freed_memory()  # glibc: no page faults on memory every step frees and takes again (training/malloc.py)
@@ -199,13 +223,24 @@ def train(cfg: RunConfig, resume: str | Path | None = None, evaluate: bool = Tru
 
     final = trainer.export_sae()
     sae_dir = run_dir / SAE_DIR
-    save_sae(final, sae_dir, sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale,
-                                          trainer.scale_out),
-             sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10))  # SAELens stores log10 frequency
+    save_sae(
+        final,
+        sae_dir,
+        sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale, trainer.scale_out),
+        sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10),
+    )  # SAELens stores log10 frequency
     metrics = None
     if evaluate:
         hook_in, hook_out = (points[0], points[1]) if cfg.model.hook_out else (points, None)
-        metrics = run_eval(lm, hook_in, final, cfg.data, cfg.eval, progress=progress,
-                           mean_ablation=cfg.eval.mean_ablation, hook_out=hook_out)
+        metrics = run_eval(
+            lm,
+            hook_in,
+            final,
+            cfg.data,
+            cfg.eval,
+            progress=progress,
+            mean_ablation=cfg.eval.mean_ablation,
+            hook_out=hook_out,
+        )
         write_eval_json(metrics, sae_dir)
     return RunResult(run_dir, sae_dir, metrics)

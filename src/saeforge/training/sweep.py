@@ -77,9 +77,11 @@ def parse_sweep(specs: list[str]) -> list[dict[str, dict[str, str]]]:
             raise ConfigError(f"--sweep {spec!r}: expected SECTION.FIELD=V1,V2,... e.g. sae.k=16,32,64")
         allowed = SWEEPABLE.get(section, ())
         if (allowed is not None and field not in allowed) or (section == "train" and field in SHARED_TRAIN):
-            raise ConfigError(f"--sweep {spec!r}: only sae.*, train.* (not train.{'/'.join(SHARED_TRAIN)}), "
-                              "model.hook and model.hook_out can vary within one sweep; the rest is shared by its "
-                              "one LM pass")
+            raise ConfigError(
+                f"--sweep {spec!r}: only sae.*, train.* (not train.{'/'.join(SHARED_TRAIN)}), "
+                "model.hook and model.hook_out can vary within one sweep; the rest is shared by its "
+                "one LM pass"
+            )
         vals = [v.strip() for v in values.split("|" if "|" in values else ",") if v.strip()]
         if not vals:
             raise ConfigError(f"--sweep {spec!r}: no values after '='")
@@ -106,7 +108,9 @@ def point_configs(base: dict, points: list[dict]) -> list[RunConfig]:
         for section, values in point.items():
             if section == "sae" and "architecture" in values:
                 # another architecture: keep only what the user set for the sae (the defaults differ per class)
-                merged["sae"] = {k: v for k, v in merged.get("sae", {}).items() if k in ("d_in", "d_sae", "dtype", "device")}
+                merged["sae"] = {
+                    k: v for k, v in merged.get("sae", {}).items() if k in ("d_in", "d_sae", "dtype", "device")
+                }
             merged.setdefault(section, {}).update(values)
         try:
             cfgs.append(RunConfig.from_dict(merged))
@@ -118,16 +122,25 @@ def point_configs(base: dict, points: list[dict]) -> list[RunConfig]:
 def read_plan(sweep_dir: str | Path) -> dict:
     path = Path(sweep_dir) / PLAN_FILE
     if not path.exists():
-        raise ConfigError(f"cannot resume {sweep_dir}: no {PLAN_FILE} there (is it a folder made by "
-                          "`saeforge train --sweep`? a sweep started before sweeps could resume has none: restart it)")
+        raise ConfigError(
+            f"cannot resume {sweep_dir}: no {PLAN_FILE} there (is it a folder made by "
+            "`saeforge train --sweep`? a sweep started before sweeps could resume has none: restart it)"
+        )
     return json.loads(path.read_text())
 
 
 def jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
-def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress: bool = True, lm=None,
-                resume: str | Path | None = None) -> SweepResult:
+
+def train_sweep(
+    base: dict,
+    points: list[dict],
+    evaluate: bool = True,
+    progress: bool = True,
+    lm=None,
+    resume: str | Path | None = None,
+) -> SweepResult:
     """Train one SAE per point from the same batches; save each; evaluate each; write sweep.json.
 
     ``resume``: the folder of an interrupted sweep with this base and these points (see the module docstring).
@@ -142,18 +155,24 @@ def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress:
         sweep_dir = Path(resume)
         plan = read_plan(sweep_dir)
         if plan["points"] != jsonable({"p": points})["p"] or plan["base"] != jsonable(base):
-            raise ConfigError(f"{sweep_dir} holds another sweep (points {[point_name(p) for p in plan['points']]}); "
-                              "resume it with its own --sweep options")
+            raise ConfigError(
+                f"{sweep_dir} holds another sweep (points {[point_name(p) for p in plan['points']]}); "
+                "resume it with its own --sweep options"
+            )
     else:
         sweep_dir = Path(first.train.out_dir) / (first.train.run_name or default_run_name(first) + "-sweep")
         if sweep_dir.exists() and any(sweep_dir.iterdir()):
-            raise ConfigError(f"{sweep_dir} already exists: continue it with --resume {sweep_dir} (same --sweep "
-                              "options), or pick another --name")
+            raise ConfigError(
+                f"{sweep_dir} already exists: continue it with --resume {sweep_dir} (same --sweep "
+                "options), or pick another --name"
+            )
         if ctx is not None:
             dist.barrier()  # every rank has checked before rank 0 creates the folder
         if ctx is None or ctx.is_main:
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(sweep_dir / PLAN_FILE, json.dumps(jsonable({"base": base, "points": points}), indent=2) + "\n")
+            atomic_write_text(
+                sweep_dir / PLAN_FILE, json.dumps(jsonable({"base": base, "points": points}), indent=2) + "\n"
+            )
     if evaluate:
         check_heldout(first)
     if lm is None:
@@ -171,7 +190,9 @@ def train_sweep(base: dict, points: list[dict], evaluate: bool = True, progress:
 
 
 def format_sweep_table(rows: list[dict]) -> str:
-    cols = [c for c in ("l0", "explained_variance", "ce_score", "kl_score", "dead_fraction") if any(c in r for r in rows)]
+    cols = [
+        c for c in ("l0", "explained_variance", "ce_score", "kl_score", "dead_fraction") if any(c in r for r in rows)
+    ]
     head = ["point", "steps", *cols]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from saeforge.activations import ranks, sharding
 from saeforge.activations.stream import hook_widths
 from saeforge.config import ConfigError
-from saeforge.evals.report import evaluate as run_eval, write_eval_json
+from saeforge.evals.report import evaluate as run_eval
+from saeforge.evals.report import write_eval_json
 from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import resolve_hook
 from saeforge.saes.formats import save_sae
@@ -50,6 +51,7 @@ def parallel_mode(requested: str, n_points: int, ctx) -> str:
         return "hooks" if n_points >= ctx.world else "data"
     return requested
 
+
 @dataclass
 class _Member:
     """One point of the sweep held by this process."""
@@ -60,6 +62,7 @@ class _Member:
     run_dir: Path
     trainer: object
     cols: list[slice] | None  # its hooks' columns in the source's rows ([x] or a transcoder's [x, y]); None = all
+
 
 class SweepRun:
     """The stream, this process's trainers, and the loop that feeds one to the other."""
@@ -89,12 +92,16 @@ class SweepRun:
         if self.mode in ("single", "data") and (self.mode == "single" or first.activations.cache):
             return build_source(first, self.lm, stream_points)  # a cache is read whole by every rank
         if self.mode == "data":
-            return sharding.ShardedActivationStream(self.lm, stream_points, first.data, first.activations, self.ctx,
-                                                    seed=first.train.seed)
+            return sharding.ShardedActivationStream(
+                self.lm, stream_points, first.data, first.activations, self.ctx, seed=first.train.seed
+            )
         if first.activations.cache:
-            return sharding.KeepColumns(build_source(first, self.lm, stream_points), self.keep, self.B, first.train.seed)
-        return sharding.HookParallelStream(self.lm, union, self.keep, first.data, first.activations, self.ctx,
-                                           seed=first.train.seed)
+            return sharding.KeepColumns(
+                build_source(first, self.lm, stream_points), self.keep, self.B, first.train.seed
+            )
+        return sharding.HookParallelStream(
+            self.lm, union, self.keep, first.data, first.activations, self.ctx, seed=first.train.seed
+        )
 
     def _member(self, i: int) -> _Member:
         cfg, name = self.cfgs[i], self.names[i]
@@ -122,7 +129,6 @@ class SweepRun:
         carry = state.pop("carry", None)
         by_hook = None if carry is None else {h: carry[:, s].clone() for h, s in self.source.columns.items()}
         if self.mode == "hooks":  # each rank holds its hooks' columns of the carried rows
-
             parts = [None] * self.ctx.world if self.main else None
             dist.gather_object(by_hook, parts, dst=0)
             if self.main:
@@ -176,8 +182,10 @@ class SweepRun:
             for m in self.members:
                 t = m.trainer
                 if t.step < min(step, t.n_steps):
-                    raise ConfigError(f"{m.run_dir}: its checkpoint (step {t.step}) is older than the sweep's stream "
-                                      f"position (step {step}); was the folder replaced? restart the sweep")
+                    raise ConfigError(
+                        f"{m.run_dir}: its checkpoint (step {t.step}) is older than the sweep's stream "
+                        f"position (step {step}); was the folder replaced? restart the sweep"
+                    )
         end = max(math.ceil(c.train.total_tokens / self.B) for c in self.cfgs)
         every = self.cfgs[0].train.checkpoint_every_steps
         trainers = [m.trainer for m in self.members]
@@ -192,8 +200,13 @@ class SweepRun:
             head = list(itertools.islice(batches, max(c.train.norm_estimate_batches for c in self.cfgs)))
             for m in self.members:  # same first batches -> the input scale of a separate run, for every point
                 m.trainer.prepare(iter([(self._view(x, m), None) for x, _ in head]))
-        bar = tqdm(total=end, initial=step, unit="step", desc=f"sweep x{len(self.cfgs)}",
-                   disable=not (self.progress and self.main))
+        bar = tqdm(
+            total=end,
+            initial=step,
+            unit="step",
+            desc=f"sweep x{len(self.cfgs)}",
+            disable=not (self.progress and self.main),
+        )
         for x_BD, state in itertools.chain(head, batches) if step < end else ():
             for m in self.members:
                 if m.trainer.step == step and not m.trainer.done:  # a trainer ahead of the stream skips
@@ -208,8 +221,9 @@ class SweepRun:
         self.seconds = time.perf_counter() - self.t0
         for m in self.members:
             if not m.trainer.done:
-                log.warning("%s: the activation source ran out after %d of %d steps", m.name, m.trainer.step,
-                            m.trainer.n_steps)
+                log.warning(
+                    "%s: the activation source ran out after %d of %d steps", m.name, m.trainer.step, m.trainer.n_steps
+                )
 
     # ---- results -----------------------------------------------------------------------
     def finish(self, evaluate: bool) -> list[dict]:
@@ -218,23 +232,45 @@ class SweepRun:
         for m in self.members if (self.mode == "hooks" or self.main) else []:
             t, cfg, point = m.trainer, m.cfg, self.points[m.index]
             final = t.export_sae()
-            sae_dir = save_sae(final, m.run_dir / SAE_DIR, sae_metadata(cfg, t.step * self.B, t.scale, t.scale_out),
-                               sparsity_F=torch.log10(t.firing_frequency_F() + 1e-10))
-            row = {"point": m.name, "values": {f"{s}.{f}": v for s, vs in point.items() for f, v in vs.items()},
-                   "steps": t.step, "sae_dir": str(sae_dir), "dead_fraction_train": t.dead_mask_F.float().mean().item()}
+            sae_dir = save_sae(
+                final,
+                m.run_dir / SAE_DIR,
+                sae_metadata(cfg, t.step * self.B, t.scale, t.scale_out),
+                sparsity_F=torch.log10(t.firing_frequency_F() + 1e-10),
+            )
+            row = {
+                "point": m.name,
+                "values": {f"{s}.{f}": v for s, vs in point.items() for f, v in vs.items()},
+                "steps": t.step,
+                "sae_dir": str(sae_dir),
+                "dead_fraction_train": t.dead_mask_F.float().mean().item(),
+            }
             if self.mode == "hooks":
                 row["rank"] = self.ctx.rank
             if evaluate:
                 hook_out = self.hook_points[cfg.model.hook_out] if cfg.model.hook_out else None
-                metrics = run_eval(self.lm, self.hook_points[cfg.model.hook], final, cfg.data, cfg.eval,
-                                   progress=self.progress and self.main, mean_ablation=cfg.eval.mean_ablation,
-                                   hook_out=hook_out)
+                metrics = run_eval(
+                    self.lm,
+                    self.hook_points[cfg.model.hook],
+                    final,
+                    cfg.data,
+                    cfg.eval,
+                    progress=self.progress and self.main,
+                    mean_ablation=cfg.eval.mean_ablation,
+                    hook_out=hook_out,
+                )
                 write_eval_json(metrics, sae_dir)
-                row.update({k: metrics.get(k) for k in ("l0", "explained_variance", "ce_score", "kl_score", "dead_fraction")})
+                row.update(
+                    {k: metrics.get(k) for k in ("l0", "explained_variance", "ce_score", "kl_score", "dead_fraction")}
+                )
             rows.append((m.index, row))
-        me = {"rank": 0 if self.ctx is None else self.ctx.rank, "points": [self.names[i] for i in self.mine],
-              "hooks": self.keep, "row_width": self.source.d_in,
-              "received_widths": sorted(getattr(self.source, "received_widths", ()))}
+        me = {
+            "rank": 0 if self.ctx is None else self.ctx.rank,
+            "points": [self.names[i] for i in self.mine],
+            "hooks": self.keep,
+            "row_width": self.source.d_in,
+            "received_widths": sorted(getattr(self.source, "received_widths", ())),
+        }
         ranks = [me]
         if self.ctx is not None:
             gathered = [None] * self.ctx.world if self.main else None
@@ -245,7 +281,13 @@ class SweepRun:
         if not self.main:
             return []
         rows = [r for _, r in sorted(rows, key=lambda ir: ir[0])]
-        summary = {"sweep_seconds": self.seconds, "batch_size": self.B, "parallel": self.mode,
-                   "hooks": self.hooks, "ranks": ranks, "points": rows}
+        summary = {
+            "sweep_seconds": self.seconds,
+            "batch_size": self.B,
+            "parallel": self.mode,
+            "hooks": self.hooks,
+            "ranks": ranks,
+            "points": rows,
+        }
         atomic_write_text(self.sweep_dir / SWEEP_FILE, json.dumps(summary, indent=2) + "\n")
         return rows

@@ -13,19 +13,19 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
 from saeforge.config import ConfigError, TrainConfig
-from saeforge.models.loading import bf16_is_fast
 from saeforge.io import atomic_path, atomic_write_text
+from saeforge.models.loading import bf16_is_fast
+from saeforge.saes.base import LossContext
 from saeforge.saes.losses import explained_variance
 from saeforge.training.anneal import PAnneal, check_p_anneal
 from saeforge.training.dead import make_handler
 from saeforge.training.schedules import lr_factor, sparsity_factor
-from saeforge.saes.base import LossContext
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -43,14 +43,16 @@ def make_adam(params, cfg: TrainConfig, fused: bool | None = None) -> torch.opti
     if fused is None:
         # contiguous only: torch 2.13's CPU kernel mixes up elements of a strided parameter whose gradient
         # has other strides (measured; tests/test_fast_paths.py), so such parameters get the plain Adam
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and p.is_contiguous()
-                    for p in params)
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and p.is_contiguous() for p in params
+        )
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
 
 
 class Trainer:
-    def __init__(self, sae, cfg: TrainConfig, batch_size: int, run_dir: str | Path | None = None,
-                 progress: bool = True):
+    def __init__(
+        self, sae, cfg: TrainConfig, batch_size: int, run_dir: str | Path | None = None, progress: bool = True
+    ):
         self.sae, self.cfg, self.batch_size = sae, cfg, batch_size
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress = progress
@@ -67,7 +69,9 @@ class Trainer:
         self.late_fired_F = torch.zeros(F, dtype=torch.long, device=self.device)
         self.late_tokens = 0
         self.elapsed = 0.0
-        self.source_seconds: float | None = None  # fit(): time spent waiting for batches (the LM, live); logged as source_s
+        self.source_seconds: float | None = (
+            None  # fit(): time spent waiting for batches (the LM, live); logged as source_s
+        )
         self.source_state: dict | None = None
         self.dead = make_handler(cfg, sae, batch_size)  # train.dead_latents (training/dead.py); stateless
         check_p_anneal(cfg, sae.cfg)
@@ -77,12 +81,21 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "step": self.step, "scale": self.scale, "scale_out": self.scale_out,
-                "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired_F, "late_fired": self.late_fired_F,
-                "late_tokens": self.late_tokens, "elapsed": self.elapsed, "source_seconds": self.source_seconds,
-                "source": self.source_state,
-                "anneal": self.anneal.state_dict()}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "scale": self.scale,
+            "scale_out": self.scale_out,
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired_F,
+            "late_fired": self.late_fired_F,
+            "late_tokens": self.late_tokens,
+            "elapsed": self.elapsed,
+            "source_seconds": self.source_seconds,
+            "source": self.source_state,
+            "anneal": self.anneal.state_dict(),
+        }
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != CHECKPOINT_VERSION:
@@ -129,7 +142,9 @@ class Trainer:
             except (json.JSONDecodeError, KeyError):
                 if i == len(lines) - 1:
                     break
-                raise ConfigError(f"{log} line {i + 1} is damaged ({ln[:80]!r}); fix or delete that line to resume") from None
+                raise ConfigError(
+                    f"{log} line {i + 1} is damaged ({ln[:80]!r}); fix or delete that line to resume"
+                ) from None
             if step <= self.step:
                 keep.append(ln)
         atomic_write_text(log, "".join(ln + "\n" for ln in keep))
@@ -209,17 +224,27 @@ class Trainer:
         t = time.perf_counter()
         batches = self._batches(source)
         head = self.prepare(batches)
-        bar = tqdm(total=self.n_steps, initial=self.step, unit="step", desc="train", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.n_steps,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         for x_BD, pos in _chain(head, batches):
             self.source_seconds += time.perf_counter() - t  # waiting for this batch (live: the LM's forwards)
             if self.done:
                 break
             rec = self.train_step(x_BD, pos)
             if rec is not None:
-                bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", loss=f"{rec['loss']:.4g}",
-                                l0=f"{rec['l0']:.1f}", ev=f"{rec['explained_variance']:.3f}",
-                                dead=f"{rec['dead_fraction']:.2%}")
+                bar.set_postfix(
+                    tok_s=f"{rec['tokens_per_s']:.0f}",
+                    loss=f"{rec['loss']:.4g}",
+                    l0=f"{rec['l0']:.1f}",
+                    ev=f"{rec['explained_variance']:.3f}",
+                    dead=f"{rec['dead_fraction']:.2%}",
+                )
             bar.update(1)
             t = time.perf_counter()
         bar.close()
@@ -230,9 +255,14 @@ class Trainer:
             group["lr"] = cfg.lr * lr_factor(self.step, self.n_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
         p, p_probe = self.anneal.begin_step(self.step, self._gather_rows)
         dead_mask_F = self.dead_mask_F
-        ctx = LossContext(sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction)
-                          * self.anneal.lambda_scale, dead_mask_F=self.dead.loss_dead_mask(dead_mask_F),
-                          p=p, p_probe=p_probe, ranks=self.ranks)
+        ctx = LossContext(
+            sparsity_scale=sparsity_factor(self.step, self.n_steps, cfg.sparsity_warmup_fraction)
+            * self.anneal.lambda_scale,
+            dead_mask_F=self.dead.loss_dead_mask(dead_mask_F),
+            p=p,
+            p_probe=p_probe,
+            ranks=self.ranks,
+        )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.sae.training_loss(x_BD, ctx)
         loss = out.loss
@@ -279,9 +309,14 @@ class Trainer:
         return fires_F, n_rows  # firing counts and rows of the whole global batch
 
     def _log(self, parts: dict[str, torch.Tensor]) -> dict:
-        rec = {"step": self.step, "tokens": self.step * self.batch_size,
-               "lr": self.opt.param_groups[0]["lr"], "dead_fraction": self.dead_mask_F.float().mean().item(),
-               "tokens_per_s": self.step * self.batch_size / max(self.elapsed, 1e-9), "elapsed_s": self.elapsed}
+        rec = {
+            "step": self.step,
+            "tokens": self.step * self.batch_size,
+            "lr": self.opt.param_groups[0]["lr"],
+            "dead_fraction": self.dead_mask_F.float().mean().item(),
+            "tokens_per_s": self.step * self.batch_size / max(self.elapsed, 1e-9),
+            "elapsed_s": self.elapsed,
+        }
         if self.source_seconds is not None:  # of elapsed_s, the part spent waiting for batches (the rest: SAE steps)
             rec["source_s"] = self.source_seconds
         rec.update({k: float(v) for k, v in parts.items()})

@@ -8,16 +8,22 @@ from pathlib import Path
 
 from saeforge.config import add_config_options, overrides
 from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
 from saeforge.viewer.server import serve
-from saeforge.viewer.export import export_neuronpedia
 
 
 def _index_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index options")
     for f in dataclasses.fields(IndexConfig):
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"index_{f.name}", type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+        g.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"index_{f.name}",
+            type=type(f.default),
+            default=f.default,
+            metavar=type(f.default).__name__.upper(),
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
 
 
 def cmd_index(ns: argparse.Namespace, base: dict) -> int:
@@ -43,10 +49,13 @@ def cmd_export(ns: argparse.Namespace, base: dict) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
-    i = sub.add_parser("index", help="build a feature database (SQLite) for an SAE: contexts, histograms, logit lens",
-                       description="Streams --tokens corpus tokens through the SAE's model and SAE. Resumable: run the "
-                                   "same command again after an interruption. Model, hook and corpus default to the "
-                                   "SAE's own (cfg.json metadata); --model.* / --data.* override them.")
+    i = sub.add_parser(
+        "index",
+        help="build a feature database (SQLite) for an SAE: contexts, histograms, logit lens",
+        description="Streams --tokens corpus tokens through the SAE's model and SAE. Resumable: run the "
+        "same command again after an interruption. Model, hook and corpus default to the "
+        "SAE's own (cfg.json metadata); --model.* / --data.* override them.",
+    )
     i.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
     i.add_argument("--out", help="database file (default: SAE_DIR/features.db)")
     i.add_argument("--restart", action="store_true", help="discard a partial build instead of resuming it")

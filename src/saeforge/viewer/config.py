@@ -9,11 +9,16 @@ from saeforge.config import F, check
 
 @dataclass
 class IndexConfig:
-    tokens: int = F(1_000_000, "Corpus tokens to run through the LM and SAE (whole windows; BOS positions are not counted as firings).")
+    tokens: int = F(
+        1_000_000,
+        "Corpus tokens to run through the LM and SAE (whole windows; BOS positions are not counted as firings).",
+    )
     part: str = F("train", "Corpus part to read: train or heldout (the SAE's own document split).")
     top_k: int = F(16, "Max-activating contexts kept per feature (at most one per window, centred on its maximum).")
     quantile_intervals: int = F(4, "Activation-quantile intervals to sample contexts from.")
-    per_interval: int = F(5, "Contexts per quantile interval (a uniform sample of firing windows, split by activation).")
+    per_interval: int = F(
+        5, "Contexts per quantile interval (a uniform sample of firing windows, split by activation)."
+    )
     left: int = F(24, "Tokens kept before each context's maximum.")
     right: int = F(8, "Tokens kept after each context's maximum.")
     hist_bins: int = F(64, "Activation-histogram bins (power-of-two widths, doubled as larger activations arrive).")

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
 from saeforge.config import UserError
 
 FORMAT_VERSION = 1
@@ -92,7 +94,9 @@ class FeatureDB:
         try:
             self.meta = {k: json.loads(v) for k, v in self._con().execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
-            raise DBError(f"{self.path} is not a saeforge feature database ({e}); rebuild it with `saeforge index`") from e
+            raise DBError(
+                f"{self.path} is not a saeforge feature database ({e}); rebuild it with `saeforge index`"
+            ) from e
         if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
             raise DBError(f"{self.path} is incomplete or of another format version; rebuild it with `saeforge index`")
 
@@ -118,33 +122,62 @@ class FeatureDB:
         return [self._vocab.get(i, "") for i in ids]
 
     def feature(self, idx: int) -> dict[str, Any] | None:
-        row = self.query("SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,))
+        row = self.query(
+            "SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,)
+        )
         if not row:
             return None
         fire_count, density, max_act, mean_act, width, hist = row[0]
         contexts = []
         for kind, rank, interval, window, mact, pos, tokens, acts in self.query(
-                "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts WHERE feature = ? "
-                "ORDER BY kind = 'quantile', interval DESC, rank", (idx,)):
+            "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts WHERE feature = ? "
+            "ORDER BY kind = 'quantile', interval DESC, rank",
+            (idx,),
+        ):
             ids = json.loads(tokens)
-            contexts.append({"kind": kind, "rank": rank, "interval": interval, "window": window, "max_act": mact,
-                             "max_pos": pos, "token_ids": ids, "tokens": self.texts(ids), "acts": json.loads(acts)})
+            contexts.append(
+                {
+                    "kind": kind,
+                    "rank": rank,
+                    "interval": interval,
+                    "window": window,
+                    "max_act": mact,
+                    "max_pos": pos,
+                    "token_ids": ids,
+                    "tokens": self.texts(ids),
+                    "acts": json.loads(acts),
+                }
+            )
         logits = {1: [], -1: []}
-        for sign, token, value in self.query("SELECT sign, token, value FROM logits WHERE feature = ? ORDER BY sign DESC, rank", (idx,)):
+        for sign, token, value in self.query(
+            "SELECT sign, token, value FROM logits WHERE feature = ? ORDER BY sign DESC, rank", (idx,)
+        ):
             logits[sign].append((token, value))
         nbrs = self.query("SELECT other, cosine FROM neighbours WHERE feature = ? ORDER BY rank", (idx,))
-        return {"index": idx, "fire_count": fire_count, "density": density, "max_act": max_act, "mean_act": mean_act,
-                "hist_width": width, "hist": json.loads(hist), "contexts": contexts,
-                "pos": [(t, s, v) for (t, v), s in zip(logits[1], self.texts(t for t, _ in logits[1]))],
-                "neg": [(t, s, v) for (t, v), s in zip(logits[-1], self.texts(t for t, _ in logits[-1]))],
-                "neighbours": [{"index": o, "cosine": c} for o, c in nbrs]}
+        return {
+            "index": idx,
+            "fire_count": fire_count,
+            "density": density,
+            "max_act": max_act,
+            "mean_act": mean_act,
+            "hist_width": width,
+            "hist": json.loads(hist),
+            "contexts": contexts,
+            "pos": [(t, s, v) for (t, v), s in zip(logits[1], self.texts(t for t, _ in logits[1]))],
+            "neg": [(t, s, v) for (t, v), s in zip(logits[-1], self.texts(t for t, _ in logits[-1]))],
+            "neighbours": [{"index": o, "cosine": c} for o, c in nbrs],
+        }
 
-    def list_features(self, sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50,
-                      alive_only: bool = False) -> list[dict[str, Any]]:
+    def list_features(
+        self, sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50, alive_only: bool = False
+    ) -> list[dict[str, Any]]:
         col = {"density": "density", "max_act": "max_act", "index": "idx"}[sort]
         where = "WHERE fire_count > 0" if alive_only else ""
-        rows = self.query(f"SELECT idx, density, max_act, fire_count FROM features {where} "
-                          f"ORDER BY {col} {'DESC' if desc else 'ASC'}, idx LIMIT ? OFFSET ?", (limit, offset))
+        rows = self.query(
+            f"SELECT idx, density, max_act, fire_count FROM features {where} "
+            f"ORDER BY {col} {'DESC' if desc else 'ASC'}, idx LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
         return self._summaries(rows)
 
     def search(self, q: str, limit: int = 50) -> list[dict[str, Any]]:
@@ -152,10 +185,17 @@ class FeatureDB:
         rows = self.query(
             "SELECT c.feature, COUNT(*) AS hits, MAX(c.max_act) FROM contexts c JOIN vocab v ON v.id = c.max_token "
             "WHERE c.kind = 'top' AND v.text LIKE ? ESCAPE '\\' GROUP BY c.feature ORDER BY hits DESC, 3 DESC LIMIT ?",
-            (_like(q), limit))
+            (_like(q), limit),
+        )
         hits = {f: h for f, h, _ in rows}
-        found = self.query(f"SELECT idx, density, max_act, fire_count FROM features WHERE idx IN ({','.join('?' * len(hits))})",
-                           tuple(hits)) if hits else []
+        found = (
+            self.query(
+                f"SELECT idx, density, max_act, fire_count FROM features WHERE idx IN ({','.join('?' * len(hits))})",
+                tuple(hits),
+            )
+            if hits
+            else []
+        )
         out = self._summaries(found)
         for s in out:
             s["matching_contexts"] = hits[s["index"]]
@@ -164,8 +204,25 @@ class FeatureDB:
     def _summaries(self, rows: list[tuple]) -> list[dict[str, Any]]:
         """Index, density, max and the token each feature's strongest context peaks on."""
         idxs = [r[0] for r in rows]
-        peak = dict(self.query(f"SELECT feature, max_token FROM contexts WHERE kind = 'top' AND rank = 0 AND feature IN "
-                               f"({','.join('?' * len(idxs))})", tuple(idxs))) if idxs else {}
+        peak = (
+            dict(
+                self.query(
+                    f"SELECT feature, max_token FROM contexts WHERE kind = 'top' AND rank = 0 AND feature IN "
+                    f"({','.join('?' * len(idxs))})",
+                    tuple(idxs),
+                )
+            )
+            if idxs
+            else {}
+        )
         texts = dict(zip(peak.values(), self.texts(peak.values())))
-        return [{"index": i, "density": d, "max_act": m, "fire_count": c,
-                 "peak_token": texts.get(peak[i]) if i in peak else None} for i, d, m, c in rows]
+        return [
+            {
+                "index": i,
+                "density": d,
+                "max_act": m,
+                "fire_count": c,
+                "peak_token": texts.get(peak[i]) if i in peak else None,
+            }
+            for i, d, m, c in rows
+        ]

@@ -16,13 +16,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-from saeforge.viewer.db import FeatureDB
 from saeforge.io import atomic_write_text
+from saeforge.viewer.db import FeatureDB
 
-EMPTY_FIELDS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
-                "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
-                "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson",
-                "logits_hist_data_bar_heights", "logits_hist_data_bar_values", "decoder_weights_dist")
+EMPTY_FIELDS = (
+    "neuron_alignment_indices",
+    "neuron_alignment_values",
+    "neuron_alignment_l1",
+    "correlated_neurons_indices",
+    "correlated_neurons_l1",
+    "correlated_neurons_pearson",
+    "correlated_features_indices",
+    "correlated_features_l1",
+    "correlated_features_pearson",
+    "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values",
+    "decoder_weights_dist",
+)
 
 
 def layer_of(hook: str) -> int:
@@ -40,18 +50,31 @@ def feature_record(d: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
         lo, hi = min(c["max_act"] for c in cs), max(c["max_act"] for c in cs)
         # top group: the interval of the k largest; quantile groups: their share of the uniform sample
         share = len(cs) / n_sample if kind == "quantile" else len(cs) / max(f["fire_count"], 1)
-        acts += [{"bin_min": lo, "bin_max": hi, "bin_contains": share, "tokens": c["tokens"], "values": c["acts"]} for c in cs]
+        acts += [
+            {"bin_min": lo, "bin_max": hi, "bin_contains": share, "tokens": c["tokens"], "values": c["acts"]}
+            for c in cs
+        ]
     w = f["hist_width"]
-    return {"feature_index": f["index"], **{k: [] for k in EMPTY_FIELDS},
-            "pos_str": [s for _, s, _ in f["pos"]], "pos_values": [v for _, _, v in f["pos"]],
-            "neg_str": [s for _, s, _ in f["neg"]], "neg_values": [v for _, _, v in f["neg"]],
-            "frac_nonzero": f["density"], "freq_hist_data_bar_heights": f["hist"],
-            "freq_hist_data_bar_values": [(i + 0.5) * w for i in range(len(f["hist"]))],
-            "n_prompts_total": d.meta["n_windows"], "n_tokens_in_prompt": d.meta["context_size"],
-            "dataset": d.meta["corpus"], "activations": acts}
+    return {
+        "feature_index": f["index"],
+        **{k: [] for k in EMPTY_FIELDS},
+        "pos_str": [s for _, s, _ in f["pos"]],
+        "pos_values": [v for _, _, v in f["pos"]],
+        "neg_str": [s for _, s, _ in f["neg"]],
+        "neg_values": [v for _, _, v in f["neg"]],
+        "frac_nonzero": f["density"],
+        "freq_hist_data_bar_heights": f["hist"],
+        "freq_hist_data_bar_values": [(i + 0.5) * w for i in range(len(f["hist"]))],
+        "n_prompts_total": d.meta["n_windows"],
+        "n_tokens_in_prompt": d.meta["context_size"],
+        "dataset": d.meta["corpus"],
+        "activations": acts,
+    }
 
 
-def export_neuronpedia(db_path: str | Path, out: str | Path, batch_size: int = 128, progress: bool = True) -> list[Path]:
+def export_neuronpedia(
+    db_path: str | Path, out: str | Path, batch_size: int = 128, progress: bool = True
+) -> list[Path]:
     from tqdm import tqdm
 
     d = FeatureDB(db_path)
@@ -65,8 +88,17 @@ def export_neuronpedia(db_path: str | Path, out: str | Path, batch_size: int = 1
         path = out / f"batch-{start // batch_size}.json"
         atomic_write_text(path, json.dumps({**head, "features": feats}))
         files.append(path)
-    settings = {**head, "model": m["model"], "hook": m["hook"], "d_sae": m["d_sae"], "n_tokens": m["n_tokens"],
-                "n_prompts_total": m["n_windows"], "n_tokens_in_prompt": m["context_size"], "dataset": m["corpus"],
-                "n_features_per_batch": batch_size, "source": "saeforge export-neuronpedia"}
+    settings = {
+        **head,
+        "model": m["model"],
+        "hook": m["hook"],
+        "d_sae": m["d_sae"],
+        "n_tokens": m["n_tokens"],
+        "n_prompts_total": m["n_windows"],
+        "n_tokens_in_prompt": m["context_size"],
+        "dataset": m["corpus"],
+        "n_features_per_batch": batch_size,
+        "source": "saeforge export-neuronpedia",
+    }
     atomic_write_text(out / "run_settings.json", json.dumps(settings, indent=2))
     return files + [out / "run_settings.json"]

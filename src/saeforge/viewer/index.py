@@ -22,17 +22,16 @@ from typing import Any
 
 import torch
 
-from saeforge.config import ConfigError
-from saeforge.viewer import db
-from saeforge.viewer.db import DBError
-from saeforge.viewer.config import IndexConfig
-from saeforge.viewer.stats import FeatureStats
-from saeforge.io import atomic_path, atomic_write_text
 from saeforge.activations.stream import train_windows, window_activations
+from saeforge.config import ConfigError
 from saeforge.evals.setup import eval_setup_for
+from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae, read_cfg
-from saeforge.viewer import lens
+from saeforge.viewer import db, lens
+from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.db import DBError
+from saeforge.viewer.stats import FeatureStats
 
 STATE_SUFFIX = ".index-state"
 
@@ -54,8 +53,14 @@ def state_dir(out: Path) -> Path:
 
 def _fingerprint(sae_dir: Path, cfg: IndexConfig, run_cfg: Any) -> dict[str, Any]:
     w = sae_dir / "sae_weights.safetensors"
-    return {"sae_dir": str(sae_dir.resolve()), "weights_size": w.stat().st_size, "weights_mtime": w.stat().st_mtime_ns,
-            "index": asdict(cfg), "model": asdict(run_cfg.model), "data": asdict(run_cfg.data)}
+    return {
+        "sae_dir": str(sae_dir.resolve()),
+        "weights_size": w.stat().st_size,
+        "weights_mtime": w.stat().st_mtime_ns,
+        "index": asdict(cfg),
+        "model": asdict(run_cfg.model),
+        "data": asdict(run_cfg.data),
+    }
 
 
 def _save_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) -> None:
@@ -67,8 +72,16 @@ def _save_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     # JSON last and naming the counters the tensors belong to: a crash between the two writes leaves an
     # older JSON whose n_updates does not match the tensors' file, caught below.
-    atomic_write_text(folder / "state.json", json.dumps({"fingerprint": fingerprint, "counters": counters,
-                                                         "tensor_bytes": (folder / "stats.safetensors").stat().st_size}))
+    atomic_write_text(
+        folder / "state.json",
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "counters": counters,
+                "tensor_bytes": (folder / "stats.safetensors").stat().st_size,
+            }
+        ),
+    )
 
 
 def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) -> bool:
@@ -78,8 +91,10 @@ def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
         return False
     state = json.loads((folder / "state.json").read_text())
     if state["fingerprint"] != fingerprint:
-        raise DBError(f"{folder} holds a partial index built with other settings or another SAE; "
-                         "delete it (or pass --restart) to start over, or rerun with the same options to resume")
+        raise DBError(
+            f"{folder} holds a partial index built with other settings or another SAE; "
+            "delete it (or pass --restart) to start over, or rerun with the same options to resume"
+        )
     tensors = load_file(str(folder / "stats.safetensors"))
     if (folder / "stats.safetensors").stat().st_size != state["tensor_bytes"]:
         return False  # tensors newer than the JSON: start over rather than mix two points in time
@@ -87,8 +102,15 @@ def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
     return True
 
 
-def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, overrides: dict | None = None,
-                progress: bool = True, restart: bool = False, lm=None) -> Path:
+def build_index(
+    sae_dir: str | Path,
+    out: str | Path,
+    cfg: IndexConfig,
+    overrides: dict | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    lm=None,
+) -> Path:
     """Build the feature database for ``sae_dir`` at ``out``; returns ``out``. See the module docstring."""
     from tqdm import tqdm
 
@@ -102,8 +124,9 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
     T = data_cfg.context_size
     n_windows = max(1, cfg.tokens // T)
 
-    stats = FeatureStats(sae.d_sae, cfg.top_k, cfg.quantile_intervals * cfg.per_interval, cfg.left, cfg.right,
-                         cfg.hist_bins, cfg.seed)
+    stats = FeatureStats(
+        sae.d_sae, cfg.top_k, cfg.quantile_intervals * cfg.per_interval, cfg.left, cfg.right, cfg.hist_bins, cfg.seed
+    )
     sdir = state_dir(out)
     if restart:
         shutil.rmtree(sdir, ignore_errors=True)
@@ -112,8 +135,13 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
 
     windows = train_windows(lm.tokenizer, data_cfg, cfg.part)
     windows = itertools.islice(windows, stats.n_windows, n_windows)  # skip what the checkpoint holds
-    bar = tqdm(total=n_windows * T, initial=stats.n_windows * T, unit="tok", disable=not progress,
-               desc=f"index {default_sae_id(sae_dir)}" + (" (resumed)" if resumed else ""))
+    bar = tqdm(
+        total=n_windows * T,
+        initial=stats.n_windows * T,
+        unit="tok",
+        disable=not progress,
+        desc=f"index {default_sae_id(sae_dir)}" + (" (resumed)" if resumed else ""),
+    )
     t0 = time.perf_counter()
     while True:
         batch = list(itertools.islice(windows, cfg.lm_batch_size))
@@ -129,15 +157,31 @@ def build_index(sae_dir: str | Path, out: str | Path, cfg: IndexConfig, override
             _save_state(sdir, stats, fingerprint)
     bar.close()
     if stats.n_windows == 0:
-        raise ConfigError(f"the {cfg.part} part of corpus {data_cfg.corpus!r} gave no windows of {T} tokens; "
-                         "use a larger corpus or a smaller --data.context_size")
+        raise ConfigError(
+            f"the {cfg.part} part of corpus {data_cfg.corpus!r} gave no windows of {T} tokens; "
+            "use a larger corpus or a smaller --data.context_size"
+        )
 
-    meta = {"format_version": db.FORMAT_VERSION, "model": run_cfg.model.name, "model_id": slug(run_cfg.model.name),
-            "sae_id": cfg.name or default_sae_id(sae_dir), "sae_dir": str(sae_dir.resolve()), "hook": run_cfg.model.hook,
-            "architecture": read_cfg(sae_dir).get("architecture"), "d_in": sae.d_in, "d_sae": sae.d_sae,
-            "corpus": data_cfg.corpus, "part": cfg.part, "context_size": T, "n_tokens": stats.n_tokens,
-            "n_windows": stats.n_windows, "index_config": asdict(cfg), "data_config": asdict(data_cfg),
-            "model_dtype": str(lm.dtype).replace("torch.", ""), "build_seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "format_version": db.FORMAT_VERSION,
+        "model": run_cfg.model.name,
+        "model_id": slug(run_cfg.model.name),
+        "sae_id": cfg.name or default_sae_id(sae_dir),
+        "sae_dir": str(sae_dir.resolve()),
+        "hook": run_cfg.model.hook,
+        "architecture": read_cfg(sae_dir).get("architecture"),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "corpus": data_cfg.corpus,
+        "part": cfg.part,
+        "context_size": T,
+        "n_tokens": stats.n_tokens,
+        "n_windows": stats.n_windows,
+        "index_config": asdict(cfg),
+        "data_config": asdict(data_cfg),
+        "model_dtype": str(lm.dtype).replace("torch.", ""),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
     write_database(out, stats, lm, sae, meta, cfg)
     shutil.rmtree(sdir, ignore_errors=True)
     return out
@@ -156,11 +200,21 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
         lensed = lens.logit_lens(lm.model, W_dec, cfg.n_logits)
         if lensed is not None:
             tv, ti, bv, bi = (t.tolist() for t in lensed)
-            db.insert(con, "logits", ((f, sign, r, idx[f][r], val[f][r]) for sign, val, idx in ((1, tv, ti), (-1, bv, bi))
-                                      for f in range(len(idx)) for r in range(len(idx[f]))))
+            db.insert(
+                con,
+                "logits",
+                (
+                    (f, sign, r, idx[f][r], val[f][r])
+                    for sign, val, idx in ((1, tv, ti), (-1, bv, bi))
+                    for f in range(len(idx))
+                    for r in range(len(idx[f]))
+                ),
+            )
         if cfg.n_neighbours > 0 and sae.d_sae > 1:
             cos, idx = (t.tolist() for t in lens.neighbours(W_dec.cpu(), cfg.n_neighbours))
-            db.insert(con, "neighbours", ((f, r, idx[f][r], cos[f][r]) for f in range(len(idx)) for r in range(len(idx[f]))))
+            db.insert(
+                con, "neighbours", ((f, r, idx[f][r], cos[f][r]) for f in range(len(idx)) for r in range(len(idx[f])))
+            )
         db.write_meta(con, {"logit_lens": lensed is not None})
         db.finish(con)
         os.replace(tmp, out)
@@ -176,7 +230,15 @@ def _feature_rows(stats: FeatureStats):
     for f in range(stats.F):
         h = hist[f]
         last = int(h.nonzero().max()) + 1 if count[f] else 0  # trailing empty bins carry nothing
-        yield (f, count[f], count[f] / n, mx[f], total[f] / count[f] if count[f] else 0.0, width[f], json.dumps(h[:last].tolist()))
+        yield (
+            f,
+            count[f],
+            count[f] / n,
+            mx[f],
+            total[f] / count[f] if count[f] else 0.0,
+            width[f],
+            json.dumps(h[:last].tolist()),
+        )
 
 
 def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int], list[float], int]:

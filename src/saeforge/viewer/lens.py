@@ -19,8 +19,11 @@ from torch import Tensor, nn
 
 from saeforge.models.hooks import final_norm
 
+
 @torch.no_grad()
-def logit_lens(model: nn.Module, W_dec_FD: Tensor, n: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+def logit_lens(
+    model: nn.Module, W_dec_FD: Tensor, n: int, chunk: int = 256
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """(top_val_FN, top_idx_FN, bottom_val_FN, bottom_idx_FN), or None when d_in != the unembedding width."""
     unembed = model.get_output_embeddings()
     if unembed is None or unembed.weight.shape[1] != W_dec_FD.shape[1]:
@@ -52,7 +55,7 @@ def neighbours(W_dec_FD: Tensor, n: int, chunk: int = 1024) -> tuple[Tensor, Ten
     n = min(n, F - 1)
     vals, idxs = [], []
     for start in range(0, F, chunk):
-        cos_CF = W[start:start + chunk] @ W.T
+        cos_CF = W[start : start + chunk] @ W.T
         rows = torch.arange(cos_CF.shape[0])
         cos_CF[rows, rows + start] = float("-inf")  # not its own neighbour
         top = cos_CF.topk(n, dim=1)

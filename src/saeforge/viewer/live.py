@@ -13,18 +13,19 @@ relative) when the LM is bf16.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from saeforge.config import UserError
-from saeforge.config import from_dict, DataConfig
-from saeforge.models import load_model, resolve_hook
-from saeforge.saes.formats import load_sae
-from saeforge.data.packing import _bos_id
+
+from saeforge.config import DataConfig, UserError, from_dict
 from saeforge.data import excluded_mask
+from saeforge.data.packing import _bos_id
+from saeforge.models import load_model, resolve_hook
 from saeforge.models.hooks import capture
+from saeforge.saes.formats import load_sae
 
 MAX_TOKENS = 256  # the live box is for a sentence or a paragraph, not a document
 
@@ -70,8 +71,10 @@ class LiveRunner:
                 sae = load_sae(meta["sae_dir"], device=str(lm.device))
                 hook = resolve_hook(lm.model, meta["hook"])
             except (OSError, ValueError, KeyError) as e:
-                raise LiveError(f"cannot load the model/SAE of {key} ({e}); the database points at "
-                                f"{meta.get('model')!r} and {meta.get('sae_dir')!r}") from e
+                raise LiveError(
+                    f"cannot load the model/SAE of {key} ({e}); the database points at "
+                    f"{meta.get('model')!r} and {meta.get('sae_dir')!r}"
+                ) from e
             self._saes[key] = Loaded(lm, sae, hook, from_dict(DataConfig, meta["data_config"], "data"))
         return self._saes[key]
 
@@ -93,6 +96,8 @@ class LiveRunner:
     def top_features(self, key: str, meta: dict[str, Any], text: str, top: int) -> dict[str, Any]:
         ids, f_TF, keep_T = self.latents(key, meta, text)
         vals, idx = f_TF.topk(min(top, f_TF.shape[1]), dim=1)
-        per_token = [[{"index": int(i), "value": float(v)} for v, i in zip(vr, ir) if v > 0]
-                     for vr, ir in zip(vals.tolist(), idx.tolist())]
+        per_token = [
+            [{"index": int(i), "value": float(v)} for v, i in zip(vr, ir) if v > 0]
+            for vr, ir in zip(vals.tolist(), idx.tolist())
+        ]
         return {"token_ids": ids, "features": per_token, "excluded": [not k for k in keep_T.tolist()]}

@@ -45,24 +45,48 @@ def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
     for c in f["contexts"]:
         quant = c["kind"] == "quantile"
         iv = by_interval.get(c["interval"], [])
-        acts.append({"tokens": c["tokens"], "values": c["acts"], "maxValue": c["max_act"],
-                     "maxValueTokenIndex": c["max_pos"], "minValue": min(c["acts"]) if c["acts"] else 0.0,
-                     "binMin": min(iv) if quant else None, "binMax": max(iv) if quant else None,
-                     "binContains": len(iv) / n_sample if quant else None,
-                     "kind": c["kind"], "interval": c["interval"], "window": c["window"]})
+        acts.append(
+            {
+                "tokens": c["tokens"],
+                "values": c["acts"],
+                "maxValue": c["max_act"],
+                "maxValueTokenIndex": c["max_pos"],
+                "minValue": min(c["acts"]) if c["acts"] else 0.0,
+                "binMin": min(iv) if quant else None,
+                "binMax": max(iv) if quant else None,
+                "binContains": len(iv) / n_sample if quant else None,
+                "kind": c["kind"],
+                "interval": c["interval"],
+                "window": c["window"],
+            }
+        )
     return {
-        "modelId": m["model_id"], "layer": m["sae_id"], "index": str(f["index"]),
-        "maxActApprox": f["max_act"], "frac_nonzero": f["density"],
-        "pos_str": [s for _, s, _ in f["pos"]], "pos_values": [v for _, _, v in f["pos"]],
-        "neg_str": [s for _, s, _ in f["neg"]], "neg_values": [v for _, _, v in f["neg"]],
+        "modelId": m["model_id"],
+        "layer": m["sae_id"],
+        "index": str(f["index"]),
+        "maxActApprox": f["max_act"],
+        "frac_nonzero": f["density"],
+        "pos_str": [s for _, s, _ in f["pos"]],
+        "pos_values": [v for _, _, v in f["pos"]],
+        "neg_str": [s for _, s, _ in f["neg"]],
+        "neg_values": [v for _, _, v in f["neg"]],
         "freq_hist_data_bar_heights": f["hist"],
         "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(f["hist"]))],
         "topkCosSimIndices": [n["index"] for n in f["neighbours"]],
         "topkCosSimValues": [n["cosine"] for n in f["neighbours"]],
-        "activations": acts, "explanations": [],
-        "saeforge": {"hook": m["hook"], "density": f["density"], "fire_count": f["fire_count"], "mean_act": f["mean_act"],
-                     "hist_bin_width": width, "n_tokens": m["n_tokens"], "d_sae": m["d_sae"],
-                     "pos_token_ids": [t for t, _, _ in f["pos"]], "neg_token_ids": [t for t, _, _ in f["neg"]]},
+        "activations": acts,
+        "explanations": [],
+        "saeforge": {
+            "hook": m["hook"],
+            "density": f["density"],
+            "fire_count": f["fire_count"],
+            "mean_act": f["mean_act"],
+            "hist_bin_width": width,
+            "n_tokens": m["n_tokens"],
+            "d_sae": m["d_sae"],
+            "pos_token_ids": [t for t, _, _ in f["pos"]],
+            "neg_token_ids": [t for t, _, _ in f["neg"]],
+        },
     }
 
 
@@ -83,9 +107,13 @@ def create_app(db_paths: list[str | Path], live: bool = True):
     assets = _read_assets()
     runner = LiveRunner() if live else None
 
-    app = FastAPI(title="saeforge feature viewer", version="1",
-                  description="Feature dashboards, search and live activations for sparse autoencoders.",
-                  docs_url=None, redoc_url=None)  # the Swagger/ReDoc pages load scripts from a CDN; /openapi.json stays
+    app = FastAPI(
+        title="saeforge feature viewer",
+        version="1",
+        description="Feature dashboards, search and live activations for sparse autoencoders.",
+        docs_url=None,
+        redoc_url=None,
+    )  # the Swagger/ReDoc pages load scripts from a CDN; /openapi.json stays
 
     class NotFound(Exception):
         def __init__(self, msg: str):
@@ -152,17 +180,38 @@ def create_app(db_paths: list[str | Path], live: bool = True):
     # ---- API ---------------------------------------------------------------------------
     @app.get("/api/saes", summary="The SAEs this server holds")
     def saes():
-        keys = ("model", "model_id", "sae_id", "hook", "architecture", "d_in", "d_sae", "n_tokens", "corpus", "logit_lens")
+        keys = (
+            "model",
+            "model_id",
+            "sae_id",
+            "hook",
+            "architecture",
+            "d_in",
+            "d_sae",
+            "n_tokens",
+            "corpus",
+            "logit_lens",
+        )
         return {"saes": [{k: d.meta.get(k) for k in keys} | {"live": live} for d in dbs.values()]}
 
     @app.get("/api/features/{model}/{sae}", summary="Feature list, sorted")
-    def features(model: str, sae: str, sort: str = "density", order: str = "desc", offset: int = Query(0, ge=0),
-                 limit: int = Query(50, ge=1, le=MAX_LIMIT), alive_only: bool = False):
+    def features(
+        model: str,
+        sae: str,
+        sort: str = "density",
+        order: str = "desc",
+        offset: int = Query(0, ge=0),
+        limit: int = Query(50, ge=1, le=MAX_LIMIT),
+        alive_only: bool = False,
+    ):
         d = get_db(model, sae)
         if sort not in ("density", "max_act", "index") or order not in ("asc", "desc"):
             raise HTTPException(400, "sort must be density, max_act or index; order asc or desc")
-        return {"total": d.d_sae, "offset": offset,
-                "features": d.list_features(sort, order == "desc", offset, limit, alive_only)}
+        return {
+            "total": d.d_sae,
+            "offset": offset,
+            "features": d.list_features(sort, order == "desc", offset, limit, alive_only),
+        }
 
     @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
     def feature(model: str, sae: str, index: int):
@@ -174,8 +223,12 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         if not q.strip():
             raise HTTPException(400, "q must not be empty")
         targets = [get_db(model, sae)] if model and sae else list(dbs.values())
-        return {"q": q, "results": [{"model": d.meta["model_id"], "sae": d.meta["sae_id"], **r}
-                                    for d in targets for r in d.search(q, limit)]}
+        return {
+            "q": q,
+            "results": [
+                {"model": d.meta["model_id"], "sae": d.meta["sae_id"], **r} for d in targets for r in d.search(q, limit)
+            ],
+        }
 
     class ActivationsRequest(BaseModel):
         text: str = Field(..., min_length=1, max_length=4000, description="Text to run (at most 256 tokens are used).")
@@ -214,8 +267,13 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         ids, f_TF, _ = run_live(r.latents, f"{model}/{sae}", d.meta, req.text)
         values = f_TF[:, index].tolist()
         top = max(range(len(values)), key=values.__getitem__)
-        return {"tokens": d.texts(ids), "values": values, "maxValue": values[top], "maxValueTokenIndex": top,
-                "minValue": min(values)}
+        return {
+            "tokens": d.texts(ids),
+            "values": values,
+            "maxValue": values[top],
+            "maxValueTokenIndex": top,
+            "minValue": min(values),
+        }
 
     app.include_router(steer_router(get_feature, runner))
     return app

@@ -42,13 +42,20 @@ class Kept:
     acts_FKL: Tensor
 
     @classmethod
-    def empty(cls, F: int, K: int, L: int) -> "Kept":
-        return cls(torch.full((F, K), EMPTY), torch.zeros(F, K), torch.full((F, K), -1, dtype=torch.int64),
-                   torch.full((F, K, L), -1, dtype=torch.int32), torch.zeros(F, K, L))
+    def empty(cls, F: int, K: int, L: int) -> Kept:
+        return cls(
+            torch.full((F, K), EMPTY),
+            torch.zeros(F, K),
+            torch.full((F, K), -1, dtype=torch.int64),
+            torch.full((F, K, L), -1, dtype=torch.int32),
+            torch.zeros(F, K, L),
+        )
 
     def ordered(self, f: int) -> list[int]:
         """Filled slots of feature f, best score first."""
-        return [k for k in self.score_FK[f].argsort(descending=True, stable=True).tolist() if self.score_FK[f, k] > EMPTY]
+        return [
+            k for k in self.score_FK[f].argsort(descending=True, stable=True).tolist() if self.score_FK[f, k] > EMPTY
+        ]
 
     def merge(self, score_FS: Tensor, value_FS: Tensor, window_FS: Tensor, snippets) -> None:
         """Keep the K best of (kept, new) per feature; a new entry that gets in takes an evicted slot.
@@ -74,10 +81,12 @@ class Kept:
         self.acts_FKL[f_out, k_out] = acts_ML
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in ("score_FK", "value_FK", "window_FK", "tokens_FKL", "acts_FKL")}
+        return {
+            f"{prefix}.{k}": getattr(self, k) for k in ("score_FK", "value_FK", "window_FK", "tokens_FKL", "acts_FKL")
+        }
 
     @classmethod
-    def from_tensors(cls, d: dict[str, Tensor], prefix: str) -> "Kept":
+    def from_tensors(cls, d: dict[str, Tensor], prefix: str) -> Kept:
         return cls(*(d[f"{prefix}.{k}"] for k in ("score_FK", "value_FK", "window_FK", "tokens_FKL", "acts_FKL")))
 
 
@@ -121,7 +130,9 @@ class FeatureStats:
         key_M = (n_M // T) * F + j_M
         wmax = torch.zeros(S * F).scatter_reduce_(0, key_M, v_M, "amax")
         at_max = v_M == wmax[key_M]
-        wpos = torch.full((S * F,), T - 1, dtype=torch.long).scatter_reduce_(0, key_M[at_max], (n_M % T)[at_max], "amin")
+        wpos = torch.full((S * F,), T - 1, dtype=torch.long).scatter_reduce_(
+            0, key_M[at_max], (n_M % T)[at_max], "amin"
+        )
         wmax_SF, wpos_SF = wmax.view(S, F), wpos.view(S, F)
 
         offs_L = torch.arange(-self.left, self.right + 1)
@@ -165,17 +176,29 @@ class FeatureStats:
 
     # ---- resume ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
-        tensors = {"fire_count_F": self.fire_count_F, "act_sum_F": self.act_sum_F, "max_F": self.max_F,
-                   "hist_width_F": self.hist_width_F, "hist_FH": self.hist_FH,
-                   **self.top.tensors("top"), **self.sample.tensors("sample")}
+        tensors = {
+            "fire_count_F": self.fire_count_F,
+            "act_sum_F": self.act_sum_F,
+            "max_F": self.max_F,
+            "hist_width_F": self.hist_width_F,
+            "hist_FH": self.hist_FH,
+            **self.top.tensors("top"),
+            **self.sample.tensors("sample"),
+        }
         return tensors, {"n_tokens": self.n_tokens, "n_windows": self.n_windows, "n_updates": self.n_updates}
 
     def load(self, tensors: dict[str, Tensor], counters: dict[str, int]) -> None:
         for k in ("fire_count_F", "act_sum_F", "max_F", "hist_width_F", "hist_FH"):
             if tensors[k].shape != getattr(self, k).shape:
-                raise DBError(f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
-                                 f"{list(getattr(self, k).shape)}; delete the .index-state folder to start over")
+                raise DBError(
+                    f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
+                    f"{list(getattr(self, k).shape)}; delete the .index-state folder to start over"
+                )
             setattr(self, k, tensors[k])
         self.top = Kept.from_tensors(tensors, "top")
         self.sample = Kept.from_tensors(tensors, "sample")
-        self.n_tokens, self.n_windows, self.n_updates = counters["n_tokens"], counters["n_windows"], counters["n_updates"]
+        self.n_tokens, self.n_windows, self.n_updates = (
+            counters["n_tokens"],
+            counters["n_windows"],
+            counters["n_updates"],
+        )
