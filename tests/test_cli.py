@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from saeforge.cli import main
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: real training runs, subprocesses, kills
+
 HOOK = "blocks.1.hook_resid_post"
 
 

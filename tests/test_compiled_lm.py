@@ -54,6 +54,7 @@ def test_marked_layers_run_compiled_where_safe_and_eager_elsewhere(llama):
     assert all(compiled._ATTR not in layer.__dict__ for layer in compiled.decoder_layers(llama))
 
 
+@pytest.mark.slow
 def test_inductor_compiled_layers_match_eager(llama):
     """The real thing (inductor, C++ codegen): same resid_post activations as the eager forward."""
     x = ids((4, 16), seed=1)

@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 HOOK = "blocks.1.hook_resid_post"
 B = 256  # global batch
 TOKENS = 16384  # 64 steps

@@ -13,6 +13,8 @@ import torch
 from dp_worker import TOKENS, B, run_config, train_one
 from test_distributed import finish, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ARCHS = ("topk", "batchtopk")  # per-row and whole-batch (global threshold) selection
 U = 2.0**-8  # bf16 unit roundoff: an 8-bit significand, so one rounding moves a value by at most 2^-8 relative
 

@@ -20,6 +20,8 @@ from test_distributed import finish, kill_tree, rel_diff, torchrun
 
 from saeforge.cli import main
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 POINTS = [f"hook={h}" for h in HOOKS]
 STEPS = 64  # 16384 tokens / 256

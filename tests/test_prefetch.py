@@ -179,15 +179,15 @@ def test_prefetch_runs_the_compiled_layers_in_its_thread_with_the_same_batches(t
 
 
 def test_live_chunk_with_a_row_budget_is_a_prefix_and_runs_fewer_lm_batches(tiny_model_dirs, text_corpus, monkeypatch):
-    from saeforge.models import hooks
+    from saeforge.activations import stream
 
     lm = load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
     data = DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.2)
     act = ActivationsConfig(batch_size=64, lm_batch_size=4, shuffle_sequences=16)
     point = resolve_hook(lm, "blocks.1.hook_resid_post")
     full = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1)
-    seen, original = [], hooks.capture  # window_activations looks capture up on each call
-    monkeypatch.setattr(hooks, "capture", lambda *a, **k: seen.append(1) or original(*a, **k))
+    seen, original = [], stream.capture  # counts the LM passes window_activations makes
+    monkeypatch.setattr(stream, "capture", lambda *a, **k: seen.append(1) or original(*a, **k))
     part = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1, rows_wanted=100)
     assert len(seen) == 1 and 100 <= len(part) <= 4 * 32 < len(full)  # one LM batch of 4 windows was enough
     torch.testing.assert_close(part, full[: len(part)], rtol=0, atol=0)

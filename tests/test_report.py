@@ -117,6 +117,7 @@ def test_pages_are_self_contained(outputs):
         assert set(re.findall(r"https?://[^\"' ]+", html)) == {"http://www.w3.org/2000/svg"}
 
 
+@pytest.mark.browser
 def test_pages_render_in_chromium(outputs):
     from playwright.sync_api import sync_playwright
 

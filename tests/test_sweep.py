@@ -12,6 +12,8 @@ from saeforge.config import ConfigError
 from saeforge.saes import formats
 from saeforge.training.sweep import parse_sweep, point_configs, point_name
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: real training runs, subprocesses, kills
+
 
 def test_parse_sweep_is_a_cartesian_product_with_pipe_for_list_values():
     points = parse_sweep(["sae.k=16,32", "train.lr=1e-3, 1e-4"])

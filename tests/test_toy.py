@@ -98,6 +98,7 @@ RECOVERY = {  # sae fields for SPECS's toy sizes at width 512 (toy.TOY_SAE_DEFAU
 
 
 @pytest.mark.parametrize("arch", sorted(RECOVERY))
+@pytest.mark.slow
 def test_each_architecture_recovers_the_uncorrelated_features_at_width_512(arch, one_thread):
     toy = ToyConfig(d=256, n_features=512, mean_active=5.0, decay=1.0)
     train = TrainConfig(total_tokens=300_000, lr=1e-2, lr_warmup_steps=20)

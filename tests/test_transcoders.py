@@ -239,6 +239,7 @@ def test_trainer_scales_each_side_and_export_folds_both_exactly(tmp_path):
     assert torch.equal(back(x_raw), raw(x_raw))
 
 
+@pytest.mark.slow
 def test_transcoder_training_resumes_to_the_uninterrupted_result(tmp_path):
     whole = small_trainer(tmp_path / "whole")
     whole.fit(transcoder_rows())
@@ -551,6 +552,7 @@ def test_transcoder_config_errors_before_any_model_loads():
         RunConfig.from_dict({"sae": {"skip": True}})
 
 
+@pytest.mark.slow
 def test_cli_caches_trains_and_evaluates_a_transcoder(tiny_model_dirs, text_corpus, tmp_path):
     import subprocess
     import sys

@@ -141,6 +141,7 @@ def _dump(path):
     return out
 
 
+@pytest.mark.slow
 def test_cli_build_then_killed_build_resumes_to_the_same_database(sae_dir, tmp_path, monkeypatch, capsys):
     from saeforge.cli import main
     from saeforge.viewer import index as index_mod

@@ -339,6 +339,7 @@ def page(server, tmp_path_factory):
         browser.close()
 
 
+@pytest.mark.browser
 def test_browser_feature_page_renders_escaped_contexts_and_tables(page, server, http):
     ARTIFACTS.mkdir(exist_ok=True)
     idx, f = _payload_feature(http)
@@ -360,6 +361,7 @@ def test_browser_feature_page_renders_escaped_contexts_and_tables(page, server, 
     assert page.errors == []
 
 
+@pytest.mark.browser
 def test_browser_feature_list_and_search(page, server, built):
     from saeforge.viewer.db import FeatureDB
 
@@ -377,6 +379,7 @@ def test_browser_feature_list_and_search(page, server, built):
     assert page.errors == []
 
 
+@pytest.mark.browser
 def test_browser_live_box_shows_activations_for_both_saes(page, server, http):
     text = "for i in range(10): print(i)"
     want = http.post("/api/activations", json={"text": text, "top": 3}).json()["results"]

@@ -186,6 +186,7 @@ def page(server, tmp_path_factory):
         browser.close()
 
 
+@pytest.mark.browser
 def test_browser_steering_panel_shows_both_generations_as_text(page, server, http):
     prompt = f"def add(a, b): {PAYLOAD}"
     want = http.post("/api/steer/llama/s/5", json={"prompt": prompt, "alpha": 40, "max_new_tokens": 12}).json()
