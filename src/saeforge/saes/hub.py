@@ -168,7 +168,7 @@ def _download(h: HubSpec) -> Path:
 def _online() -> bool:
     from huggingface_hub import constants
 
-    return not constants.HF_HUB_OFFLINE
+    return not constants.HF_HUB_OFFLINE  # what huggingface_hub's is_offline_mode() reads
 
 
 def _hub_error(e: Exception, h: HubSpec) -> Exception:
@@ -190,7 +190,7 @@ def _hub_error(e: Exception, h: HubSpec) -> Exception:
             f"{h}: repository {h.repo_id} not found (or private without a token); check OWNER/REPO, "
             "or log in (hf auth login or HF_TOKEN) for a private repo"
         )
-    if isinstance(e, errors.IncompleteSnapshotError):
+    if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):  # huggingface_hub >= 1.x only
         return HubError(
             f"{h}: the cached copy is incomplete and the Hub cannot be reached; connect and run again to finish it"
         )
