@@ -238,3 +238,35 @@ def test_push_errors(hf, sae_dir, tmp_path, monkeypatch, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["push", str(sae_dir), "--repo", "saes"]) == 2
     assert "expected OWNER/REPO" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_and_index_of_a_pushed_sae_by_hf_spec(hf, tiny_model_dirs, text_corpus, tmp_path, monkeypatch, capsys):
+    """Train a tiny SAE, push it, then eval and index it by hf://: same numbers, files under hf/, cache untouched."""
+    from saeforge.viewer.db import FeatureDB
+
+    small = ["--eval.tokens", "1024", "--eval.ce_tokens", "256", "--quiet"]
+    data = ["--data.context_size", "64", "--data.holdout_fraction", "0.2"]
+    train = ["train", "--model", str(tiny_model_dirs["llama"]), "--hook", "blocks.1.hook_resid_post"]
+    train += ["--corpus", str(text_corpus), *data, "--tokens", "4096", "--activations.batch_size", "256"]
+    train += ["--sae.d_sae", "64", "--sae.k", "4", "--train.out_dir", str(tmp_path / "runs"), "--name", "r", *small]
+    assert main(train) == 0
+    sae_dir = tmp_path / "runs" / "r" / "sae"
+    local_eval = json.loads((sae_dir / "eval.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    with FakeHub() as server:
+        endpoint(monkeypatch, server.endpoint)
+        assert main(["push", str(sae_dir), "--repo", "me/tiny", "--path", "r"]) == 0
+        assert "load_sae('hf://me/tiny/r')" in capsys.readouterr().out
+        assert main(["eval", "hf://me/tiny/r", *small]) == 0
+    hub_eval = json.loads((tmp_path / "hf" / "me" / "tiny" / "r" / "eval.json").read_text())
+    for key in ("explained_variance", "l0", "mse", "ce_score", "kl_score", "n_tokens"):
+        assert hub_eval[key] == local_eval[key], key  # the same SAE on the same held-out tokens
+    cached = local_sae_dir("hf://me/tiny/r")
+    assert json.loads((cached / "eval.json").read_text()) == local_eval  # the cache keeps the pushed file
+
+    offline(monkeypatch)
+    assert main(["index", "hf://me/tiny/r", "--tokens", "2048", "--top-k", "4", *data, "--quiet"]) == 0
+    db = FeatureDB(tmp_path / "hf" / "me" / "tiny" / "r" / "features.db")
+    assert db.meta["sae_dir"] == "hf://me/tiny/r" and db.meta["sae_id"] == "r" and db.meta["d_sae"] == 64
+    assert not (cached / "features.db").exists()
