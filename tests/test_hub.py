@@ -149,6 +149,9 @@ def test_cli_errors_name_what_to_do(hf, sae_dir, monkeypatch, capsys):
 
     err = error("eval", "hf://me/saes/layer9", "--quiet")
     assert "no SAE files at 'layer9'" in err and "check the path" in err
+    write_cache(hf, "me/half", {"layer1/cfg.json": (sae_dir / "cfg.json").read_bytes()})  # weights never pushed
+    err = error("eval", "hf://me/half/layer1", "--quiet")
+    assert "has cfg.json but no weights file" in err and "push the SAE again" in err
     err = error("eval", "hf://me/saes/layer1@v2", "--quiet")  # a revision never downloaded
     assert "HF_HUB_OFFLINE=1" in err and "set HF_HUB_OFFLINE=0" in err and "'v2'" in err
     err = error("steer", "--sae", "hf://me/other", "--feature", "0", "--alpha", "1", "--prompt", "hi")
@@ -228,6 +231,15 @@ def test_push_uploads_the_folder_and_a_card_then_hf_loads_it_back(hf, sae_dir, m
         assert server.validated == [server.files("me/saes", "v2")["README.md"].decode()]  # its YAML was checked
     offline(monkeypatch)  # the first download is in the cache now
     assert torch.equal(load_sae("hf://me/saes/layer1@main").W_dec, load_sae(sae_dir).W_dec)
+
+
+def test_card_without_eval_and_with_undefined_metrics(sae_dir):
+    (sae_dir / "eval.json").unlink()
+    assert "No eval.json in the folder: run `saeforge eval SAE_DIR`" in model_card(sae_dir, "me/saes")
+    (sae_dir / "eval.json").write_text(json.dumps({**EVAL, "explained_variance": None}))  # NaN is written as null
+    card = model_card(sae_dir, "me/saes", revision="v2")
+    assert "| L0 | 7.25 |" in card and "explained variance" not in card
+    assert 'load_sae("hf://me/saes@v2")' in card and "snapshot_download(\"me/saes\", revision='v2')" in card
 
 
 def test_push_errors(hf, sae_dir, tmp_path, monkeypatch, capsys):

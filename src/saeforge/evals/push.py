@@ -48,10 +48,10 @@ def model_card(sae_dir: str | Path, repo_id: str, path: str = "", revision: str 
         facts.append(("context size", str(meta["context_size"])))
 
     front = ["---", "library_name: saeforge", "tags:", "- saeforge", "- sae_lens", "- sparse-autoencoder"]
-    if "/" in model and not Path(model).exists():  # a hub id, not a local folder or a built-in name
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).exists():  # a hub id
         front.append(f"base_model: {model}")
     lines = [*front, "---", "", f"# {arch} SAE for {model} at `{hook}`", ""]
-    lines += _table(("", ""), facts)
+    lines += _table(("", "value"), facts)
     lines += ["", "## Evaluation", ""]
     evaluation = _read_eval(sae_dir)
     if evaluation is None:
@@ -101,15 +101,11 @@ def _read_eval(sae_dir: Path) -> dict[str, Any] | None:
 
 
 def _eval_rows(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
-    """The eval table's rows; a metric JSON wrote as null (undefined, e.g. NaN) shows as "n/a"."""
+    """The eval table's rows; a metric JSON wrote as null (undefined, e.g. NaN) is left out."""
     try:
-        return metrics_rows(evaluation)
-    except (TypeError, KeyError, ValueError):  # a formatter met a null: fall back to one row at a time
-        rows = []
-        for key, value in evaluation.items():
-            if isinstance(value, str | int | float) or value is None:
-                rows.append((key, "n/a" if value is None else str(value)))
-        return rows
+        return metrics_rows({k: v for k, v in evaluation.items() if v is not None})
+    except (TypeError, KeyError, ValueError):  # a row's formatter needs a value that is null: plain key = value rows
+        return [(k, str(v)) for k, v in evaluation.items() if isinstance(v, str | int | float) and v is not None]
 
 
 def push_sae(

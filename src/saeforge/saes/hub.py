@@ -41,6 +41,8 @@ SAE_FILES = (
 )
 # files whose presence makes a folder an SAE folder (sparsity and eval.json alone do not)
 _MARKERS = ("cfg.json", "sae.safetensors", "ae.pt")
+# the weights of each layout (SAELens, sparsify, dictionary_learning): one must be there
+_WEIGHTS = ("sae_weights.safetensors", "sae.safetensors", "ae.pt")
 
 
 class HubError(UserError, OSError):
@@ -161,6 +163,11 @@ def _download(h: HubSpec) -> Path:
             f"{h}: no SAE files at {h.path or 'the repo root'!r} of {h.repo_id} (looked for "
             f"{', '.join(_MARKERS)}); check the path inside the repo (the folder holding cfg.json)"
             + ("" if _online() else ", or, offline, that this path was downloaded before")
+        )
+    if not any((folder / name).is_file() for name in _WEIGHTS):
+        raise HubError(
+            f"{h}: {h.path or 'the repo root'!r} has cfg.json but no weights file ({', '.join(_WEIGHTS)}); the "
+            "folder on the Hub is incomplete: push the SAE again (saeforge push) or pick the folder that has them"
         )
     return folder
 
