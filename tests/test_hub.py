@@ -282,3 +282,14 @@ def test_eval_and_index_of_a_pushed_sae_by_hf_spec(hf, tiny_model_dirs, text_cor
     db = FeatureDB(tmp_path / "hf" / "me" / "tiny" / "r" / "features.db")
     assert db.meta["sae_dir"] == "hf://me/tiny/r" and db.meta["sae_id"] == "r" and db.meta["d_sae"] == 64
     assert not (cached / "features.db").exists()
+
+    steer = ["--feature", "0", "--alpha", "8", "--prompt", "def f(x):", "--max-new-tokens", "4"]
+    capsys.readouterr()
+    assert main(["steer", "--sae", "hf://me/tiny/r", *steer]) == 0
+    by_spec = capsys.readouterr().out
+    assert main(["steer", "--sae", str(sae_dir), *steer]) == 0
+    assert by_spec == capsys.readouterr().out.replace(str(sae_dir), "hf://me/tiny/r")  # same generations
+    assert main(["compare", str(sae_dir), "hf://me/tiny/r", "--out", "cmp.html", *small]) == 0
+    rows = json.loads((tmp_path / "cmp.json").read_text())["saes"]
+    assert [r["dir"] for r in rows] == [str(sae_dir), "hf://me/tiny/r"]
+    assert rows[0]["explained_variance"] == rows[1]["explained_variance"] == local_eval["explained_variance"]
