@@ -21,7 +21,12 @@ METHODS = ("atp", "ig", "zero-ablation", "mean-ablation")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, metavar="DIR", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument(
+        "--sae",
+        required=True,
+        metavar="DIR",
+        help="SAE folder (cfg.json + sae_weights.safetensors) or hf://OWNER/REPO[/PATH][@REV]",
+    )
     p.add_argument("--model", help="model to load (default: metadata.model_name in the SAE's cfg.json)")
     p.add_argument("--hook", help="hook to splice at (default: metadata.hook_name in the SAE's cfg.json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")

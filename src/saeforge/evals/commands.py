@@ -1,4 +1,5 @@
-"""``saeforge eval SAE_DIR``, ``saeforge compare SAE_A SAE_B ...`` and ``saeforge report RUN_DIR`` (see cli.COMMAND_MODULES)."""
+"""``saeforge eval SAE_DIR``, ``saeforge compare SAE_A SAE_B ...``, ``saeforge report RUN_DIR`` and
+``saeforge push SAE_DIR --repo OWNER/REPO`` (see cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from saeforge.config import add_config_options, overrides
 from saeforge.evals.compare import compare_saved, format_compare_table, trained_context
 from saeforge.evals.curves import TRAINING_PAGE, write_training_report
 from saeforge.evals.html import render_compare, write_html
+from saeforge.evals.push import push_sae
 from saeforge.evals.report import _json_safe, format_table
 from saeforge.evals.saved import evaluate_saved
 from saeforge.io import atomic_write_text
@@ -22,7 +24,11 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "on another --data.corpus it is SAE_DIR/eval.<corpus-slug>.json, so each corpus "
         "keeps its own result.",
     )
-    e.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    e.add_argument(
+        "sae_dir",
+        help="SAE folder (cfg.json + sae_weights.safetensors), or hf://OWNER/REPO[/PATH][@REVISION] "
+        "(results then go to hf/OWNER/REPO/PATH/ here)",
+    )
     e.add_argument(
         "--report",
         action="store_true",
@@ -47,7 +53,9 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "scored on the same windows. Pairs on one hook also get MMCS, and pairs of "
         "different widths the stitching split of the wider one.",
     )
-    c.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="SAE folders (cfg.json + sae_weights.safetensors)")
+    c.add_argument(
+        "sae_dirs", nargs="+", metavar="SAE_DIR", help="SAE folders (cfg.json + sae_weights.safetensors) or hf:// specs"
+    )
     c.add_argument("--out", default="compare.html", help="HTML file to write; a .json with the numbers goes beside it")
     c.add_argument(
         "--threshold",
@@ -65,6 +73,22 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     r.add_argument("run_dir", metavar="RUN_DIR", help="run folder (runs/NAME, holding metrics.jsonl) or sweep folder")
     r.add_argument("--out", default=None, help=f"HTML file to write (default RUN_DIR/{TRAINING_PAGE})")
     r.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "push",
+        help="upload an SAE folder (cfg.json, weights, sparsity, eval.json) and a generated model card to the Hub",
+        description="One commit to OWNER/REPO (created if missing): the SAE's files and README.md, a card with "
+        "the model, hook, architecture, tokens, eval table and how to load it in saeforge and SAELens. "
+        "Log in first (hf auth login, or HF_TOKEN).",
+    )
+    p.add_argument("sae_dir", metavar="SAE_DIR", help="local SAE folder (runs/NAME/sae)")
+    p.add_argument("--repo", required=True, metavar="OWNER/REPO", help="model repo to push to")
+    p.add_argument("--path", default="", help="folder inside the repo (default: the root); the card goes there too")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    p.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its setting)"
+    )
+    p.set_defaults(func=cmd_push)
 
 
 def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
@@ -99,6 +123,13 @@ def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(numbers, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_push(ns: argparse.Namespace, base: dict) -> int:
+    url = push_sae(ns.sae_dir, ns.repo, path=ns.path, revision=ns.revision, private=ns.private)
+    spec = f"hf://{ns.repo}{'/' + ns.path.strip('/') if ns.path.strip('/') else ''}"
+    print(f"pushed {ns.sae_dir} to {url}; load it with load_sae({spec!r})")
     return 0
 
 

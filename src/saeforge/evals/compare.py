@@ -24,20 +24,21 @@ from saeforge.evals.setup import eval_setup_for
 from saeforge.models import load_model, resolve_hook
 from saeforge.models.hooks import capture
 from saeforge.saes.formats import load_sae
+from saeforge.saes.hub import is_remote, local_sae_dir, output_dir
 
 MDL_TOKENS = 8192  # activation rows kept for MDL (and stitching): ~19 MB at d_in 576
 
 
 def sae_label(sae_dir: str | Path) -> str:
-    """A short name for an SAE folder: runs/NAME/sae -> NAME."""
-    p = Path(sae_dir).resolve()
+    """A short name for an SAE folder: runs/NAME/sae -> NAME; hf://OWNER/REPO/PATH -> its last part."""
+    p = output_dir(sae_dir) if is_remote(sae_dir) else Path(sae_dir).resolve()
     return p.parent.name if p.name == "sae" else p.name
 
 
 def trained_context(sae_dir: str | Path) -> int | None:
     import json
 
-    meta = json.loads((Path(sae_dir) / "cfg.json").read_text()).get("metadata") or {}
+    meta = json.loads((local_sae_dir(sae_dir) / "cfg.json").read_text()).get("metadata") or {}
     ctx = meta.get("context_size")
     return int(ctx) if ctx else None
 
@@ -108,7 +109,7 @@ def compare_saved(
 def load_eval_json(sae_dir: str | Path) -> dict[str, Any] | None:
     import json
 
-    path = Path(sae_dir) / "eval.json"
+    path = local_sae_dir(sae_dir) / "eval.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -1,5 +1,8 @@
 """Evaluate an SAE folder on the held-out text of the corpus it was trained on (see evals/setup.py).
 
+An SAE from the Hub (``hf://OWNER/REPO/PATH``) is read from the HF cache, and its results go to
+``hf/OWNER/REPO/PATH/`` under the working directory instead (saes/hub.py ``output_dir``).
+
 One result per corpus: the held-out part of the SAE's own corpus (what training evaluates) goes to
 ``eval.json`` / ``report.html``; another corpus (``--data.corpus``) to ``eval.<slug>.json`` /
 ``report.<slug>.html`` beside it, so evaluating elsewhere never replaces the training result.
@@ -22,11 +25,12 @@ from saeforge.evals.report import evaluate, write_eval_json
 from saeforge.evals.setup import eval_setup_for
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae
+from saeforge.saes.hub import local_sae_dir, output_dir
 
 
 def trained_corpus(sae_dir: str | Path) -> str:
     """The corpus the SAE was trained on, as its cfg.json says (DataConfig's default when it names none)."""
-    meta = json.loads((Path(sae_dir) / "cfg.json").read_text()).get("metadata", {}) or {}
+    meta = json.loads((local_sae_dir(sae_dir) / "cfg.json").read_text()).get("metadata", {}) or {}
     data = (meta.get("saeforge_config") or {}).get("data") or {}
     return str(data.get("corpus") or meta.get("dataset_path") or DataConfig().corpus)
 
@@ -60,8 +64,9 @@ def eval_paths(sae_dir: str | Path, corpus: str, out: str | Path | None = None) 
                 "the --report page is written beside it with the .html suffix"
             )
         return out, out.with_suffix(".html")
-    sae_dir = Path(sae_dir)
-    if _same_corpus(corpus, trained_corpus(sae_dir)):
+    same = _same_corpus(corpus, trained_corpus(sae_dir))
+    sae_dir = output_dir(sae_dir)  # an hf:// SAE's results go to hf/OWNER/REPO/PATH here, not into the HF cache
+    if same:
         return sae_dir / "eval.json", sae_dir / "report.html"
     slug = corpus_slug(corpus)
     return sae_dir / f"eval.{slug}.json", sae_dir / f"report.{slug}.html"

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 from saeforge.config import ConfigError, EvalSetup
+from saeforge.saes.hub import local_sae_dir
 
 
 def eval_setup_for(sae_dir: str | Path, overrides: dict[str, dict] | None = None) -> EvalSetup:
     """The model, corpus split and eval budgets of the run that made ``sae_dir``, with ``overrides`` over them."""
-    path = Path(sae_dir) / "cfg.json"
+    path = local_sae_dir(sae_dir) / "cfg.json"
     if not path.exists():
         raise ConfigError(
             f"{sae_dir} is not an SAE folder (no cfg.json); pass the folder that `saeforge train` "

@@ -43,6 +43,7 @@ from saeforge import __version__
 from saeforge.config import UserError, from_dict
 from saeforge.saes import registry
 from saeforge.saes.base import SAE
+from saeforge.saes.hub import local_sae_dir
 
 
 class SAEFolderError(UserError, ValueError):
@@ -199,8 +200,8 @@ def _require(path: Path, what: str) -> None:
 
 
 def read_cfg(folder: str | Path) -> dict[str, Any]:
-    """cfg.json as a dict (e.g. ``read_cfg(f)["metadata"]["hook_name"]``)."""
-    path = Path(folder) / CFG_FILE
+    """cfg.json as a dict (e.g. ``read_cfg(f)["metadata"]["hook_name"]``); ``folder`` may be an hf:// spec."""
+    path = local_sae_dir(folder) / CFG_FILE
     _require(path, "the SAE config")
     try:
         return json.loads(path.read_text())
@@ -230,8 +231,11 @@ def _saelens_transcoder_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by ``save_sae`` (or by SAELens, for architectures we share)."""
-    folder = Path(folder)
+    """Load an SAE folder written by ``save_sae`` (or by SAELens, for architectures we share).
+
+    ``folder`` may also be ``hf://OWNER/REPO[/PATH][@REVISION]`` or ``saelens://RELEASE/SAE_ID`` (saes/hub.py).
+    """
+    folder = local_sae_dir(folder)
     cfg = read_cfg(folder)
     name = architecture_of(cfg)
     if cfg.get("normalize_activations", "none") != "none":
@@ -305,7 +309,7 @@ def _fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> None:
 
 def load_sparsity(folder: str | Path, device: str | torch.device = "cpu") -> torch.Tensor | None:
     """The "sparsity" tensor [d_sae] of sparsity.safetensors, or None when the folder has none."""
-    path = Path(folder) / SPARSITY_FILE
+    path = local_sae_dir(folder) / SPARSITY_FILE
     if not path.is_file():
         return None
     tensors = load_file(str(path), device=str(device))

@@ -31,11 +31,12 @@ import torch
 from saeforge.saes import formats, registry
 from saeforge.saes.base import SAE
 from saeforge.saes.formats import MissingSAEError, SAEFolderError
+from saeforge.saes.hub import local_sae_dir
 
 
 def load_foreign(folder: str | Path, device: str = "cpu") -> SAE:
-    """Detect the library by its files and load the SAE."""
-    folder = Path(folder)
+    """Detect the library by its files and load the SAE; ``folder`` may be an hf:// spec (saes/hub.py)."""
+    folder = local_sae_dir(folder)
     if (folder / "ae.pt").is_file():
         return load_dictionary_learning(folder, device)
     if (folder / "sae.safetensors").is_file():
@@ -71,7 +72,7 @@ def load_saelens_legacy(folder: str | Path, device: str = "cpu") -> SAE:
     """A pre-v6 SAELens folder (flat cfg.json + sae_weights.safetensors)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = local_sae_dir(folder)
     cfg = formats.read_cfg(folder)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SAEFolderError(
@@ -97,7 +98,7 @@ def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
     """A sparsify hookpoint folder (cfg.json + sae.safetensors) as a TopK SAE."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = local_sae_dir(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
     if cfg.get("activation", "topk") != "topk" or (skip and not transcode):
@@ -135,7 +136,7 @@ def load_sparsify(folder: str | Path, device: str = "cpu") -> SAE:
 
 def load_dictionary_learning(folder: str | Path, device: str = "cpu") -> SAE:
     """A dictionary_learning folder (ae.pt + config.json)."""
-    folder = Path(folder)
+    folder = local_sae_dir(folder)
     trainer = json.loads((folder / "config.json").read_text()).get("trainer", {})
     sd = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
     kind = trainer.get("dict_class", "AutoEncoder")

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from saeforge.config import add_config_options, overrides
+from saeforge.saes.hub import output_dir
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
@@ -28,7 +29,7 @@ def _index_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_index(ns: argparse.Namespace, base: dict) -> int:
     cfg = IndexConfig(**{f.name: getattr(ns, f"index_{f.name}") for f in dataclasses.fields(IndexConfig)})
-    out = Path(ns.out) if ns.out else Path(ns.sae_dir) / "features.db"
+    out = Path(ns.out) if ns.out else output_dir(ns.sae_dir) / "features.db"  # hf:// -> hf/OWNER/REPO/PATH/
     build_index(ns.sae_dir, out, cfg, overrides(ns), progress=not ns.quiet, restart=ns.restart)
     print(f"feature database written to {out}; view it with `saeforge serve {out}`")
     return 0
@@ -56,8 +57,11 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "same command again after an interruption. Model, hook and corpus default to the "
         "SAE's own (cfg.json metadata); --model.* / --data.* override them.",
     )
-    i.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    i.add_argument("--out", help="database file (default: SAE_DIR/features.db)")
+    i.add_argument("sae_dir", help="SAE folder (cfg.json + sae_weights.safetensors) or hf://OWNER/REPO[/PATH][@REV]")
+
+    i.add_argument(
+        "--out", help="database file (default: SAE_DIR/features.db; hf/OWNER/REPO/PATH/features.db for hf://)"
+    )
     i.add_argument("--restart", action="store_true", help="discard a partial build instead of resuming it")
     _index_options(i)
     add_config_options(i, ["model", "data"], None)

@@ -28,6 +28,7 @@ from saeforge.evals.setup import eval_setup_for
 from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae, read_cfg
+from saeforge.saes.hub import is_remote, local_sae_dir, output_dir
 from saeforge.viewer import db, lens
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.db import DBError
@@ -114,7 +115,11 @@ def build_index(
     """Build the feature database for ``sae_dir`` at ``out``; returns ``out``. See the module docstring."""
     from tqdm import tqdm
 
-    sae_dir, out = Path(sae_dir), Path(out)
+    # an hf:// SAE is read from the HF cache, named after its output folder, and recorded by its spec,
+    # so the live viewer (viewer/live.py) finds it again through load_sae wherever the cache is
+    spec, out = sae_dir, Path(out)
+    sae_dir = local_sae_dir(spec)
+    sae_id = default_sae_id(output_dir(spec))
     run_cfg = eval_setup_for(sae_dir, overrides)
     if lm is None:
         lm = load_model(run_cfg.model.name, dtype=run_cfg.model.dtype, device=run_cfg.model.device)
@@ -140,7 +145,7 @@ def build_index(
         initial=stats.n_windows * T,
         unit="tok",
         disable=not progress,
-        desc=f"index {default_sae_id(sae_dir)}" + (" (resumed)" if resumed else ""),
+        desc=f"index {sae_id}" + (" (resumed)" if resumed else ""),
     )
     t0 = time.perf_counter()
     while True:
@@ -166,8 +171,8 @@ def build_index(
         "format_version": db.FORMAT_VERSION,
         "model": run_cfg.model.name,
         "model_id": slug(run_cfg.model.name),
-        "sae_id": cfg.name or default_sae_id(sae_dir),
-        "sae_dir": str(sae_dir.resolve()),
+        "sae_id": cfg.name or sae_id,
+        "sae_dir": str(spec) if is_remote(spec) else str(sae_dir.resolve()),
         "hook": run_cfg.model.hook,
         "architecture": read_cfg(sae_dir).get("architecture"),
         "d_in": sae.d_in,
