@@ -101,6 +101,7 @@ def test_integrated_gradients_completeness(lms, family):
     assert atp_err > 20 * err and ig2_err > 20 * err
 
 
+@pytest.mark.slow
 def test_feature_to_feature_ranks_true_downstream_effects(lms):
     lm = lms["llama"]
     up, down = make_sae(seed=1), make_sae("relu", seed=2)

@@ -303,6 +303,7 @@ def sparse_source(n_batches, seed=0, D=8, B=128):
 
 
 @pytest.mark.parametrize("arch", NEW)
+@pytest.mark.slow
 def test_each_architecture_trains_through_the_trainer(arch):
     extra = {
         "gated": dict(l1_coefficient=0.3),
@@ -322,6 +323,7 @@ def test_each_architecture_trains_through_the_trainer(arch):
     assert ev > 0.8 and 0.5 < l0 < 12, (ev, l0)
 
 
+@pytest.mark.slow
 def test_cli_trains_batchtopk_and_evaluates_the_saved_jumprelu(tiny_model_dirs, text_corpus, tmp_path, capsys):
     from saeforge.cli import main
 

@@ -106,6 +106,7 @@ RESUME_CASES = [
 
 
 @pytest.mark.parametrize("arch, extra", RESUME_CASES, ids=["relu", "topk", "relu-resample-panneal", "gated-ghost"])
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, arch, extra):
     cfg = train_cfg(**extra)
 

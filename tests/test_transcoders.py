@@ -492,6 +492,7 @@ def zero_predictor_metrics(lm, tiny_model_dirs, text_corpus):
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
+@pytest.mark.slow
 def test_transcoder_learns_the_mlp_of_a_tiny_llama(
     tmp_path, lm, tiny_model_dirs, text_corpus, arch, zero_predictor_metrics
 ):
@@ -516,6 +517,7 @@ def test_transcoder_learns_the_mlp_of_a_tiny_llama(
     assert again["explained_variance"] == pytest.approx(m["explained_variance"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_skip_transcoder_beats_plain_where_the_mlp_is_near_linear(tmp_path, tiny_model_dirs, text_corpus):
     """The tiny GPT-2's MLP (small weights, GELU near 0) is mostly linear: W_skip takes that part for free."""
     from saeforge.training.run import train
