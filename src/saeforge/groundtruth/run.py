@@ -1,0 +1,201 @@
+"""``saeforge probe``: ground-truth metrics of a saved SAE on the held-out Python of its corpus.
+
+Three streamed passes over the same labelled held-out windows (labels need each token's character
+offsets, so windows come from groundtruth/windows.py, not the eval packer), stopping once ``tokens``
+labelled tokens are seen:
+1. the LM and the SAE once: each latent's maximum (the thresholds need it) and the probing sample
+   (the first ``probe_tokens`` labelled tokens' activations);
+2. coverage counts over all windows, precision counts over the even-numbered windows;
+3. the OR of the high-precision latents over the odd-numbered windows (reconstruction).
+Memory is one batch, the count tensors (O(P * d_sae * 10)) and the probing sample, whatever
+``tokens`` is. A transcoder is probed through its latents (read from its input hook); the residual
+baselines use that input hook too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from saeforge.config import EvalSetup
+from saeforge.data import excluded_mask, iter_documents, split_documents
+from saeforge.evals.report import _json_safe
+from saeforge.evals.saved import eval_paths
+from saeforge.evals.setup import eval_setup_for
+from saeforge.evals.splice import run_sae
+from saeforge.groundtruth.labels import PROPERTIES, NoPythonError, check_offsets
+from saeforge.groundtruth.metrics import OrCounts, ThresholdCounts, coverage, reconstruction
+from saeforge.groundtruth.probing import KS, ProbeSample, k_sparse_probing
+from saeforge.groundtruth.windows import LabelledWindow, WindowStats, labelled_windows
+from saeforge.io import atomic_write_text
+from saeforge.models import capture, load_model, resolve_hook
+from saeforge.saes.formats import load_sae
+
+DEFAULT_TOKENS = 50_000
+DEFAULT_PROBE_TOKENS = 8192
+
+
+def groundtruth_path(sae_dir: str | Path, corpus: str) -> Path:
+    """SAE_DIR/groundtruth.json on the SAE's own corpus, groundtruth.<corpus-slug>.json on another."""
+    json_path, _ = eval_paths(sae_dir, corpus)
+    return json_path.with_name("groundtruth" + json_path.name[len("eval") :])
+
+
+def probe_saved(
+    sae_dir: str | Path,
+    overrides: dict[str, dict] | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    probe_tokens: int = DEFAULT_PROBE_TOKENS,
+    progress: bool = True,
+    lm=None,
+) -> tuple[dict, Path]:
+    """Load the SAE and its model, run ``probe``, write the JSON; returns (result, path written)."""
+    cfg = eval_setup_for(sae_dir, overrides)
+    path = groundtruth_path(sae_dir, cfg.data.corpus)
+    if lm is None:
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    check_offsets(lm.tokenizer, cfg.model.name)  # before any work
+    sae = load_sae(sae_dir, device=str(lm.device))
+    result = probe(lm, sae, cfg, tokens, probe_tokens, progress)
+    result = {"sae": str(sae_dir), "model": cfg.model.name, "hook": cfg.model.hook, "corpus": cfg.data.corpus, **result}
+    atomic_write_text(path, json.dumps(_json_safe(result), indent=2) + "\n")
+    return result, path
+
+
+def _windows(lm, cfg: EvalSetup, tokens: int, stats: WindowStats) -> Iterator[LabelledWindow]:
+    docs = split_documents(iter_documents(cfg.data), cfg.data, "heldout")
+    seen = 0
+    for w in labelled_windows(docs, lm.tokenizer, cfg.data, stats, cfg.model.name):
+        if seen >= tokens:
+            return
+        seen += int(w.valid_TP.any(-1).sum())
+        yield w
+
+
+def _batches(lm, cfg: EvalSetup, tokens: int, stats: WindowStats):
+    """(window index of the first row, tokens_ST, labels_NP, valid_NP, keep_ST) a batch at a time."""
+    it = _windows(lm, cfg, tokens, stats)
+    i = 0
+    while chunk := list(islice(it, cfg.eval.batch_size)):
+        tokens_ST = torch.stack([w.tokens_T for w in chunk])
+        labels_STP = torch.stack([w.labels_TP for w in chunk])
+        valid_STP = torch.stack([w.valid_TP for w in chunk])
+        keep_ST = valid_STP.any(-1) & ~excluded_mask(tokens_ST, lm.tokenizer, cfg.data)
+        yield i, tokens_ST, labels_STP, valid_STP, keep_ST
+        i += len(chunk)
+
+
+def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: bool = False) -> dict:
+    """Coverage, reconstruction and k-sparse probing on held-out labelled tokens (see the module docstring)."""
+    hook = resolve_hook(lm.model, cfg.model.hook)
+    with torch.inference_mode():
+        passes = _passes(lm, sae, cfg, hook, tokens, probe_tokens, progress)
+    stats, n_tokens, n_windows, sample, cover, ors = passes
+    # outside inference mode: the probes are fitted by autograd (inference tensors would refuse it)
+    x_ND, y_NP, v_NP = (t.clone() for t in sample.tensors())
+    probing = k_sparse_probing(x_ND, lambda x: run_sae(sae, x.to(lm.device))[0], y_NP, v_NP, PROPERTIES)
+    return {
+        "n_tokens": n_tokens,
+        "n_windows": n_windows,
+        "documents": {"code": stats.n_code, "prose": stats.n_prose, "unparseable": stats.n_unparseable},
+        "coverage": coverage(cover, PROPERTIES),
+        "reconstruction": reconstruction(ors, PROPERTIES),
+        "probing": probing,
+    }
+
+
+def _passes(lm, sae, cfg: EvalSetup, hook, tokens: int, probe_tokens: int, progress: bool):
+    def acts(tokens_ST, keep_ST):
+        x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
+        x_ND = x_STD[keep_ST.to(x_STD.device)].float()
+        return x_ND, run_sae(sae, x_ND)[0].float().cpu()
+
+    stats = WindowStats()
+    max_F = None
+    sample = ProbeSample(probe_tokens)
+    n_tokens = n_windows = 0
+    for i, tokens_ST, y_STP, v_STP, keep_ST in _progress(_batches(lm, cfg, tokens, stats), progress, "max"):
+        x_ND, f_NF = acts(tokens_ST, keep_ST)
+        batch_max = f_NF.amax(0) if len(f_NF) else None
+        if batch_max is not None:
+            max_F = batch_max if max_F is None else torch.maximum(max_F, batch_max)
+        sample.add(x_ND, y_STP[keep_ST], v_STP[keep_ST])
+        n_tokens += len(x_ND)
+        n_windows = i + len(tokens_ST)
+    if stats.n_code == 0 or max_F is None:
+        raise NoPythonError(
+            f"no held-out document of {cfg.data.corpus!r} parses as Python ({stats.n_prose} prose, "
+            f"{stats.n_unparseable} unparseable, e.g. {stats.unparseable_ids[:3]}). Pass a corpus of Python "
+            "source: --data.corpus python-stdlib, or a folder of .txt/.jsonl files each holding whole modules."
+        )
+    P = len(PROPERTIES)
+    cover, select = ThresholdCounts(P, max_F), ThresholdCounts(P, max_F)
+    for i, tokens_ST, y_STP, v_STP, keep_ST in _progress(_batches(lm, cfg, tokens, WindowStats()), progress, "cover"):
+        _, f_NF = acts(tokens_ST, keep_ST)
+        y_NP, v_NP = y_STP[keep_ST], v_STP[keep_ST]
+        cover.update(f_NF, y_NP, v_NP)
+        even_N = (_window_index(i, keep_ST) % 2 == 0)[keep_ST]
+        select.update(f_NF, y_NP, v_NP & even_N[:, None])
+    ors = OrCounts(select.precise_PFT(), max_F)
+    for i, tokens_ST, y_STP, v_STP, keep_ST in _progress(_batches(lm, cfg, tokens, WindowStats()), progress, "or"):
+        _, f_NF = acts(tokens_ST, keep_ST)
+        odd_N = (_window_index(i, keep_ST) % 2 == 1)[keep_ST]
+        ors.update(f_NF, y_STP[keep_ST], v_STP[keep_ST] & odd_N[:, None])
+    return stats, n_tokens, n_windows, sample, cover, ors
+
+
+def _window_index(first: int, keep_ST: torch.Tensor) -> torch.Tensor:
+    S, T = keep_ST.shape
+    return (first + torch.arange(S))[:, None].expand(S, T)
+
+
+def _progress(it, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=f"groundtruth {desc}", unit="batch", disable=None if progress else True)
+
+
+def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
+    """The per-property table and the averages, as ``saeforge probe`` prints them."""
+    cov, rec, pr = result["coverage"], result["reconstruction"], result["probing"]
+    ks = tuple(k for k in ks if k in pr["sae"] or str(k) in pr["sae"])
+    head = ["property", "pos", "cov F1", "latent", "t", "recon F1"]
+    head += [f"sae k={k}" for k in ks] + [f"res k={k}" for k in ks] + ["dense", "major"]
+    rows = [head]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    def acc(kind, k, name):
+        d = pr[kind].get(k, pr[kind].get(str(k)))
+        return fmt(d["per_property"][name])
+
+    for name in PROPERTIES:
+        c = cov["per_property"][name]
+        row = [name, "0" if c is None else str(c["positives"])]
+        row += ["-", "-", "-"] if c is None else [fmt(c["f1"]), str(c["latent"]), f"{c['t']:.1f}"]
+        row += [fmt(rec["per_property"][name])]
+        row += [acc("sae", k, name) for k in ks] + [acc("residual", k, name) for k in ks]
+        row += [fmt(pr["dense"]["per_property"][name]), fmt(pr["majority"]["per_property"][name])]
+        rows.append(row)
+    mean = ["mean", "", fmt(cov["coverage"]), "", "", fmt(rec["reconstruction"])]
+    mean += [fmt(pr["sae"].get(k, pr["sae"].get(str(k)))["mean"]) for k in ks]
+    mean += [fmt(pr["residual"].get(k, pr["residual"].get(str(k)))["mean"]) for k in ks]
+    mean += [fmt(pr["dense"]["mean"]), fmt(pr["majority"]["mean"])]
+    rows.append(mean)
+    widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    lines = ["  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    d = result["documents"]
+    lines.append(
+        f"coverage {fmt(cov['coverage'])} (best single t {cov['best_t']}: {fmt(cov['coverage_at_best_t'])}), "
+        f"reconstruction {fmt(rec['reconstruction'])} at t {rec['t']}; {result['n_tokens']} tokens, "
+        f"{pr['tokens']} probed; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["KS", "format_groundtruth", "groundtruth_path", "probe", "probe_saved"]
