@@ -15,7 +15,6 @@ from saeforge.config import DataConfig
 from saeforge.data import Document
 from saeforge.groundtruth.labels import (
     PROPERTIES,
-    NoPythonError,
     OffsetsError,
     check_offsets,
     label_source,
@@ -69,7 +68,9 @@ def test_hand_labelled_snippet():
     assert "def_name" not in props_at(s, "a,")
     # nested brackets: a bracket sits at the depth outside it
     line = "f(a, b=(1, [2])):"
-    depth = {o: next(p for p in props_at(s, line, o) if p.startswith("depth_")) for o in (1, 2, 7, 8, 11, 12, 13, 14, 15)}
+    depth = {
+        o: next(p for p in props_at(s, line, o) if p.startswith("depth_")) for o in (1, 2, 7, 8, 11, 12, 13, 14, 15)
+    }
     assert depth == {
         1: "depth_0",  # (
         2: "depth_1",  # a
@@ -270,22 +271,24 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
         (code / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
     (code / "broken.txt").write_text("def f(:\n    pass\n")
     sae_dir = _save_sae(tmp_path / "run" / "sae", tiny_model_dirs["llama"], code)
-    assert cli.main(["probe", str(sae_dir), "--tokens", "3000", "--probe-tokens", "1000", "--quiet"]) == 0
+    assert cli.main(["probe", str(sae_dir), "--tokens", "2000", "--probe-tokens", "1000", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "cat_docstring" in out and "coverage" in out and "wrote" in out
     result = json.loads((sae_dir / "groundtruth.json").read_text())
-    assert result["n_tokens"] >= 3000 and result["probing"]["tokens"] == 1000
+    assert result["n_tokens"] >= 2000 and 600 < result["probing"]["tokens"] <= 1000
     cov = result["coverage"]["coverage"]
     assert 0 < cov < 1 and result["coverage"]["per_property"]["cat_name"]["positives"] > 0
     assert result["documents"]["code"] >= 1
     # the residual of a random model still carries the token's own identity: a dense probe beats the floor
     dense, major = result["probing"]["dense"]["per_property"], result["probing"]["majority"]["per_property"]
-    assert dense["cat_keyword"] > major["cat_keyword"]
+    assert dense["cat_operator"] > major["cat_operator"] + 0.01
 
     prose = tmp_path / "prose"
     prose.mkdir()
     for i in range(6):
         (prose / f"p{i}.txt").write_text(f"Plain words, not code {i}: it does not parse as Python at all.\n")
     prose_sae = _save_sae(tmp_path / "prose_run" / "sae", tiny_model_dirs["llama"], prose)
-    with pytest.raises(NoPythonError, match="python-stdlib"):
-        cli.main(["probe", str(prose_sae), "--quiet"])
+    capsys.readouterr()
+    assert cli.main(["probe", str(prose_sae), "--quiet"]) == 2  # a UserError: one line, exit 2
+    err = capsys.readouterr().err
+    assert "parses as Python" in err and "--data.corpus python-stdlib" in err and "Traceback" not in err

@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "--probe-tokens",
         type=float,
         default=DEFAULT_PROBE_TOKENS,
-        help="of those, how many (the first) the probes are fitted and tested on, 80/20 (default %(default)s)",
+        help="of those, about how many (drawn at random) the probes are fitted on (4 windows in 5) and tested on (the fifth) (default %(default)s)",
     )
     add_config_options(p, ["model", "data", "eval"], None)
     p.set_defaults(func=cmd_probe)

@@ -190,7 +190,9 @@ def _category(tok: tokenize.TokenInfo, docstrings: set[tuple[int, int]]) -> str 
     return None
 
 
-_FSTRING_TYPES = {getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, n)}
+_FSTRING_TYPES = {
+    getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, n)
+}
 
 
 def document_labels(doc_id: str, text: str) -> DocLabels | None:

@@ -129,8 +129,6 @@ def reconstruction(ors: OrCounts, names: tuple[str, ...]) -> dict:
     return {
         "reconstruction": float(mean_T[t]),
         "t": float(ors.thresholds[t]),
-        "per_property": {
-n: (float(f1_PT[p, t]) if has_P[p] else None) for p, n in enumerate(names)
-        },
+        "per_property": {n: (float(f1_PT[p, t]) if has_P[p] else None) for p, n in enumerate(names)},
         "n_latents": {n: int(ors.chosen_PFT[p, :, t].sum()) for p, n in enumerate(names)},
     }

@@ -3,9 +3,9 @@
 Per property p, on the training rows where p is defined: pick the k latents with the largest
 |mean(f | p) - mean(f | not p)|, fit a logistic regression on them, report accuracy on the test
 rows, for k in KS. Baselines on the same rows: the same selection over residual dimensions, and a
-dense probe on the whole residual. Rows are the first ``probe_tokens`` valid tokens of the stream;
-the first TRAIN_FRACTION of them train, the rest test (windows are consecutive, so the two parts
-share at most one window). Accuracy is plain accuracy; ``majority`` is the accuracy of always
+dense probe on the whole residual. Rows are a bounded sample of the labelled tokens (run.py draws
+each token with probability ~probe_tokens / tokens and tests on every fifth window, so train and
+test come from different windows spread over the whole stream). Accuracy is plain accuracy; ``majority`` is the accuracy of always
 answering the test rows' commoner class, the floor any probe should beat.
 
 The probes are fitted for all properties at once: one L-BFGS over independent per-property
@@ -25,33 +25,31 @@ L2 = 1e-4
 
 
 class ProbeSample:
-    """At most ``capacity`` rows of (x, labels, valid): the first valid tokens seen. Memory: capacity * (D + 2P)."""
+    """At most ``capacity`` rows of (x, labels, valid, test): memory capacity * (D + 2P + 1), whatever streams by."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.x: list[torch.Tensor] = []
-        self.y: list[torch.Tensor] = []
-        self.valid: list[torch.Tensor] = []
+        self.parts: list[tuple[torch.Tensor, ...]] = []
         self.n = 0
 
-    def add(self, x_ND: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
+    def add(self, x_ND: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor, test_N: torch.Tensor | None = None):
         take = min(self.capacity - self.n, len(x_ND))
         if take <= 0:
             return
-        self.x.append(x_ND[:take].float().cpu())
-        self.y.append(y_NP[:take].cpu())
-        self.valid.append(valid_NP[:take].cpu())
+        test_N = torch.zeros(len(x_ND), dtype=torch.bool) if test_N is None else test_N
+        self.parts.append((x_ND[:take].float().cpu(), y_NP[:take].cpu(), valid_NP[:take].cpu(), test_N[:take].cpu()))
         self.n += take
 
     @property
     def full(self) -> bool:
         return self.n >= self.capacity
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.cat(self.x), torch.cat(self.y), torch.cat(self.valid)
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(x_ND, y_NP, valid_NP, test_N), cloned (so tensors made under inference mode can enter autograd)."""
+        return tuple(torch.cat(column).clone() for column in zip(*self.parts))
 
 
-def fit_logistic(X: torch.Tensor, y_PN: torch.Tensor, w_PN: torch.Tensor, max_iter: int = 200):
+def fit_logistic(X: torch.Tensor, y_PN: torch.Tensor, w_PN: torch.Tensor, max_iter: int = 100):
     """Independent logistic regressions, one per property p; rows weighted by ``w_PN`` (0 = unused).
 
     ``X`` is [P, N, K] (each property its own features) or [N, K] (features shared, e.g. the dense
@@ -121,13 +119,17 @@ def k_sparse_probing(
     valid_NP: torch.Tensor,
     names: tuple[str, ...],
     ks: tuple[int, ...] = KS,
+    test_N: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> dict:
-    """Accuracy per property and k of SAE-latent and residual-dimension probes, plus dense and majority."""
+    """Accuracy per property and k of SAE-latent and residual-dimension probes, plus dense and majority.
+
+    ``test_N``: which rows test (default: the last 1 - TRAIN_FRACTION of them).
+    """
     N = len(x_ND)
     encode = torch.no_grad()(encode)  # the SAE's parameters need no graph here
-    n_train = int(N * TRAIN_FRACTION)
-    split = torch.arange(N) < n_train
+    split = torch.arange(N) < int(N * TRAIN_FRACTION) if test_N is None else ~test_N
+    n_train = int(split.sum())
     train_NP, test_NP = valid_NP & split[:, None], valid_NP & ~split[:, None]
     usable_P = ((y_NP & train_NP).any(0) & (~y_NP & train_NP).any(0) & test_NP.any(0)).tolist()
     # latent class sums, encoding in chunks so the sample's full f (N x F) is never held
@@ -144,12 +146,19 @@ def k_sparse_probing(
     top_res_PK = _top_k_by_mean_diff(*_class_sums(x_ND, y_NP, train_NP), k_max)
     y_PN, train_PN, test_PN = y_NP.T, train_NP.T, test_NP.T
     out: dict = {"tokens": N, "train_tokens": n_train, "sae": {}, "residual": {}}
-    for k in ks:
-        kk = min(k, top_local_PK.shape[1])
-        X_sae = torch.stack([f_NC[:, top_local_PK[p, :kk]] for p in range(len(names))])
-        X_res = torch.stack([x_ND[:, top_res_PK[p, : min(k, top_res_PK.shape[1])]] for p in range(len(names))])
-        out["sae"][k] = _per_prop(_accuracy(X_sae, y_PN, train_PN, test_PN), usable_P, names)
-        out["residual"][k] = _per_prop(_accuracy(X_res, y_PN, train_PN, test_PN), usable_P, names)
+    for kind, feats_NC, top in (("sae", f_NC, top_local_PK), ("residual", x_ND, top_res_PK)):
+        # every k in one fit (fewer, larger L-BFGS calls): k < k_max pads with zero columns, which
+        # standardise to 0 and keep weight 0, so each block is exactly the k-feature probe
+        k_max = top.shape[1]
+        blocks = []
+        for k in ks:
+            X_PNK = torch.stack([feats_NC[:, top[p, : min(k, k_max)]] for p in range(len(names))])
+            blocks.append(torch.nn.functional.pad(X_PNK, (0, k_max - X_PNK.shape[2])))
+        acc = _accuracy(
+            torch.cat(blocks), y_PN.repeat(len(ks), 1), train_PN.repeat(len(ks), 1), test_PN.repeat(len(ks), 1)
+        )
+        for j, k in enumerate(ks):
+            out[kind][k] = _per_prop(acc[j * len(names) : (j + 1) * len(names)], usable_P, names)
     out["dense"] = _per_prop(_accuracy(x_ND, y_PN, train_PN, test_PN), usable_P, names)
     pos_rate = (y_PN & test_PN).double().sum(1) / test_PN.double().sum(1).clamp_min(1)
     out["majority"] = _per_prop(torch.maximum(pos_rate, 1 - pos_rate), usable_P, names)

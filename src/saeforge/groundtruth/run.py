@@ -4,7 +4,7 @@ Three streamed passes over the same labelled held-out windows (labels need each 
 offsets, so windows come from groundtruth/windows.py, not the eval packer), stopping once ``tokens``
 labelled tokens are seen:
 1. the LM and the SAE once: each latent's maximum (the thresholds need it) and the probing sample
-   (the first ``probe_tokens`` labelled tokens' activations);
+   (about ``probe_tokens`` labelled tokens' activations, drawn at random over the whole budget);
 2. coverage counts over all windows, precision counts over the even-numbered windows;
 3. the OR of the high-precision latents over the odd-numbered windows (reconstruction).
 Memory is one batch, the count tensors (O(P * d_sae * 10)) and the probing sample, whatever
@@ -36,7 +36,7 @@ from saeforge.models import capture, load_model, resolve_hook
 from saeforge.saes.formats import load_sae
 
 DEFAULT_TOKENS = 50_000
-DEFAULT_PROBE_TOKENS = 8192
+DEFAULT_PROBE_TOKENS = 4000
 
 
 def groundtruth_path(sae_dir: str | Path, corpus: str) -> Path:
@@ -96,8 +96,8 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
         passes = _passes(lm, sae, cfg, hook, tokens, probe_tokens, progress)
     stats, n_tokens, n_windows, sample, cover, ors = passes
     # outside inference mode: the probes are fitted by autograd (inference tensors would refuse it)
-    x_ND, y_NP, v_NP = (t.clone() for t in sample.tensors())
-    probing = k_sparse_probing(x_ND, lambda x: run_sae(sae, x.to(lm.device))[0], y_NP, v_NP, PROPERTIES)
+    x_ND, y_NP, v_NP, test_N = sample.tensors()
+    probing = k_sparse_probing(x_ND, lambda x: run_sae(sae, x.to(lm.device))[0], y_NP, v_NP, PROPERTIES, test_N=test_N)
     return {
         "n_tokens": n_tokens,
         "n_windows": n_windows,
@@ -117,13 +117,21 @@ def _passes(lm, sae, cfg: EvalSetup, hook, tokens: int, probe_tokens: int, progr
     stats = WindowStats()
     max_F = None
     sample = ProbeSample(probe_tokens)
+    gen = torch.Generator().manual_seed(0)
+    rate = min(1.0, 1.1 * probe_tokens / tokens)
     n_tokens = n_windows = 0
     for i, tokens_ST, y_STP, v_STP, keep_ST in _progress(_batches(lm, cfg, tokens, stats), progress, "max"):
         x_ND, f_NF = acts(tokens_ST, keep_ST)
         batch_max = f_NF.amax(0) if len(f_NF) else None
         if batch_max is not None:
             max_F = batch_max if max_F is None else torch.maximum(max_F, batch_max)
-        sample.add(x_ND, y_STP[keep_ST], v_STP[keep_ST])
+        # a seeded Bernoulli draw spreads the probe sample over the whole budget; every fifth window tests
+        draw_ST = torch.rand(keep_ST.shape, generator=gen) < rate
+        test_ST = _window_index(i, keep_ST) % 5 == 4
+        pick_N = draw_ST[keep_ST]
+        sample.add(
+            x_ND[pick_N.to(x_ND.device)], y_STP[keep_ST][pick_N], v_STP[keep_ST][pick_N], test_ST[keep_ST][pick_N]
+        )
         n_tokens += len(x_ND)
         n_windows = i + len(tokens_ST)
     if stats.n_code == 0 or max_F is None:
