@@ -292,3 +292,32 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     assert cli.main(["probe", str(prose_sae), "--quiet"]) == 2  # a UserError: one line, exit 2
     err = capsys.readouterr().err
     assert "parses as Python" in err and "--data.corpus python-stdlib" in err and "Traceback" not in err
+
+
+def test_random_init_control_reinitialises_weights_and_keeps_the_tokenizer(tmp_path):
+    import tiny
+
+    from saeforge.evals.setup import eval_setup_for
+    from saeforge.models import load_model
+
+    folder = tiny.save_tiny(tmp_path / "gpt2", "gpt2", seed=1)
+    trained = load_model(str(folder), device="cpu")
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    rand_a = load_model(str(folder), device="cpu", random_init=True)
+    assert torch.equal(torch.rand(3), before)  # the global RNG is left alone
+    rand_b = load_model(str(folder), device="cpu", random_init=True)
+    sd_t, sd_a, sd_b = (m.model.state_dict() for m in (trained, rand_a, rand_b))
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert sd_a.keys() == sd_t.keys() and sd_a[name].shape == sd_t[name].shape
+    assert not torch.equal(sd_a[name], sd_t[name]) and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    # oracle: the class's own init under seed 0 is what tests/tiny.py builds with seed 0
+    oracle = tiny.make_model("gpt2", len(trained.tokenizer), seed=0).state_dict()
+    assert all(torch.equal(sd_a[k], oracle[k]) for k in sd_a)
+    assert rand_a.tokenizer.get_vocab() == trained.tokenizer.get_vocab()
+    # the flag travels in the SAE's cfg.json, so eval and probe rebuild the same random model
+    cfg = RunConfig.from_dict({"model": {"name": str(folder), "hook": HOOK, "random_init": True}})
+    sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=32, k=4))
+    sae_dir = save_sae(sae, tmp_path / "sae", {"model_name": str(folder), "saeforge_config": cfg.to_dict()})
+    assert eval_setup_for(sae_dir).model.random_init is True

@@ -88,7 +88,9 @@ def evaluate_saved(
     cfg = eval_setup_for(sae_dir, overrides)
     json_path, html_path = eval_paths(sae_dir, cfg.data.corpus, out)  # before the work: a bad --out fails fast
     if lm is None:
-        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+        lm = load_model(
+            cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, random_init=cfg.model.random_init
+        )
     others: list = []
     if compare:
         entries, pairs = compare_saved([sae_dir, *compare], overrides, progress=progress, lm=lm, mdl_tokens=mdl_tokens)

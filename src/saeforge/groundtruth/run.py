@@ -57,7 +57,9 @@ def probe_saved(
     cfg = eval_setup_for(sae_dir, overrides)
     path = groundtruth_path(sae_dir, cfg.data.corpus)
     if lm is None:
-        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+        lm = load_model(
+            cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, random_init=cfg.model.random_init
+        )
     check_offsets(lm.tokenizer, cfg.model.name)  # before any work
     sae = load_sae(sae_dir, device=str(lm.device))
     result = probe(lm, sae, cfg, tokens, probe_tokens, progress)
