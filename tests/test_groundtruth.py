@@ -282,6 +282,8 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     # the residual of a random model still carries the token's own identity: a dense probe beats the floor
     dense, major = result["probing"]["dense"]["per_property"], result["probing"]["majority"]["per_property"]
     assert dense["cat_operator"] > major["cat_operator"] + 0.01
+    category = result["tpp"]["groups"]["category"]
+    assert category["classes"] >= 3 and category["tpp"] == pytest.approx(category["self_drop"] - category["other_drop"])
 
     prose = tmp_path / "prose"
     prose.mkdir()
@@ -321,3 +323,24 @@ def test_random_init_control_reinitialises_weights_and_keeps_the_tokenizer(tmp_p
     sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=32, k=4))
     sae_dir = save_sae(sae, tmp_path / "sae", {"model_name": str(folder), "saeforge_config": cfg.to_dict()})
     assert eval_setup_for(sae_dir).model.random_init is True
+
+
+def test_tpp_is_high_when_each_class_has_its_own_latent_and_zero_when_none_does():
+    from saeforge.groundtruth.tpp import tpp
+
+    g = torch.Generator().manual_seed(4)
+    N, D = 1500, 8
+    cls = torch.randint(0, 3, (N,), generator=g)
+    x_ND = torch.randn(N, D, generator=g) * 0.7
+    x_ND[torch.arange(N), cls] += 3  # class c pushes dimension c up
+    y_NC = torch.nn.functional.one_hot(cls, 3).bool()
+    rows, test_N = torch.ones(N, dtype=torch.bool), torch.arange(N) % 5 == 4
+    eye = torch.eye(D)  # latent j = relu(x_j), decoder row j = e_j: ablating latent c removes class c's signal
+    own = tpp(x_ND, lambda x: torch.relu(x @ eye), eye, y_NC, rows, test_N, n_ablate=1)
+    # probe c then misses its class (a third of the rows): its accuracy drops by ~1/3, the others' barely
+    assert own["self_drop"] == pytest.approx(1 / 3, abs=0.06) and own["other_drop"] < 0.06
+    assert own["tpp"] > 0.25
+    blind = eye.clone()
+    blind[:3] = 0  # no latent reads or writes the class dimensions
+    none = tpp(x_ND, lambda x: torch.relu(x @ blind.T), blind, y_NC, rows, test_N, n_ablate=1)
+    assert abs(none["tpp"]) < 0.01 and none["self_drop"] == 0

@@ -7,6 +7,7 @@ labelled tokens are seen:
    (about ``probe_tokens`` labelled tokens' activations, drawn at random over the whole budget);
 2. coverage counts over all windows, precision counts over the even-numbered windows;
 3. the OR of the high-precision latents over the odd-numbered windows (reconstruction).
+Then, on the probing sample: k-sparse probing (probing.py) and TPP (tpp.py).
 Memory is one batch, the count tensors (O(P * d_sae * 10)) and the probing sample, whatever
 ``tokens`` is. A transcoder is probed through its latents (read from its input hook); the residual
 baselines use that input hook too.
@@ -30,6 +31,7 @@ from saeforge.evals.splice import run_sae
 from saeforge.groundtruth.labels import PROPERTIES, NoPythonError, check_offsets
 from saeforge.groundtruth.metrics import OrCounts, ThresholdCounts, coverage, reconstruction
 from saeforge.groundtruth.probing import KS, ProbeSample, k_sparse_probing
+from saeforge.groundtruth.tpp import tpp_all
 from saeforge.groundtruth.windows import LabelledWindow, WindowStats, labelled_windows
 from saeforge.io import atomic_write_text
 from saeforge.models import capture, load_model, resolve_hook
@@ -99,7 +101,16 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
     stats, n_tokens, n_windows, sample, cover, ors = passes
     # outside inference mode: the probes are fitted by autograd (inference tensors would refuse it)
     x_ND, y_NP, v_NP, test_N = sample.tensors()
-    probing = k_sparse_probing(x_ND, lambda x: run_sae(sae, x.to(lm.device))[0], y_NP, v_NP, PROPERTIES, test_N=test_N)
+
+    def encode(x):
+        return run_sae(sae, x.to(lm.device))[0]
+
+    probing = k_sparse_probing(x_ND, encode, y_NP, v_NP, PROPERTIES, test_N=test_N)
+    tpp = (
+        {"error": "TPP ablates decoder directions in the probed hook; a transcoder's decoder writes another hook"}
+        if cfg.model.hook_out
+        else tpp_all(x_ND, encode, sae.W_dec, y_NP, v_NP, test_N)
+    )
     return {
         "n_tokens": n_tokens,
         "n_windows": n_windows,
@@ -107,6 +118,7 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
         "coverage": coverage(cover, PROPERTIES),
         "reconstruction": reconstruction(ors, PROPERTIES),
         "probing": probing,
+        "tpp": tpp,
     }
 
 
@@ -203,9 +215,16 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
     lines.append(
         f"coverage {fmt(cov['coverage'])} (best single t {cov['best_t']}: {fmt(cov['coverage_at_best_t'])}), "
         f"reconstruction {fmt(rec['reconstruction'])} at t {rec['t']}; {result['n_tokens']} tokens, "
-        f"{pr['tokens']} probed; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
+        f"{pr['tokens']} probed; TPP {_tpp_line(result.get('tpp', {}))}; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
     )
     return "\n".join(lines)
+
+
+def _tpp_line(tpp: dict) -> str:
+    if "groups" not in tpp:
+        return "-"
+    parts = [f"{g} {'-' if v['tpp'] is None else format(v['tpp'], '.3f')}" for g, v in tpp["groups"].items()]
+    return ("-" if tpp["mean"] is None else f"{tpp['mean']:.3f}") + f" ({', '.join(parts)})"
 
 
 __all__ = ["KS", "format_groundtruth", "groundtruth_path", "probe", "probe_saved"]
