@@ -248,16 +248,18 @@ def test_k_sparse_probing_finds_a_planted_direction():
 HOOK = "blocks.1.hook_resid_post"
 
 
-def _save_sae(folder, model_dir, corpus):
+def _save_sae(folder, model_dir, corpus, hook_out=""):
+    """An untrained TopK SAE (a transcoder into ``hook_out`` when given) that names its run's model and corpus."""
+    out = {"d_out": 64, "apply_b_dec_to_input": False} if hook_out else {}
     cfg = RunConfig.from_dict(
         {
-            "model": {"name": str(model_dir), "hook": HOOK, "device": "cpu", "dtype": "float32"},
+            "model": {"name": str(model_dir), "hook": HOOK, "hook_out": hook_out, "device": "cpu", "dtype": "float32"},
             "data": {"corpus": str(corpus), "context_size": 32, "holdout_fraction": 0.5},
             "eval": {"batch_size": 8},
-            "sae": {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8},
+            "sae": {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8, **out},
         }
     )
-    sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=128, k=8))
+    sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=128, k=8, **out))
     sae.init_weights(torch.Generator().manual_seed(0))
     meta = {"model_name": str(model_dir), "hook_name": HOOK, "saeforge_config": cfg.to_dict()}
     return save_sae(sae, folder, meta)
@@ -271,9 +273,14 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
         (code / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
     (code / "broken.txt").write_text("def f(:\n    pass\n")
     sae_dir = _save_sae(tmp_path / "run" / "sae", tiny_model_dirs["llama"], code)
-    assert cli.main(["probe", str(sae_dir), "--tokens", "2000", "--probe-tokens", "1000", "--quiet"]) == 0
+    tc_dir = _save_sae(tmp_path / "tc" / "sae", tiny_model_dirs["llama"], code, hook_out="blocks.2.hook_resid_post")
+    argv = ["probe", str(sae_dir), str(tc_dir), "--tokens", "2000", "--probe-tokens", "1000", "--quiet"]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "cat_docstring" in out and "coverage" in out and "wrote" in out
+    assert out.count("cat_docstring") == 2 and "coverage" in out and out.count("wrote") == 2
+    tc = json.loads((tc_dir / "groundtruth.json").read_text())  # a transcoder: probed through its latents
+    assert 0 < tc["coverage"]["coverage"] < 1 and tc["probing"]["sae"]["1"]["mean"] is not None
+    assert "error" in tc["tpp"]
     result = json.loads((sae_dir / "groundtruth.json").read_text())
     assert result["n_tokens"] >= 2000 and 600 < result["probing"]["tokens"] <= 1000
     cov = result["coverage"]["coverage"]

@@ -24,7 +24,7 @@ import torch
 
 from saeforge.config import EvalSetup
 from saeforge.data import excluded_mask, iter_documents, split_documents
-from saeforge.evals.report import _json_safe
+from saeforge.evals.report import _json_safe, check_width
 from saeforge.evals.saved import eval_paths
 from saeforge.evals.setup import eval_setup_for
 from saeforge.evals.splice import run_sae
@@ -125,9 +125,13 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
 def _passes(lm, sae, cfg: EvalSetup, hook, tokens: int, probe_tokens: int, progress: bool):
     def acts(tokens_ST, keep_ST):
         x_STD = capture(lm.model, [hook], tokens_ST)[hook.name]
+        if tokens_ST is first_tokens[0]:  # a wrong model or hook fails here, naming both widths
+            out_width = getattr(sae, "d_out", None) if cfg.model.hook_out else None
+            check_width(sae, x_STD.shape[-1], hook.name, lm.name, out_width, cfg.model.hook_out)
         x_ND = x_STD[keep_ST.to(x_STD.device)].float()
         return x_ND, run_sae(sae, x_ND)[0].float().cpu()
 
+    first_tokens: list = [None]
     stats = WindowStats()
     max_F = None
     sample = ProbeSample(probe_tokens)
@@ -135,6 +139,8 @@ def _passes(lm, sae, cfg: EvalSetup, hook, tokens: int, probe_tokens: int, progr
     rate = min(1.0, 1.1 * probe_tokens / tokens)
     n_tokens = n_windows = 0
     for i, tokens_ST, y_STP, v_STP, keep_ST in _progress(_batches(lm, cfg, tokens, stats), progress, "max"):
+        if i == 0:
+            first_tokens[0] = tokens_ST
         x_ND, f_NF = acts(tokens_ST, keep_ST)
         batch_max = f_NF.amax(0) if len(f_NF) else None
         if batch_max is not None:
