@@ -255,7 +255,7 @@ def _save_sae(folder, model_dir, corpus, hook_out=""):
         {
             "model": {"name": str(model_dir), "hook": HOOK, "hook_out": hook_out, "device": "cpu", "dtype": "float32"},
             "data": {"corpus": str(corpus), "context_size": 32, "holdout_fraction": 0.5},
-            "eval": {"batch_size": 8},
+            "eval": {"batch_size": 8, "tokens": 512, "ce_tokens": 256},
             "sae": {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8, **out},
         }
     )
@@ -281,6 +281,13 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     tc = json.loads((tc_dir / "groundtruth.json").read_text())  # a transcoder: probed through its latents
     assert 0 < tc["coverage"]["coverage"] < 1 and tc["probing"]["sae"]["1"]["mean"] is not None
     assert "error" in tc["tpp"]
+    # eval --report reads probe's JSON into a "Ground truth" section (evals sit below groundtruth: no import)
+    capsys.readouterr()
+    assert cli.main(["eval", str(sae_dir), "--report", "--quiet"]) == 0
+    page = (sae_dir / "report.html").read_text()
+    assert "<h2>Ground truth</h2>" in page and "groundtruth.json" in page
+    probed = json.loads((sae_dir / "groundtruth.json").read_text())["coverage"]["coverage"]
+    assert json.loads((sae_dir / "eval.json").read_text())["groundtruth"]["coverage"] == pytest.approx(probed)
     result = json.loads((sae_dir / "groundtruth.json").read_text())
     assert result["n_tokens"] >= 2000 and 600 < result["probing"]["tokens"] <= 1000
     cov = result["coverage"]["coverage"]
@@ -351,3 +358,19 @@ def test_tpp_is_high_when_each_class_has_its_own_latent_and_zero_when_none_does(
     blind[:3] = 0  # no latent reads or writes the class dimensions
     none = tpp(x_ND, lambda x: torch.relu(x @ blind.T), blind, y_NC, rows, test_N, n_ablate=1)
     assert abs(none["tpp"]) < 0.01 and none["self_drop"] == 0
+
+
+def test_report_and_compare_pages_show_ground_truth():
+    from saeforge.evals.html import groundtruth_section, pareto_plots
+
+    gt = {"file": "groundtruth.json", "coverage": 0.41, "sparse_probing_k1": 0.87, "tpp": 0.12, "n_tokens": 5000}
+    a = {"l0": 8.0, "explained_variance": 0.7, "groundtruth": gt}
+    b = {"l0": 16.0, "explained_variance": 0.8}  # probe has not run for this one
+    section = "".join(groundtruth_section(a))
+    assert "<h2>Ground truth</h2>" in section and "0.41" in section and "groundtruth.json" in section
+    assert "run <code>saeforge probe SAE_DIR</code>" in "".join(groundtruth_section(b))
+    plots = "".join(pareto_plots([("a", a), ("b", b)]))
+    assert 'data-plot="pareto-coverage"' in plots and 'data-plot="pareto-sparse-probing-k1"' in plots
+    assert 'data-x="8.0" data-y="0.41"' in plots and 'data-x="8.0" data-y="0.87"' in plots
+    assert 'data-x="16.0" data-y="nan"' not in plots  # no point where probe has not run
+    assert "pareto-coverage" not in "".join(pareto_plots([("b", b)]))

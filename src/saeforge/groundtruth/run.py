@@ -25,7 +25,7 @@ import torch
 from saeforge.config import EvalSetup
 from saeforge.data import excluded_mask, iter_documents, split_documents
 from saeforge.evals.report import _json_safe, check_width
-from saeforge.evals.saved import eval_paths
+from saeforge.evals.saved import groundtruth_path
 from saeforge.evals.setup import eval_setup_for
 from saeforge.evals.splice import run_sae
 from saeforge.groundtruth.labels import PROPERTIES, NoPythonError, check_offsets
@@ -39,12 +39,6 @@ from saeforge.saes.formats import load_sae
 
 DEFAULT_TOKENS = 50_000
 DEFAULT_PROBE_TOKENS = 4000
-
-
-def groundtruth_path(sae_dir: str | Path, corpus: str) -> Path:
-    """SAE_DIR/groundtruth.json on the SAE's own corpus, groundtruth.<corpus-slug>.json on another."""
-    json_path, _ = eval_paths(sae_dir, corpus)
-    return json_path.with_name("groundtruth" + json_path.name[len("eval") :])
 
 
 def probe_saved(
