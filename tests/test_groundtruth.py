@@ -269,9 +269,9 @@ def _save_sae(folder, model_dir, corpus, hook_out=""):
 def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     code = tmp_path / "code"
     code.mkdir()
-    for name in "keyword colorsys bisect fnmatch glob stat copy abc genericpath linecache".split():
-        (code / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
-    (code / "broken.txt").write_text("def f(:\n    pass\n")
+    for name in "keyword colorsys bisect fnmatch glob stat copy abc genericpath linecache heapq".split():
+        (code / f"{name}.py").write_text(inspect.getsource(importlib.import_module(name)))
+    (code / "broken.py").write_text("def f(:\n    pass\n")
     sae_dir = _save_sae(tmp_path / "run" / "sae", tiny_model_dirs["llama"], code)
     tc_dir = _save_sae(tmp_path / "tc" / "sae", tiny_model_dirs["llama"], code, hook_out="blocks.2.hook_resid_post")
     argv = ["probe", str(sae_dir), str(tc_dir), "--tokens", "2000", "--probe-tokens", "1000", "--quiet"]
@@ -292,7 +292,7 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     assert result["n_tokens"] >= 2000 and 600 < result["probing"]["tokens"] <= 1000
     cov = result["coverage"]["coverage"]
     assert 0 < cov < 1 and result["coverage"]["per_property"]["cat_name"]["positives"] > 0
-    assert result["documents"]["code"] >= 1
+    assert result["documents"]["code"] >= 1 and result["documents"]["prose"] == 0
     # the residual of a random model still carries the token's own identity: a dense probe beats the floor
     dense, major = result["probing"]["dense"]["per_property"], result["probing"]["majority"]["per_property"]
     assert dense["cat_operator"] > major["cat_operator"] + 0.01
@@ -374,3 +374,16 @@ def test_report_and_compare_pages_show_ground_truth():
     assert 'data-x="8.0" data-y="0.41"' in plots and 'data-x="8.0" data-y="0.87"' in plots
     assert 'data-x="16.0" data-y="nan"' not in plots  # no point where probe has not run
     assert "pareto-coverage" not in "".join(pareto_plots([("b", b)]))
+
+
+def test_py_files_are_whole_documents(tmp_path):
+    from saeforge.data import iter_documents
+
+    long_src = inspect.getsource(importlib.import_module("heapq"))  # > 20k characters, blank lines inside
+    assert len(long_src) > 20_000
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "heapq.py").write_text(long_src)
+    (tmp_path / "notes.md").write_text("ignored")
+    docs = list(iter_documents(DataConfig(corpus=str(tmp_path))))
+    assert [(d.id, d.text) for d in docs] == [("pkg/heapq.py", long_src)]
+    assert label_source(docs[0].text) is not None  # whole, so it parses

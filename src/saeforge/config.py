@@ -86,7 +86,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = F(
-        "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id."
+        "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet/.py file or folder, or a HF dataset id."
     )
     text_column: str = F("text", "Column holding the text in jsonl/parquet/HF datasets.")
     dataset_split: str = F("train", "Split to stream when the corpus is a Hugging Face dataset.")

@@ -152,7 +152,7 @@ def _passes(lm, sae, cfg: EvalSetup, hook, tokens: int, probe_tokens: int, progr
         raise NoPythonError(
             f"no held-out document of {cfg.data.corpus!r} parses as Python ({stats.n_prose} prose, "
             f"{stats.n_unparseable} unparseable, e.g. {stats.unparseable_ids[:3]}). Pass a corpus of Python "
-            "source: --data.corpus python-stdlib, or a folder of .txt/.jsonl files each holding whole modules."
+            "source: --data.corpus python-stdlib, or a folder of .py files (or .jsonl, one module per line)."
         )
     P = len(PROPERTIES)
     cover, select = ThresholdCounts(P, max_F), ThresholdCounts(P, max_F)
