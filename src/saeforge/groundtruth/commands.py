@@ -6,7 +6,13 @@ import argparse
 
 from saeforge.config import UsageError, add_config_options, overrides
 from saeforge.evals.setup import eval_setup_for
-from saeforge.groundtruth.run import DEFAULT_PROBE_TOKENS, DEFAULT_TOKENS, format_groundtruth, probe_saved
+from saeforge.groundtruth.run import (
+    DEFAULT_PROBE_TOKENS,
+    DEFAULT_TOKENS,
+    format_groundtruth,
+    format_summary,
+    probe_saved,
+)
 from saeforge.models import load_model
 
 
@@ -43,6 +49,7 @@ def cmd_probe(ns: argparse.Namespace, base: dict) -> int:
     if tokens < 1 or probe_tokens < 10:
         raise UsageError(f"--tokens {tokens} / --probe-tokens {probe_tokens}: need at least 1 and 10 tokens")
     models: dict[tuple, object] = {}
+    results = []
     for sae_dir in ns.sae_dirs:
         cfg = eval_setup_for(sae_dir, overrides(ns))
         key = (cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.random_init)
@@ -56,4 +63,7 @@ def cmd_probe(ns: argparse.Namespace, base: dict) -> int:
             print(f"== {sae_dir} ({cfg.model.hook})")
         print(format_groundtruth(result))
         print(f"wrote {path}")
+        results.append(result)
+    if len(results) > 1:
+        print(format_summary(results))
     return 0

@@ -18,6 +18,7 @@ import torch
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
 PRECISION = 0.95
+ROWS = 512  # rows per counting step: 512 x 16k latents x 4 bytes = 32 MB of temporaries
 
 
 def _fire_NF(f_NF: torch.Tensor, max_F: torch.Tensor, t: float) -> torch.Tensor:
@@ -41,6 +42,10 @@ class ThresholdCounts:
         self.n_P = torch.zeros(n_props, dtype=torch.float64)
 
     def update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
+        for a in range(0, len(f_NF), ROWS):  # bounded temporaries: ROWS x F floats per threshold
+            self._update(f_NF[a : a + ROWS], y_NP[a : a + ROWS], valid_NP[a : a + ROWS])
+
+    def _update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
         f_NF = f_NF.float().cpu()
         yv_PN = (y_NP & valid_NP).float().cpu().T
         v_PN = valid_NP.float().cpu().T
@@ -74,6 +79,10 @@ class OrCounts:
         self.pos_P = torch.zeros(P, dtype=torch.float64)
 
     def update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
+        for a in range(0, len(f_NF), ROWS):
+            self._update(f_NF[a : a + ROWS], y_NP[a : a + ROWS], valid_NP[a : a + ROWS])
+
+    def _update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
         f_NF = f_NF.float().cpu()
         v_NP, y_NP = valid_NP.cpu(), y_NP.cpu()
         for j, t in enumerate(self.thresholds.tolist()):

@@ -220,6 +220,40 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: list[dict]) -> str:
+    """One line per probed SAE (e.g. every layer of a sweep): the averages side by side."""
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    def probe_mean(r, kind, k=None):
+        d = r["probing"][kind]
+        d = d if k is None else d.get(k, d.get(str(k)))
+        return d["mean"]
+
+    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "dense", "major", "TPP"]
+    rows = [head]
+    for r in results:
+        rows.append(
+            [
+                str(r["sae"]),
+                str(r["hook"]),
+                fmt(r["coverage"]["coverage"]),
+                fmt(r["reconstruction"]["reconstruction"]),
+                fmt(probe_mean(r, "sae", 1)),
+                fmt(probe_mean(r, "sae", 5)),
+                fmt(probe_mean(r, "residual", 1)),
+                fmt(probe_mean(r, "dense")),
+                fmt(probe_mean(r, "majority")),
+                fmt(r.get("tpp", {}).get("mean")),
+            ]
+        )
+    widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))) for row in rows
+    )
+
+
 def _tpp_line(tpp: dict) -> str:
     if "groups" not in tpp:
         return "-"
@@ -227,4 +261,4 @@ def _tpp_line(tpp: dict) -> str:
     return ("-" if tpp["mean"] is None else f"{tpp['mean']:.3f}") + f" ({', '.join(parts)})"
 
 
-__all__ = ["KS", "format_groundtruth", "groundtruth_path", "probe", "probe_saved"]
+__all__ = ["KS", "format_groundtruth", "format_summary", "groundtruth_path", "probe", "probe_saved"]
