@@ -295,9 +295,9 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     cov = result["coverage"]["coverage"]
     assert 0 < cov < 1 and result["coverage"]["per_property"]["cat_name"]["positives"] > 0
     assert result["documents"]["code"] >= 1 and result["documents"]["prose"] == 0
-    # the residual of a random model still carries the token's own identity: a dense probe beats the floor
-    dense, major = result["probing"]["dense"]["per_property"], result["probing"]["majority"]["per_property"]
-    assert dense["cat_operator"] > major["cat_operator"] + 0.01
+    # the residual of a random model still carries the token's own identity: a dense probe beats chance (0.5)
+    dense = result["probing"]["dense"]["per_property"]
+    assert dense["cat_operator"] > 0.7
     category = result["tpp"]["groups"]["category"]
     assert category["classes"] >= 3 and category["tpp"] == pytest.approx(category["self_drop"] - category["other_drop"])
 

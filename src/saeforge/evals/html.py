@@ -162,11 +162,10 @@ def _gt(m: dict[str, Any], key: str) -> float:
 GROUNDTRUTH_ROWS = [
     ("coverage", "coverage (mean best-latent F1)"),
     ("reconstruction", "reconstruction (OR of precise latents, F1)"),
-    ("sparse_probing_k1", "sparse probing, k = 1"),
+    ("sparse_probing_k1", "sparse probing, k = 1 (balanced accuracy)"),
     ("sparse_probing_k5", "sparse probing, k = 5"),
     ("residual_probing_k1", "residual dimension probing, k = 1"),
     ("dense_probing", "dense residual probe"),
-    ("majority", "majority-class floor"),
     ("tpp", "TPP"),
     ("n_tokens", "labelled tokens"),
 ]

@@ -96,7 +96,6 @@ def groundtruth_summary(sae_dir: str | Path, corpus: str) -> dict | None:
         "sparse_probing_k5": mean("sae", 5),
         "residual_probing_k1": mean("residual", 1),
         "dense_probing": mean("dense"),
-        "majority": mean("majority"),
         "tpp": (g.get("tpp") or {}).get("mean"),
     }
 

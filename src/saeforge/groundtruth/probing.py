@@ -5,12 +5,10 @@ Per property p, on the training rows where p is defined: pick the k latents with
 rows, for k in KS. Baselines on the same rows: the same selection over residual dimensions, and a
 dense probe on the whole residual. Rows are a bounded sample of the labelled tokens (run.py draws
 each token with probability ~probe_tokens / tokens and tests on every fifth window, so train and
-test come from different windows spread over the whole stream). Accuracy is plain accuracy; ``majority`` is the accuracy of always
-answering the test rows' commoner class, the floor any probe should beat.
-
-The probes are fitted for all properties at once: one L-BFGS over independent per-property
-weights (float64, features standardised on the training rows, L2 1e-4), which reaches each
-property's own optimum because the summed losses do not interact.
+test come from different windows spread over the whole stream). As in SAEBench, whose probing datasets are balanced, classes weigh the same: the
+regression weights each class's training rows to half the total, and the score is balanced
+accuracy (the mean of the true-positive and true-negative rates) on the test rows, so chance is 0.5
+however rare the property.
 """
 
 from __future__ import annotations
@@ -94,10 +92,19 @@ def fit_logistic(X: torch.Tensor, y_PN: torch.Tensor, w_PN: torch.Tensor, max_it
     return lambda X_: logits(standardise(X_), W, b)
 
 
+def _balanced_weights(y_PN: torch.Tensor, rows_PN: torch.Tensor) -> torch.Tensor:
+    pos, neg = (y_PN & rows_PN).double(), (~y_PN & rows_PN).double()
+    return pos / pos.sum(1, keepdim=True).clamp_min(1) + neg / neg.sum(1, keepdim=True).clamp_min(1)
+
+
 def _accuracy(X, y_PN, train_PN, test_PN) -> torch.Tensor:
-    predict = fit_logistic(X, y_PN, train_PN.double())
-    right = (((predict(X) > 0) == y_PN) & test_PN).double().sum(1)
-    return right / test_PN.double().sum(1).clamp_min(1)
+    """Balanced test accuracy of a probe fitted with balanced class weights (see the module docstring)."""
+    predict = fit_logistic(X, y_PN, _balanced_weights(y_PN, train_PN))
+    right_PN = ((predict(X) > 0) == y_PN).double()
+    pos, neg = (y_PN & test_PN).double(), (~y_PN & test_PN).double()
+    tpr = (right_PN * pos).sum(1) / pos.sum(1).clamp_min(1)
+    tnr = (right_PN * neg).sum(1) / neg.sum(1).clamp_min(1)
+    return (tpr + tnr) / 2
 
 
 def _top_k_by_mean_diff(sum1_PF, n1_P, sum0_PF, n0_P, k: int) -> torch.Tensor:
@@ -122,7 +129,7 @@ def k_sparse_probing(
     test_N: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> dict:
-    """Accuracy per property and k of SAE-latent and residual-dimension probes, plus dense and majority.
+    """Balanced accuracy per property and k of SAE-latent and residual-dimension probes, and the dense probe.
 
     ``test_N``: which rows test (default: the last 1 - TRAIN_FRACTION of them).
     """
@@ -131,7 +138,9 @@ def k_sparse_probing(
     split = torch.arange(N) < int(N * TRAIN_FRACTION) if test_N is None else ~test_N
     n_train = int(split.sum())
     train_NP, test_NP = valid_NP & split[:, None], valid_NP & ~split[:, None]
-    usable_P = ((y_NP & train_NP).any(0) & (~y_NP & train_NP).any(0) & test_NP.any(0)).tolist()
+    # both classes needed on both sides: balanced accuracy needs a positive and a negative test row
+    both = (y_NP & train_NP).any(0) & (~y_NP & train_NP).any(0) & (y_NP & test_NP).any(0) & (~y_NP & test_NP).any(0)
+    usable_P = both.tolist()
     # latent class sums, encoding in chunks so the sample's full f (N x F) is never held
     sums = None
     for a in range(0, N, chunk):
@@ -160,8 +169,6 @@ def k_sparse_probing(
         for j, k in enumerate(ks):
             out[kind][k] = _per_prop(acc[j * len(names) : (j + 1) * len(names)], usable_P, names)
     out["dense"] = _per_prop(_accuracy(x_ND, y_PN, train_PN, test_PN), usable_P, names)
-    pos_rate = (y_PN & test_PN).double().sum(1) / test_PN.double().sum(1).clamp_min(1)
-    out["majority"] = _per_prop(torch.maximum(pos_rate, 1 - pos_rate), usable_P, names)
     out["top_latents"] = {n: top_PK[p, : min(5, k_max)].tolist() for p, n in enumerate(names) if usable_P[p]}
     return out
 

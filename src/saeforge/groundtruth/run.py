@@ -186,7 +186,7 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
     cov, rec, pr = result["coverage"], result["reconstruction"], result["probing"]
     ks = tuple(k for k in ks if k in pr["sae"] or str(k) in pr["sae"])
     head = ["property", "pos", "cov F1", "latent", "t", "recon F1"]
-    head += [f"sae k={k}" for k in ks] + [f"res k={k}" for k in ks] + ["dense", "major"]
+    head += [f"sae k={k}" for k in ks] + [f"res k={k}" for k in ks] + ["dense"]
     rows = [head]
 
     def fmt(v):
@@ -202,12 +202,12 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
         row += ["-", "-", "-"] if c is None else [fmt(c["f1"]), str(c["latent"]), f"{c['t']:.1f}"]
         row += [fmt(rec["per_property"][name])]
         row += [acc("sae", k, name) for k in ks] + [acc("residual", k, name) for k in ks]
-        row += [fmt(pr["dense"]["per_property"][name]), fmt(pr["majority"]["per_property"][name])]
+        row += [fmt(pr["dense"]["per_property"][name])]
         rows.append(row)
     mean = ["mean", "", fmt(cov["coverage"]), "", "", fmt(rec["reconstruction"])]
     mean += [fmt(pr["sae"].get(k, pr["sae"].get(str(k)))["mean"]) for k in ks]
     mean += [fmt(pr["residual"].get(k, pr["residual"].get(str(k)))["mean"]) for k in ks]
-    mean += [fmt(pr["dense"]["mean"]), fmt(pr["majority"]["mean"])]
+    mean += [fmt(pr["dense"]["mean"])]
     rows.append(mean)
     widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
     lines = ["  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths))) for r in rows]
@@ -215,7 +215,7 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
     lines.append(
         f"coverage {fmt(cov['coverage'])} (best single t {cov['best_t']}: {fmt(cov['coverage_at_best_t'])}), "
         f"reconstruction {fmt(rec['reconstruction'])} at t {rec['t']}; {result['n_tokens']} tokens, "
-        f"{pr['tokens']} probed; TPP {_tpp_line(result.get('tpp', {}))}; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
+        f"{pr['tokens']} probed (balanced accuracy, chance 0.5); TPP {_tpp_line(result.get('tpp', {}))}; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
     )
     return "\n".join(lines)
 
@@ -231,7 +231,7 @@ def format_summary(results: list[dict]) -> str:
         d = d if k is None else d.get(k, d.get(str(k)))
         return d["mean"]
 
-    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "dense", "major", "TPP"]
+    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "dense", "TPP"]
     rows = [head]
     for r in results:
         rows.append(
@@ -244,7 +244,6 @@ def format_summary(results: list[dict]) -> str:
                 fmt(probe_mean(r, "sae", 5)),
                 fmt(probe_mean(r, "residual", 1)),
                 fmt(probe_mean(r, "dense")),
-                fmt(probe_mean(r, "majority")),
                 fmt(r.get("tpp", {}).get("mean")),
             ]
         )

@@ -24,6 +24,8 @@ DOCS_PER_BATCH = 32
 
 @dataclass
 class WindowStats:
+    """Documents whose tokens entered the stream (code, prose), and unparseable ones met on the way."""
+
     n_code: int = 0
     n_prose: int = 0
     n_unparseable: int = 0
@@ -86,19 +88,15 @@ def _labelled_documents(docs: Iterable[Document], tokenizer, stats: WindowStats)
             if len(stats.unparseable_ids) < 5:
                 stats.unparseable_ids.append(doc.id)
             continue
-        if labels.code:
-            stats.n_code += 1
-        else:
-            stats.n_prose += 1
         batch.append((doc, labels))
         if len(batch) >= DOCS_PER_BATCH:
-            yield from _encode(batch, tokenizer)
+            yield from _encode(batch, tokenizer, stats)
             batch = []
     if batch:
-        yield from _encode(batch, tokenizer)
+        yield from _encode(batch, tokenizer, stats)
 
 
-def _encode(batch, tokenizer):
+def _encode(batch, tokenizer, stats: WindowStats):
     texts = [doc.text for doc, _ in batch]
     enc = tokenizer(
         texts, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True, verbose=False
@@ -110,4 +108,7 @@ def _encode(batch, tokenizer):
         val[:, prose] = True
         if labels.code:
             val[:, :] = True
+        # counted as their tokens enter the stream, so a document labelled ahead but never reached is not
+        stats.n_code += labels.code
+        stats.n_prose += not labels.code
         yield ids, lab, val
