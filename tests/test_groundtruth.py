@@ -389,3 +389,13 @@ def test_py_files_are_whole_documents(tmp_path):
     docs = list(iter_documents(DataConfig(corpus=str(tmp_path))))
     assert [(d.id, d.text) for d in docs] == [("pkg/heapq.py", long_src)]
     assert label_source(docs[0].text) is not None  # whole, so it parses
+
+
+def test_labelled_windows_hold_the_same_tokens_as_the_eval_packer(tiny_tokenizer):
+    from saeforge.data import pack_windows
+
+    docs = [Document(f"m{i}.py", f"def f{i}(a, b):\n    return a * {i} + b  # sum\n" * (i + 1)) for i in range(6)]
+    cfg = DataConfig(context_size=24)
+    ours = [w.tokens_T for w in labelled_windows(docs, tiny_tokenizer, cfg, WindowStats())]
+    theirs = list(pack_windows(docs, tiny_tokenizer, cfg))
+    assert len(ours) == len(theirs) > 3 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
