@@ -253,7 +253,7 @@ def test_empty_corpora_say_what_was_looked_at(tmp_path):
         list(iter_documents(cfg_for(path)))
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "readme.md").write_text("x", encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"holds no \.txt/\.jsonl/\.parquet files"):
+    with pytest.raises(CorpusError, match=r"holds no \.txt/\.jsonl/\.parquet/\.py files"):
         iter_documents(cfg_for(tmp_path / "folder"))
 
 

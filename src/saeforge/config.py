@@ -65,6 +65,10 @@ class ModelConfig:
         "auto",
         "torch.compile the LM layers that activation capture runs (live training): on, off, or auto = on for CPU runs of >= 500k live tokens (~20-35% faster forward; the compile costs ~5-25 s).",
     )
+    random_init: bool = F(
+        False,
+        "Control experiment: the same architecture and tokenizer with freshly initialised weights (the model class's own init, seed 0) instead of the trained ones. Stored in the SAE's cfg.json, so eval and probe use the same random model.",
+    )
 
     def __post_init__(self) -> None:
         check(self.dtype in ("auto",) + DTYPES, f"model.dtype={self.dtype!r}: expected auto or one of {DTYPES}")
@@ -82,7 +86,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = F(
-        "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id."
+        "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet/.py file or folder, or a HF dataset id."
     )
     text_column: str = F("text", "Column holding the text in jsonl/parquet/HF datasets.")
     dataset_split: str = F("train", "Split to stream when the corpus is a Hugging Face dataset.")

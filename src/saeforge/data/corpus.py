@@ -8,6 +8,7 @@ Choices worth knowing:
 - ``python-stdlib`` = the pydoc_data.topics entries + the running interpreter's standard-library
   .py files (tests excluded). The list of sources is shuffled with ``cfg.seed`` so training does
   not see all of asyncio first; files are read lazily.
+- A ``.py`` file is one document, however long (a cut module would not parse).
 - A ``.txt`` file is cut into documents at blank lines once a piece reaches ``TXT_CHUNK_CHARS``
   characters, so a single large text file can still be split into train and held-out parts.
   The pieces concatenate back to the file exactly; a file with no blank lines stays one document.
@@ -30,7 +31,7 @@ from pathlib import Path
 from saeforge.config import DataConfig, UserError
 
 STDLIB = "python-stdlib"
-FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".py")
 # ~5k tokens: many 128-token windows per piece, yet a 1 MB book gives ~50 pieces to split.
 TXT_CHUNK_CHARS = 20_000
 # Folders of the standard library that hold tests, test data or installed third-party packages.
@@ -197,6 +198,8 @@ def _file_documents(path: Path, name: str, cfg: DataConfig) -> Iterator[Document
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _txt_documents(path, name)
+    if suffix == ".py":
+        return _py_documents(path, name)
     if suffix == ".jsonl":
         return _jsonl_documents(path, name, cfg.text_column)
     if suffix == ".parquet":
@@ -219,6 +222,13 @@ def _txt_documents(path: Path, name: str) -> Iterator[Document]:
             cut_ready = cut_ready or (blank and size >= TXT_CHUNK_CHARS)
         if lines:
             yield Document(f"{name}#{index}", "".join(lines))
+
+
+def _py_documents(path: Path, name: str) -> Iterator[Document]:
+    # One document per file, never cut: a piece of a module that starts inside a block does not parse,
+    # and `saeforge probe` labels only what parses (like the standard-library files of python-stdlib).
+    with _open_utf8(path) as f:
+        yield Document(name, "".join(_decode_lines(f, path)))
 
 
 def _jsonl_documents(path: Path, name: str, column: str) -> Iterator[Document]:

@@ -12,7 +12,8 @@ from saeforge.evals.curves import TRAINING_PAGE, write_training_report
 from saeforge.evals.html import render_compare, write_html
 from saeforge.evals.push import push_sae
 from saeforge.evals.report import _json_safe, format_table
-from saeforge.evals.saved import evaluate_saved
+from saeforge.evals.saved import evaluate_saved, groundtruth_summary
+from saeforge.evals.setup import eval_setup_for
 from saeforge.io import atomic_write_text
 
 
@@ -102,6 +103,11 @@ def cmd_eval(ns: argparse.Namespace, base: dict) -> int:
 
 def cmd_compare(ns: argparse.Namespace, base: dict) -> int:
     entries, pairs = compare_saved(ns.sae_dirs, overrides(ns), progress=not ns.quiet, threshold=ns.threshold)
+    corpus = eval_setup_for(ns.sae_dirs[0], overrides(ns)).data.corpus
+    for (_, m), d in zip(entries, ns.sae_dirs):  # `saeforge probe` results, where it has run
+        gt = groundtruth_summary(d, corpus)
+        if gt is not None:
+            m["groundtruth"] = gt
     print(format_compare_table(entries))
     for p in pairs:
         line = f"MMCS {p['a']} -> {p['b']}: {p['mmcs_a_to_b']:.4f}, back: {p['mmcs_b_to_a']:.4f}"

@@ -76,7 +76,9 @@ def compare_saved(
                 "only SAEs of one model can be scored on the same tokens; compare them separately"
             )
     if lm is None:
-        lm = load_model(base.model.name, dtype=base.model.dtype, device=base.model.device)
+        lm = load_model(
+            base.model.name, dtype=base.model.dtype, device=base.model.device, random_init=base.model.random_init
+        )
     labels = [sae_label(d) for d in sae_dirs]
     if len(set(labels)) < len(labels):  # two runs/*/sae of the same name elsewhere: fall back to full paths
         labels = [str(d) for d in sae_dirs]

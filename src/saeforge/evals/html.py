@@ -123,6 +123,22 @@ def pareto_plots(entries: Sequence[tuple[str, dict[str, Any]]], highlight: int |
             highlight,
         )
     ]
+    if any("groundtruth" in m for _, m in entries):  # `saeforge probe` results (docs/groundtruth.md)
+        for key, title, ylabel in (
+            ("coverage", "L0 vs coverage (Python syntax)", "coverage"),
+            ("sparse_probing_k1", "L0 vs 1-sparse probing accuracy", "test accuracy, k = 1"),
+        ):
+            plots.append(
+                svg.scatter(
+                    f"pareto-{key.replace('_', '-')}",
+                    title,
+                    "L0 (latents per token)",
+                    ylabel,
+                    labels,
+                    [(m.get("l0", math.nan), _gt(m, key)) for _, m in entries],
+                    highlight,
+                )
+            )
     if any("ce_score" in m for _, m in entries):
         plots.append(
             svg.scatter(
@@ -136,6 +152,40 @@ def pareto_plots(entries: Sequence[tuple[str, dict[str, Any]]], highlight: int |
             )
         )
     return plots
+
+
+def _gt(m: dict[str, Any], key: str) -> float:
+    v = (m.get("groundtruth") or {}).get(key)
+    return math.nan if v is None else float(v)
+
+
+GROUNDTRUTH_ROWS = [
+    ("coverage", "coverage (mean best-latent F1)"),
+    ("reconstruction", "reconstruction (OR of precise latents, F1)"),
+    ("sparse_probing_k1", "sparse probing, k = 1 (balanced accuracy)"),
+    ("sparse_probing_k5", "sparse probing, k = 5"),
+    ("residual_probing_k1", "residual dimension probing, k = 1"),
+    ("dense_probing", "dense residual probe"),
+    ("tpp", "TPP"),
+    ("n_tokens", "labelled tokens"),
+]
+
+
+def groundtruth_section(m: dict[str, Any]) -> list[str]:
+    """The report's "Ground truth" section: `saeforge probe`'s headline numbers, or how to get them."""
+    gt = m.get("groundtruth")
+    if not gt:
+        return [
+            "<h2>Ground truth</h2>",
+            '<p class="note">No ground-truth result for this SAE and corpus: run <code>saeforge probe SAE_DIR</code> '
+            "(Python syntax properties, docs/groundtruth.md), then this report again.</p>",
+        ]
+    return [
+        "<h2>Ground truth</h2>",
+        _table([(label, _num(gt.get(key))) for key, label in GROUNDTRUTH_ROWS]),
+        f'<p class="note">From {escape(str(gt.get("file")))} (<code>saeforge probe</code>): Python syntax '
+        "properties of held-out tokens; per-property numbers are in that file.</p>",
+    ]
 
 
 COMPARE_KEYS = [
@@ -257,6 +307,7 @@ def render_report(
             "</div>",
             compare_table(entries),
         ]
+    body += groundtruth_section(m)
     body += dictionary_section(m.get("dictionaries", []))
     body += sections
     return _page(f"SAE report: {name}", body)

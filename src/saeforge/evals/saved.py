@@ -72,6 +72,39 @@ def eval_paths(sae_dir: str | Path, corpus: str, out: str | Path | None = None) 
     return sae_dir / f"eval.{slug}.json", sae_dir / f"report.{slug}.html"
 
 
+def groundtruth_path(sae_dir: str | Path, corpus: str) -> Path:
+    """Where `saeforge probe` writes: SAE_DIR/groundtruth.json on the SAE's own corpus, groundtruth.<slug>.json
+    on another. Defined here so that eval and compare can read it without importing the groundtruth layer."""
+    json_path, _ = eval_paths(sae_dir, corpus)
+    return json_path.with_name("groundtruth" + json_path.name[len("eval") :])
+
+
+def groundtruth_summary(sae_dir: str | Path, corpus: str) -> dict | None:
+    """The headline numbers of `saeforge probe`'s JSON for this SAE and corpus; None when probe has not run."""
+    path = groundtruth_path(sae_dir, corpus)
+    if not path.exists():
+        return None
+    g = json.loads(path.read_text())
+    probing = g.get("probing", {})
+
+    def mean(kind: str, k: int | None = None):
+        d = probing.get(kind) or {}
+        d = d if k is None else d.get(str(k)) or {}
+        return d.get("mean")
+
+    return {
+        "file": path.name,
+        "n_tokens": g.get("n_tokens"),
+        "coverage": (g.get("coverage") or {}).get("coverage"),
+        "reconstruction": (g.get("reconstruction") or {}).get("reconstruction"),
+        "sparse_probing_k1": mean("sae", 1),
+        "sparse_probing_k5": mean("sae", 5),
+        "residual_probing_k1": mean("residual", 1),
+        "dense_probing": mean("dense"),
+        "tpp": (g.get("tpp") or {}).get("mean"),
+    }
+
+
 def evaluate_saved(
     sae_dir: str | Path,
     overrides: dict[str, dict] | None = None,
@@ -85,7 +118,8 @@ def evaluate_saved(
     """Load the SAE and its model, evaluate on held-out text, write the eval JSON; returns (metrics, files written).
 
     The JSON is SAE_DIR/eval.json on the SAE's own corpus, SAE_DIR/eval.<slug>.json on another, or ``out``
-    (see eval_paths). ``report`` also runs first-letter absorption and writes the matching report page
+    (see eval_paths). ``report`` also runs first-letter absorption, adds `saeforge probe`'s numbers when its
+    JSON is there (groundtruth_summary), and writes the matching report page
     (self-contained: metrics, density, per-position curves, and the training curves when the SAE sits in its
     run folder). ``compare`` folders are scored on the same tokens and placed beside it on the page (and
     MMCS / stitching against each that reads the same hook).
@@ -93,11 +127,17 @@ def evaluate_saved(
     cfg = eval_setup_for(sae_dir, overrides)
     json_path, html_path = eval_paths(sae_dir, cfg.data.corpus, out)  # before the work: a bad --out fails fast
     if lm is None:
-        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+        lm = load_model(
+            cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, random_init=cfg.model.random_init
+        )
     others: list = []
     if compare:
         entries, pairs = compare_saved([sae_dir, *compare], overrides, progress=progress, lm=lm, mdl_tokens=mdl_tokens)
         (_, metrics), others = entries[0], entries[1:]
+        for (_, m), d in zip(others, compare):
+            gt = groundtruth_summary(d, cfg.data.corpus)
+            if gt is not None:
+                m["groundtruth"] = gt
         metrics["dictionaries"] = [p for p in pairs if entries[0][0] in (p["a"], p["b"])]
     else:
         sae = load_sae(sae_dir, device=str(lm.device))
@@ -115,6 +155,9 @@ def evaluate_saved(
             hook_out=hook_out,
         )
     if report:
+        gt = groundtruth_summary(sae_dir, cfg.data.corpus)
+        if gt is not None:
+            metrics["groundtruth"] = gt
         metrics["absorption"] = (
             _absorption(lm, cfg, sae_dir)
             if not cfg.model.hook_out

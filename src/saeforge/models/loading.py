@@ -140,11 +140,30 @@ def _open(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return _load_hub(name, dtype)
 
 
-def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto") -> LoadedModel:
-    """Load ``name`` (built-in name, local folder, .gguf path, or hub id) for reading activations."""
+def reinitialised(model: Any, seed: int = 0) -> Any:
+    """A new model of the same class and config, weights from the class's own init (post_init), seeded.
+
+    The random-weights control of the board-game papers: same architecture, same tokens, no training.
+    The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.config)
+    return fresh
+
+
+def load_model(
+    name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto", random_init: bool = False
+) -> LoadedModel:
+    """Load ``name`` (built-in name, local folder, .gguf path, or hub id) for reading activations.
+
+    ``random_init``: replace the weights by a fresh init of the same architecture (``reinitialised``).
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model, tokenizer = _open(name, torch_dtype)
+    if random_init:
+        model = reinitialised(model)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

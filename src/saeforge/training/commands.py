@@ -116,7 +116,7 @@ def cmd_cache(ns: argparse.Namespace, base: dict) -> int:
     cfg = RunConfig.from_dict(merged(base, ns))
     ctx = ranks.init()  # None in one process
     device = str(ctx.comm_device) if ctx and ctx.comm_device.type == "cuda" else cfg.model.device
-    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device, random_init=cfg.model.random_init)
     hook_point = hook_points(cfg, lm)  # with --model.hook_out: rows [hook | hook_out], for transcoders
     if ctx is None:
         m = write_cache(

@@ -188,7 +188,7 @@ def train(
         device = cfg.model.device
         if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
             device = str(ctx.comm_device)  # one GPU per rank, not all of them on cuda:0
-        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=device, random_init=cfg.model.random_init)
     points = hook_points(cfg, lm)
     if not cfg.activations.cache and compile_policy(cfg.model.compile, lm.device, cfg.train.total_tokens):
         compiled.enable(lm)  # the live stream's LM forwards run compiled (models/compiled.py)

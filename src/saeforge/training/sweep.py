@@ -179,7 +179,7 @@ def train_sweep(
         device = first.model.device
         if ctx is not None and ctx.comm_device.type == "cuda" and device in ("auto", "cuda"):
             device = str(ctx.comm_device)
-        lm = load_model(first.model.name, dtype=first.model.dtype, device=device)
+        lm = load_model(first.model.name, dtype=first.model.dtype, device=device, random_init=first.model.random_init)
     mode = parallel_mode(first.train.parallel, len(cfgs), ctx)
     run = SweepRun(cfgs, names, points, sweep_dir, lm, ctx, mode, progress)
     run.train(resume is not None)

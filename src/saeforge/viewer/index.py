@@ -122,7 +122,12 @@ def build_index(
     sae_id = default_sae_id(output_dir(spec))
     run_cfg = eval_setup_for(sae_dir, overrides)
     if lm is None:
-        lm = load_model(run_cfg.model.name, dtype=run_cfg.model.dtype, device=run_cfg.model.device)
+        lm = load_model(
+            run_cfg.model.name,
+            dtype=run_cfg.model.dtype,
+            device=run_cfg.model.device,
+            random_init=run_cfg.model.random_init,
+        )
     sae = load_sae(sae_dir, device=str(lm.device))
     hook = resolve_hook(lm.model, run_cfg.model.hook)
     data_cfg = run_cfg.data

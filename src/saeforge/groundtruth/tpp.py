@@ -1,0 +1,94 @@
+"""TPP (targeted probe perturbation, SAEBench) on the multi-class syntax properties.
+
+For a multi-class property (token category, bracket depth, indentation level; GROUPS), on the
+probing sample's rows where the property is defined:
+1. fit a one-vs-rest linear probe per class i on the residual x (training rows);
+2. score latent j for class i by its attribution to probe i, the mean over class-i training rows of
+   ``f_j * (W_dec[j] . w_i)`` (w_i in x's units);
+3. for each class i, ablate its top ``n_ablate`` latents, ``x' = x - sum_j f_j W_dec[j]``, and
+   measure every probe's test accuracy drop dAcc(i, j) = acc_j(x) - acc_j(x').
+TPP = mean_i dAcc(i, i) - mean_{i != j} dAcc(i, j): high when each class's latents matter to its own
+probe and not to the others. Accuracy is plain accuracy on the group's test rows (SAEBench balances
+its datasets; here a rare class's drops are small). Defined for SAEs whose decoder writes the
+probed hook, not for transcoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from saeforge.groundtruth.labels import PROPERTIES
+from saeforge.groundtruth.probing import fit_logistic
+
+GROUPS = {
+    "category": ("cat_name", "cat_keyword", "cat_string", "cat_docstring", "cat_comment", "cat_number", "cat_operator"),
+    "depth": ("depth_0", "depth_1", "depth_2", "depth_3plus"),
+    "indent": ("indent_0", "indent_1", "indent_2", "indent_3plus"),
+}
+N_ABLATE = 20
+
+
+def tpp(
+    x_ND: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    W_dec_FD: torch.Tensor,
+    y_NC: torch.Tensor,
+    valid_N: torch.Tensor,
+    test_N: torch.Tensor,
+    n_ablate: int = N_ABLATE,
+    chunk: int = 1024,
+) -> dict:
+    """TPP of one multi-class property: ``y_NC`` one-hot-ish classes, rows used where ``valid_N``."""
+    encode = torch.no_grad()(encode)
+    W = W_dec_FD.detach().float().cpu()
+    train_N, test_N = valid_N & ~test_N, valid_N & test_N
+    keep_C = (y_NC & train_N[:, None]).any(0) & (~y_NC & train_N[:, None]).any(0) & (y_NC & test_N[:, None]).any(0)
+    C = int(keep_C.sum())
+    if C < 2:
+        return {"tpp": None, "classes": int(C), "reason": "fewer than two classes with training and test rows"}
+    y_CN = y_NC[:, keep_C].T
+    predict = fit_logistic(x_ND, y_CN, train_N[None].expand(C, -1).double())
+
+    def acc_C(x):
+        return (((predict(x) > 0) == y_CN) & test_N).double().sum(1) / test_N.double().sum().clamp_min(1)
+
+    # probe weights in x's units: the logits' gradient with respect to x (the probe is linear)
+    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        w_CD = torch.stack([torch.autograd.grad(predict(x0)[c].sum(), x0, retain_graph=True)[0][0] for c in range(C)])
+    proj_CF = w_CD.float() @ W.T  # W_dec[j] . w_c
+    attr_CF = torch.zeros_like(proj_CF)
+    for a in range(0, len(x_ND), chunk):
+        f_NF = encode(x_ND[a : a + chunk]).float().cpu()
+        pos_CN = (y_CN[:, a : a + chunk] & train_N[a : a + chunk]).float()
+        attr_CF += (pos_CN @ f_NF) * proj_CF
+    attr_CF /= (y_CN & train_N).float().sum(1, keepdim=True).clamp_min(1)
+    top_CK = attr_CF.topk(min(n_ablate, attr_CF.shape[1]), dim=1).indices
+    clean_C = acc_C(x_ND)
+    d_CC = torch.zeros(C, C, dtype=torch.float64)
+    for i in range(C):
+        cols = top_CK[i]
+        removed_ND = torch.cat([encode(x_ND[a : a + chunk]).float().cpu()[:, cols] for a in range(0, len(x_ND), chunk)])
+        d_CC[i] = clean_C - acc_C(x_ND - removed_ND @ W[cols])
+    off = ~torch.eye(C, dtype=torch.bool)
+    return {
+        "tpp": float(d_CC.diagonal().mean() - d_CC[off].mean()),
+        "classes": C,
+        "self_drop": float(d_CC.diagonal().mean()),
+        "other_drop": float(d_CC[off].mean()),
+        "n_ablate": int(top_CK.shape[1]),
+    }
+
+
+def tpp_all(x_ND, encode, W_dec_FD, y_NP, valid_NP, test_N, n_ablate: int = N_ABLATE) -> dict:
+    """TPP per group of GROUPS, and their mean."""
+    out = {}
+    for group, names in GROUPS.items():
+        idx = [PROPERTIES.index(n) for n in names]
+        y_NC = y_NP[:, idx]
+        valid_N = valid_NP[:, idx].all(1) & y_NC.any(1)  # code tokens that have a class (whitespace has no category)
+        out[group] = tpp(x_ND, encode, W_dec_FD, y_NC, valid_N, test_N, n_ablate)
+    vals = [g["tpp"] for g in out.values() if g["tpp"] is not None]
+    return {"mean": (sum(vals) / len(vals) if vals else None), "groups": out}
