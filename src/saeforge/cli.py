@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "saeforge.training.commands",  # train, cache
     "saeforge.evals.commands",  # eval, compare, report
     "saeforge.analysis.commands",  # steer, attribute, ...
+    "saeforge.circuits.commands",  # transcoders, graph
     "saeforge.viewer.commands",  # index, serve, export-neuronpedia
     "saeforge.toy",  # toy
 ]
