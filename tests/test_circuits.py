@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from saeforge.circuits.graph import attribute
-from saeforge.circuits.prune import cutoff, influence, influence_series, normalize, prune, scores
+from saeforge.circuits.prune import cutoff, influence, influence_solve, normalize, prune, scores
 from saeforge.circuits.replacement import ReplacementError, ReplacementModel
 from saeforge.circuits.transcoders import TranscoderSetError, layer_points, parse_layers
 from saeforge.cli import main
@@ -175,13 +175,14 @@ def test_influence_solve_equals_the_series_and_a_hand_case():
     inf = influence(norm, w)
     # logit -> f1: 0.5*0.75; f1 -> f0: *1; f0 -> emb: *1, plus the direct 0.5*0.25
     torch.testing.assert_close(inf, torch.tensor([0.375, 0.375, 0.5, 0.0]))
-    torch.testing.assert_close(influence_series(norm, w), inf)
+    torch.testing.assert_close(influence_solve(norm, w), inf)
 
 
 def test_pruning_keeps_the_stated_influence_fractions(graph):
     w = graph.logit_weights()
     p = prune(graph.adjacency_nn, w, graph.n_features, graph.n_pos + graph.n_logits, 0.8, 0.98)
     inf = p.node_influence_n
+    torch.testing.assert_close(inf, influence_solve(normalize(graph.adjacency_nn), w), atol=1e-6, rtol=1e-4)
     assert inf[p.threshold_node_mask_n].sum() >= 0.8 * inf.sum() - 1e-6
     assert p.edge_scores_nn[p.threshold_edge_mask_nn].sum() >= 0.98 * p.edge_scores_nn.sum() - 1e-6
     kept = int(p.node_mask_n[: graph.n_features].sum())
@@ -241,6 +242,11 @@ def test_transcoders_then_graph_end_to_end(tiny_model_dirs, text_corpus, tmp_pat
         cfg = json.loads((folder / rel / "cfg.json").read_text())
         assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_mlp_in"
         assert cfg["metadata"]["hook_name_out"] == f"blocks.{layer}.hook_mlp_out"
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 2  # the first set is never overwritten
+    assert "already exists" in capsys.readouterr().err
+    assert main([str(a) for a in args[:3]] + ["--layers", "0,1", "--resume", str(folder)]) == 2
+    assert "trains layers [0, 1, 2], not [0, 1]" in capsys.readouterr().err
     out = tmp_path / "g.json"
     assert main(["graph", "--transcoders", str(folder), "--prompt", PROMPT, "--out", str(out)]) == 0
     d = json.loads(out.read_text())

@@ -76,7 +76,7 @@ def salient_logits(logits_V: Tensor, max_n_logits: int = 10, desired_prob: float
     """(token ids, probabilities) of the most likely tokens until their probabilities reach ``desired_prob``."""
     probs_V = torch.softmax(logits_V.float(), dim=-1)
     top_p, top_idx = probs_V.topk(min(max_n_logits, probs_V.shape[0]))
-    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_prob))) + 1
+    cutoff = int((top_p.cumsum(0) < desired_prob).sum()) + 1  # the first token reaching it is kept
     return top_idx[:cutoff], top_p[:cutoff]
 
 

@@ -15,6 +15,7 @@ Paths are relative to the folder, so it can be moved as a whole.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from saeforge.io import atomic_write_text
 from saeforge.models import load_model
 from saeforge.saes.base import SAE
 from saeforge.saes.formats import load_sae, read_cfg
-from saeforge.training.sweep import train_sweep
+from saeforge.training.config import RunConfig
+from saeforge.training.sweep import read_plan, train_sweep
 
 MANIFEST = "transcoders.json"
 FORMAT_VERSION = 1
@@ -64,16 +66,23 @@ def train_layer_transcoders(
 
     Returns the folder. ``resume``: an interrupted folder made by this function with the same base and layers.
     """
-    model_cfg = base.get("model", {})
-    if lm is None:
-        lm = load_model(
-            model_cfg.get("name", "smollm2-135m"),
-            dtype=model_cfg.get("dtype", "auto"),
-            device=model_cfg.get("device", "auto"),
-        )
-    chosen = parse_layers(layers, lm.n_layers)
     base = {k: dict(v) for k, v in base.items()}
-    base.setdefault("model", {}).update(hook=HOOK_IN.format(layer=chosen[0]), hook_out=HOOK_OUT.format(layer=chosen[0]))
+    base.setdefault("model", {}).update(hook=HOOK_IN.format(layer=0), hook_out=HOOK_OUT.format(layer=0))
+    cfg = RunConfig.from_dict(base)  # the defaults of every field the caller left out
+    if lm is None:
+        lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    chosen = parse_layers(layers, lm.n_layers)
+    base["model"].update(hook=HOOK_IN.format(layer=chosen[0]), hook_out=HOOK_OUT.format(layer=chosen[0]))
+    if not base.get("train", {}).get("run_name"):  # the sweep's default name would name layer 0's hooks only
+        name = f"{Path(cfg.model.name).name.removesuffix('.gguf')}-transcoders-{cfg.sae.architecture}-{cfg.sae.d_sae}"
+        base.setdefault("train", {})["run_name"] = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    if resume is not None:
+        planned = read_plan(resume)["points"]
+        if planned != layer_points(chosen):
+            was = [int(p["model"]["hook"].split(".")[1]) for p in planned if "model" in p]
+            raise TranscoderSetError(
+                f"{resume} trains layers {was}, not {chosen}: resume it with --layers {','.join(map(str, was))}"
+            )
     result = train_sweep(base, layer_points(chosen), evaluate=evaluate, progress=progress, lm=lm, resume=resume)
     folder = result.sweep_dir
     entries = {}
@@ -81,7 +90,7 @@ def train_layer_transcoders(
         entries[str(layer)] = str(Path(row["sae_dir"]).resolve().relative_to(folder.resolve()))
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model_name": base["model"].get("name", "smollm2-135m"),
+        "model_name": cfg.model.name,
         "hook_in": HOOK_IN,
         "hook_out": HOOK_OUT,
         "layers": entries,
