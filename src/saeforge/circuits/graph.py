@@ -115,7 +115,9 @@ def attribute(
     for start in range(0, len(targets), batch_size):
         chunk = targets[start : start + batch_size]
         e_BTD, a_BN, err_BLTD = rm.clean_inputs(state, len(chunk))
-        logits_BTV, mlp_in = rm.forward_linear(state, e_BTD, a_BN, err_BLTD)
+        # features come layer-major: a batch of features only needs the forward up to its last layer's MLP input
+        stop = int(state.layer_N[chunk[-1]]) if chunk[-1] < N else None
+        logits_BTV, mlp_in = rm.forward_linear(state, e_BTD, a_BN, err_BLTD, stop_at_layer=stop)
         rows = list(enumerate(chunk))
         v = target_values(rm, state, logits_BTV, mlp_in, rows, logit_tokens_K, N)
         # a layer-0 target depends on no feature and no error node: those gradients are zeros

@@ -147,12 +147,19 @@ class ReplacementModel:
 
     # ---- the frozen linear model ---------------------------------------------------------
     def forward_linear(
-        self, state: PromptState, embeds_BTD: Tensor, acts_BN: Tensor, errors_BLTD: Tensor
-    ) -> tuple[Tensor, list[Tensor]]:
+        self,
+        state: PromptState,
+        embeds_BTD: Tensor,
+        acts_BN: Tensor,
+        errors_BLTD: Tensor,
+        stop_at_layer: int | None = None,
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
         """(logits_BTV, [mlp_in_BTD per layer]) of the frozen model, differentiable in its three inputs.
 
         Row b of the batch is one copy of the prompt with its own node values, so one backward through a
-        sum of per-row targets gives each target's gradient in its own row.
+        sum of per-row targets gives each target's gradient in its own row. ``stop_at_layer``: stop once
+        that layer's MLP input is known (logits None; later layers' inputs None): feature targets need
+        nothing after their own layer's MLP input.
         """
         B = embeds_BTD.shape[0]
         mlp_in: list[Tensor | None] = [None] * self.n_layers
@@ -171,6 +178,8 @@ class ReplacementModel:
             def hook(module, args, out):
                 x_BTD = args[0]
                 mlp_in[layer] = x_BTD
+                if layer == stop_at_layer:
+                    raise _StopForward
                 contrib_BnD = acts_BN[:, sel, None] * W_nD
                 y_BTD = (errors_BLTD[:, layer] + sae.b_dec).index_add(1, pos_n, contrib_BnD)
                 return sae.add_skip(y_BTD, x_BTD)
@@ -179,8 +188,12 @@ class ReplacementModel:
 
         hooks = [(m, frozen_qk) for m in self.qk] + [(m, frozen_norm) for m in self.norms]
         hooks += [(layer.mlp, replace_mlp(i)) for i, layer in enumerate(self.layers)]
+        logits_BTV = None
         with _forward_hooks(hooks):
-            logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False).logits
+            try:
+                logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False).logits
+            except _StopForward:
+                pass
         return logits_BTV, mlp_in
 
     def clean_inputs(self, state: PromptState, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,6 +212,10 @@ class ReplacementModel:
             sae = self.saes[layer]
             out.append(mlp_in[layer][b, pos] @ sae.W_enc[:, idx] + sae.b_enc[idx])
         return torch.stack(out) if out else torch.zeros(0, device=self.device)
+
+
+class _StopForward(Exception):
+    """Raised from the MLP hook of ``stop_at_layer``: the rest of the forward is not needed."""
 
 
 @contextmanager
