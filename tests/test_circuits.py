@@ -255,7 +255,16 @@ def test_transcoders_then_graph_end_to_end(tiny_model_dirs, text_corpus, tmp_pat
     ids = {n["node_id"] for n in d["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in d["links"]) and d["links"]
     kinds = {n["feature_type"] for n in d["nodes"]}
-    assert {"embedding", "logit"} <= kinds
+    assert {"embedding", "logit"} <= kinds and set(d) == {"metadata", "qParams", "nodes", "links"}
+    fields = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit", "run_idx",
+              "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation"}  # fmt: skip
+    assert all(fields <= set(n) for n in d["nodes"]) and len(ids) == len(d["nodes"])
+    assert meta["slug"] == "g" and meta["prompt_tokens"][0] == "<bos>" and meta["node_threshold"] == 0.8
+    logits = [n for n in d["nodes"] if n["feature_type"] == "logit"]
+    assert sum(n["is_target_logit"] for n in logits) == 1 and all(n["layer"] == "4" for n in logits)
+    # influence is the cumulative share: kept non-token nodes sit at or under the threshold, give or take one
+    inner = sorted(n["influence"] for n in d["nodes"] if n["feature_type"] not in ("embedding", "logit"))
+    assert inner and inner[0] > 0 and sum(v > 0.8 for v in inner) <= 1
     capsys.readouterr()
     # a second run never overwrites; bad prompts, a wrong model, a set missing its manifest: one-line errors
     assert main(["graph", "--transcoders", str(folder), "--prompt", PROMPT, "--out", str(out)]) == 2

@@ -73,14 +73,16 @@ def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
         raise UsageError(f"{out} exists: give another --out (a graph is never overwritten)")
     if ns.batch_size < 1:
         raise UsageError(f"--batch-size {ns.batch_size}: expected at least 1")
-    tset = load_transcoders(ns.transcoders, device=ns.device)
+    tset = load_transcoders(ns.transcoders)  # on the CPU first: the model's loader says clearly if --device is absent
     if ns.model_name and ns.model_name != tset.model_name:
         raise TranscoderSetError(
             f"the transcoders in {ns.transcoders} were trained on {tset.model_name!r}, not {ns.model_name!r}: "
             "drop --model, or train a set on that model"
         )
     lm = load_model(tset.model_name, dtype="float32", device=ns.device)
-    d = build_graph_json(lm, tset, ns.prompt, ns.node_threshold, ns.edge_threshold, ns.batch_size)
+    for sae in tset.saes.values():
+        sae.to(lm.device)
+    d = build_graph_json(lm, tset, ns.prompt, ns.node_threshold, ns.edge_threshold, ns.batch_size, slug=out.stem)
     atomic_write_text(out, json.dumps(d) + "\n")
     s, c = d["metadata"]["scores"], d["metadata"]["counts"]
     print(

@@ -1,11 +1,17 @@
-"""The graph JSON: circuit-tracer-style nodes and links (the shape Neuronpedia's graph viewer reads).
+"""The graph JSON in circuit-tracer's layout (what its frontend and Neuronpedia's graph viewer read).
 
-Node ids follow circuit-tracer's scheme where we know it: a feature ``"{layer}_{feature}_{pos}"``, an
-embedding ``"E_{token id}_{pos}"``, a logit ``"{n_layers + 1}_{token id}_{pos}"``; error nodes are
-``"{layer}_error_{pos}"`` (our choice). ``feature_type`` is "cross layer transcoder" (circuit-tracer's label
-for any transcoder feature), "mlp reconstruction error", "embedding" or "logit". Links are
-``{"source", "target", "weight"}``. saeforge's own fields (scores, thresholds, values) sit in
-``metadata`` and in extra node keys; viewers ignore keys they do not know.
+Fields as circuit-tracer's frontend models have them: ``metadata`` (slug, scan, transcoder_list,
+prompt_tokens, prompt, node_threshold), ``qParams`` (empty pins and supernodes), ``nodes`` (node_id, feature,
+layer as a string, ctx_idx, feature_type, token_prob, is_target_logit, run_idx, reverse_ctx_idx, jsNodeId,
+clerp, influence, activation) and ``links`` ({source, target, weight}).
+
+Node ids: a feature ``"{layer}_{feature}_{pos}"``, an embedding ``"E_{token id}_{pos}"``, a logit
+``"{n_layers + 1}_{token id}_{pos}"``, as circuit-tracer. An error node is ``"{layer}_error_{pos}"``, our
+choice: circuit-tracer's ``"0_{layer}_{pos}"`` is also the id of layer 0's feature number ``layer`` at that
+position, so links could not tell the two apart. ``influence`` is circuit-tracer's cumulative score: the
+share of total influence held by the nodes at least as influential as this one (the pruning keeps nodes
+up to ``node_threshold`` of it). saeforge adds ``input_value`` to nodes and ``scores``/``counts`` to the
+metadata; readers ignore keys they do not know.
 """
 
 from __future__ import annotations
@@ -27,26 +33,33 @@ def node_records(g: Graph, tokens: list[str], logit_texts: list[str], p: Pruned)
     out = []
     for i in range(g.n_features):
         layer, pos, idx = int(g.layer_N[i]), int(g.pos_N[i]), int(g.idx_N[i])
-        out.append({"node_id": f"{layer}_{idx}_{pos}", "feature": idx, "layer": str(layer), "ctx_idx": pos,
-                    "feature_type": "cross layer transcoder", "activation": float(g.act_N[i])})  # fmt: skip
+        out.append(_node(f"{layer}_{idx}_{pos}", idx, str(layer), pos, "cross layer transcoder",
+                         f"{layer}_{idx}-0", activation=float(g.act_N[i])))  # fmt: skip
     for layer in range(L):
         for pos in range(T):
-            out.append({"node_id": f"{layer}_error_{pos}", "feature": None, "layer": str(layer), "ctx_idx": pos,
-                        "feature_type": "mlp reconstruction error", "activation": None})  # fmt: skip
+            out.append(
+                _node(f"{layer}_error_{pos}", -1, str(layer), pos, "mlp reconstruction error", f"{layer}_{pos}-0")
+            )
     for pos in range(T):
         tok = int(g.input_ids_T[pos])
-        out.append({"node_id": f"E_{tok}_{pos}", "feature": pos, "layer": "E", "ctx_idx": pos,
-                    "feature_type": "embedding", "activation": None, "clerp": f"Emb: {tokens[pos]!r}"})  # fmt: skip
+        out.append(_node(f"E_{tok}_{pos}", pos, "E", pos, "embedding", f"E_{tok}-{pos}"))
     for k in range(g.n_logits):
         tok, prob = int(g.logit_tokens_K[k]), float(g.logit_probs_K[k])
-        out.append({"node_id": f"{L + 1}_{tok}_{T - 1}", "feature": tok, "layer": str(L + 1), "ctx_idx": T - 1,
-                    "feature_type": "logit", "token_prob": prob, "is_target_logit": k == 0,
-                    "activation": None, "clerp": f"Output {logit_texts[k]!r} (p={prob:.3f})"})  # fmt: skip
+        out.append(_node(f"{L + 1}_{tok}_{T - 1}", tok, str(L + 1), T - 1, "logit", f"L_{tok}-{T - 1}",
+                         token_prob=prob, is_target_logit=k == 0, clerp=f'Output "{logit_texts[k]}" (p={prob:.3f})'))  # fmt: skip
     for i, rec in enumerate(out):
-        rec["influence"] = float(p.node_influence_n[i])
+        rec["influence"] = float(p.cumulative_n[i])
         rec["input_value"] = float(g.value_n[i]) if _is_target(g, i) else None
         rec["kept"] = bool(p.node_mask_n[i])
     return out
+
+
+def _node(node_id: str, feature: int, layer: str, ctx_idx: int, feature_type: str, js_id: str, **extra) -> dict:
+    rec = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": ctx_idx, "feature_type": feature_type,
+           "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js_id,
+           "clerp": "", "influence": None, "activation": None}  # fmt: skip
+    rec.update(extra)
+    return rec
 
 
 def _is_target(g: Graph, i: int) -> bool:
@@ -62,12 +75,14 @@ def graph_json(g: Graph, p: Pruned, meta: dict[str, Any], tokens: list[str], log
         {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(g.adjacency_nn[t, s])}
         for t, s in zip(t_idx.tolist(), s_idx.tolist(), strict=True)
     ]
-    return {"metadata": {"schema_version": SCHEMA_VERSION, "prompt_tokens": tokens, **meta}, "nodes": kept,
-            "links": links}  # fmt: skip
+    for r in kept:
+        del r["kept"]
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": {"prompt_tokens": tokens, **meta}, "qParams": qparams, "nodes": kept, "links": links}
 
 
 def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                     batch_size: int = 16) -> dict:  # fmt: skip
+                     batch_size: int = 16, slug: str = "graph") -> dict:  # fmt: skip
     """Prompt -> attribution graph -> pruned -> the JSON dict (``lm`` a LoadedModel in float32)."""
     if not prompt.strip():
         raise UsageError("--prompt is empty: give the text whose next token the graph should explain")
@@ -86,10 +101,12 @@ def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, 
     tokens = [lm.tokenizer.decode([t]) for t in g.input_ids_T.tolist()]
     logit_texts = [lm.tokenizer.decode([t]) for t in g.logit_tokens_K.tolist()]
     meta = {
+        "slug": slug,
+        "scan": lm.name,
+        "transcoder_list": [str(getattr(transcoders, "folder", ""))] if hasattr(transcoders, "folder") else [],
         "prompt": prompt,
-        "scan": transcoders.model_name if hasattr(transcoders, "model_name") else lm.name,
-        "transcoders": str(getattr(transcoders, "folder", "")),
         "node_threshold": node_threshold,
+        "schema_version": SCHEMA_VERSION,
         "edge_threshold": edge_threshold,
         "scores": {
             "replacement": replacement,

@@ -69,6 +69,7 @@ class Pruned:
     threshold_node_mask_n: Tensor  # the influence threshold alone (before dropping dangling nodes)
     threshold_edge_mask_nn: Tensor  # the edge threshold alone
     edge_scores_nn: Tensor
+    cumulative_n: Tensor  # share of total influence held by the nodes at least as influential (circuit-tracer's)
 
 
 def prune(A_nn: Tensor, weights_n: Tensor, n_features: int, n_always: int,
@@ -95,7 +96,10 @@ def prune(A_nn: Tensor, weights_n: Tensor, n_features: int, n_always: int,
         node_mask[:n_features] &= edge_mask[:n_features].any(1)  # a feature is fed by something kept
         if torch.equal(old, node_mask):
             break
-    return Pruned(node_mask, edge_mask, node_inf, threshold_nodes, threshold_edges, edge_scores)
+    sorted_inf, order = node_inf.sort(descending=True)
+    cumulative = torch.empty_like(node_inf)
+    cumulative[order] = sorted_inf.cumsum(0) / sorted_inf.sum().clamp(min=1e-30)
+    return Pruned(node_mask, edge_mask, node_inf, threshold_nodes, threshold_edges, edge_scores, cumulative)
 
 
 def scores(A_nn: Tensor, weights_n: Tensor, n_features: int, n_errors: int, n_embeds: int) -> tuple[float, float]:
