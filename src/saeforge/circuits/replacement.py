@@ -101,6 +101,8 @@ class ReplacementModel:
         if param.dtype != torch.float32:
             raise ReplacementError(f"the model is {param.dtype}; load it in float32 for attribution graphs")
         self.device = param.device
+        for sae in self.saes:  # in place: the transcoders now live where the model does
+            sae.to(self.device)
         self.norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.norms.append(model.model.norm)
         self.qk = [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj)]
