@@ -130,7 +130,8 @@ def test_edges_equal_finite_differences_in_the_frozen_model(rm, ids_T, graph):
     assert (A[:N, :N][later] == 0).all()
 
 
-def test_incoming_edges_plus_bias_sum_to_the_real_pre_activation(lm, rm, ids_T, graph):
+def check_decomposition(rm, ids_T, graph):
+    """Each target's incoming edges plus an independently measured bias give the real model's value."""
     state = rm.prepare(ids_T)
     N, K = graph.n_features, graph.n_logits
     # the bias, measured independently: the frozen model's target inputs with every node set to zero
@@ -153,6 +154,32 @@ def test_incoming_edges_plus_bias_sum_to_the_real_pre_activation(lm, rm, ids_T, 
     torch.testing.assert_close(graph.bias_n[:N], bias_feat, atol=1e-4, rtol=1e-4)
     # an active feature's pre-activation is its activation (TopK keeps pre-activations as they are)
     torch.testing.assert_close(real_pre, graph.act_N, atol=1e-5, rtol=1e-5)
+
+
+def test_incoming_edges_plus_bias_sum_to_the_real_pre_activation(rm, ids_T, graph):
+    check_decomposition(rm, ids_T, graph)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_layout_families_are_exact_too(family):
+    """Tiny random models of the other supported families (built here, no tokenizer): real logits, exact edges."""
+    import transformers
+
+    cls = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+    rm = ReplacementModel(model, random_transcoders())
+    ids_T = torch.randint(3, 300, (7,), generator=torch.Generator().manual_seed(0))
+    state = rm.prepare(ids_T)
+    with torch.no_grad():
+        real_TV = model(ids_T[None]).logits[0]
+    logits_BTV, _ = rm.forward_linear(state, *rm.clean_inputs(state))
+    torch.testing.assert_close(logits_BTV[0], real_TV, atol=1e-5, rtol=0)
+    check_decomposition(rm, ids_T, attribute(rm, ids_T, batch_size=32))
 
 
 def test_logit_nodes_are_the_top_tokens_to_095(graph, rm, ids_T):

@@ -17,8 +17,9 @@ library's code:
 - MLP: its output is replaced by ``sum_i a_i W_dec[i] + b_dec (+ W_skip x) + e`` with the activations a_i
   given as an input, not recomputed from x.
 
-Supported: model_type ``llama`` (only it is tested; Mistral/Qwen2 share the layout but are refused until they
-are). Everything runs in float32 for exactness; the model is used as loaded (load it in float32).
+Supported: model_type llama, mistral, qwen2, qwen3 (each tested on a tiny random model). Refused: families with
+another norm (Gemma's (1 + w), OLMo's LayerNorm), a fused qkv projection (Phi-3), a nonlinear logit softcap
+(Gemma 2), LayerNorm and biases (GPT-2, GPT-NeoX). The model must be float32.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from saeforge.config import UserError
 from saeforge.models import hf_model
 from saeforge.saes.base import SAE
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Llama-layout families whose norms are RMSNorm(x) * weight and whose attention has q_proj / k_proj (Qwen3 adds
+# q_norm / k_norm after them: a norm of a frozen tensor is frozen too). Each has a test on a tiny random model.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ReplacementError(UserError, ValueError):
