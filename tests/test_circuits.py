@@ -274,6 +274,12 @@ def test_transcoders_then_graph_end_to_end(tiny_model_dirs, text_corpus, tmp_pat
     assert "already exists" in capsys.readouterr().err
     assert main([str(a) for a in args[:3]] + ["--layers", "0,1", "--resume", str(folder)]) == 2
     assert "trains layers [0, 1, 2], not [0, 1]" in capsys.readouterr().err
+    # a run cut after training but before its manifest: --resume alone finishes it, with the same transcoders
+    before = {rel: (folder / rel / "sae_weights.safetensors").read_bytes() for rel in manifest["layers"].values()}
+    (folder / "transcoders.json").unlink()
+    assert main(["transcoders", "--resume", str(folder), "--no-eval", "--quiet"]) == 0
+    assert json.loads((folder / "transcoders.json").read_text()) == manifest
+    assert all((folder / rel / "sae_weights.safetensors").read_bytes() == b for rel, b in before.items())
     out = tmp_path / "g.json"
     assert main(["graph", "--transcoders", str(folder), "--prompt", PROMPT, "--out", str(out)]) == 0
     d = json.loads(out.read_text())

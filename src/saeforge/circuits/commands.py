@@ -19,7 +19,9 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         description="A sweep whose points pair blocks.L.hook_mlp_in with blocks.L.hook_mlp_out; the folder "
         "gets transcoders.json (layer -> SAE folder) for `saeforge graph`. See docs/circuits.md.",
     )
-    t.add_argument("--layers", default="all", help="'all' or comma-separated layers, e.g. 0,1,2 (default: all)")
+    t.add_argument(
+        "--layers", help="'all' or comma-separated layers, e.g. 0,1,2 (default: all; with --resume, the folder's own)"
+    )
     t.add_argument("--config", help="JSON config file (same shape as a run's config.json)")
     t.add_argument("--resume", metavar="DIR", help="continue an interrupted `saeforge transcoders` folder")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation of each transcoder")
@@ -47,12 +49,12 @@ def cmd_transcoders(ns: argparse.Namespace, base: dict) -> int:
         raise ConfigError(
             "saeforge transcoders sets model.hook/model.hook_out per layer itself: drop them (use --layers)"
         )
-    config = merged(base, ns)
+    config, layers = merged(base, ns), ns.layers or "all"
     if ns.resume:
-        config = read_plan(ns.resume)["base"]
-    folder = train_layer_transcoders(
-        config, ns.layers, evaluate=not ns.no_eval, progress=not ns.quiet, resume=ns.resume
-    )
+        plan = read_plan(ns.resume)
+        config = plan["base"]
+        layers = ns.layers or ",".join(p["model"]["hook"].split(".")[1] for p in plan["points"])
+    folder = train_layer_transcoders(config, layers, evaluate=not ns.no_eval, progress=not ns.quiet, resume=ns.resume)
     print(f"transcoders saved to {folder} (manifest transcoders.json)")
     return 0
 
