@@ -143,7 +143,7 @@ def check_decomposition(rm, ids_T, graph):
     bias_logit = last0[graph.logit_tokens_K] - last0.mean()
     # the target inputs of the real model: pre-activations from its own MLP inputs, demeaned real logits
     real_pre = torch.stack(
-        [rm.saes[int(graph.layer_N[n])].pre_acts(state.mlp_in_LTD[graph.layer_N[n], graph.pos_N[n]][None])[0,
+        [rm.pre_acts(int(graph.layer_N[n]), state.mlp_in_LTD[graph.layer_N[n], graph.pos_N[n]][None])[0,
          graph.idx_N[n]] for n in range(N)]
     )  # fmt: skip
     real_last = state.logits_TV[-1]

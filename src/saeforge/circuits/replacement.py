@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saeforge.circuits.clt import CrossLayerTranscoder
 from saeforge.circuits.transcoders import TranscoderSet, TranscoderSetError
 from saeforge.config import UserError
 from saeforge.models import hf_model
@@ -81,31 +82,16 @@ class ReplacementModel:
         self.model = model
         self.layers = model.model.layers
         self.n_layers = len(self.layers)
-        saes = transcoders.saes if isinstance(transcoders, TranscoderSet) else dict(transcoders)
-        missing = sorted(set(range(self.n_layers)) - set(saes))
-        if missing:
-            raise TranscoderSetError(
-                f"the transcoder set has layers {sorted(saes)}, the model {self.n_layers} (0..{self.n_layers - 1}): "
-                f"layers {missing} have none; the replacement model needs one per layer "
-                "(train them with `saeforge transcoders --layers all`)"
-            )
-        extra = sorted(set(saes) - set(range(self.n_layers)))
-        if extra:
-            raise TranscoderSetError(f"transcoders for layers {extra}, but the model has {self.n_layers} layers")
         d_model = model.config.hidden_size
-        for layer, sae in saes.items():
-            if not sae.is_transcoder or (sae.d_in, sae.d_out) != (d_model, d_model):
-                raise TranscoderSetError(
-                    f"layer {layer}: a transcoder {d_model} -> {d_model} is needed (MLP input -> MLP output of "
-                    f"this model), got d_in={sae.d_in}, d_out={sae.d_out}: was it trained on another model?"
-                )
-        self.saes = [saes[layer] for layer in range(self.n_layers)]
+        if isinstance(transcoders, CrossLayerTranscoder):
+            self.mlps: PerLayer | CrossLayer = CrossLayer(transcoders, self.n_layers, d_model)
+        else:
+            self.mlps = PerLayer(transcoders, self.n_layers, d_model)
         param = next(model.parameters())
         if param.dtype != torch.float32:
             raise ReplacementError(f"the model is {param.dtype}; load it in float32 for attribution graphs")
         self.device = param.device
-        for sae in self.saes:  # in place: the transcoders now live where the model does
-            sae.to(self.device)
+        self.mlps.to(self.device)  # in place: the transcoders now live where the model does
         self.norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.norms.append(model.model.norm)
         self.qk = [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj)]
@@ -137,13 +123,20 @@ class ReplacementModel:
             logits_1TV = self.model(inputs_embeds=embeds_1TD, use_cache=False).logits
         mlp_in_LTD = torch.stack([mlp_in[i] for i in range(self.n_layers)])
         mlp_out_LTD = torch.stack([mlp_out[i] for i in range(self.n_layers)])
-        feats, errors = [], []
-        for layer, sae in enumerate(self.saes):
-            f_TF = sae.encode(mlp_in_LTD[layer])
-            y_hat_TD = sae.add_skip(sae.decode(f_TF), mlp_in_LTD[layer])
-            errors.append(mlp_out_LTD[layer] - y_hat_TD)
+        feats, f_LTF = [], []
+        for layer in range(self.n_layers):
+            f_TF = self.mlps.encode(layer, mlp_in_LTD[layer])
+            f_LTF.append(f_TF)
             pos, idx = f_TF.nonzero(as_tuple=True)  # row-major: sorted by position, then index
             feats.append((torch.full_like(pos, layer), pos, idx, f_TF[pos, idx]))
+        errors = []
+        for dst in range(self.n_layers):
+            y_hat_TD = self.mlps.b_dec(dst).expand_as(mlp_out_LTD[dst])
+            for src in range(dst + 1):
+                W_FD = self.mlps.decoder(src, dst)
+                if W_FD is not None:
+                    y_hat_TD = y_hat_TD + f_LTF[src] @ W_FD
+            errors.append(mlp_out_LTD[dst] - self.mlps.skip(dst, y_hat_TD, mlp_in_LTD[dst]))
         layer_N, pos_N, idx_N, act_N = (torch.cat(parts) for parts in zip(*feats, strict=True))
         return PromptState(
             input_ids_T, embeds_1TD[0], logits_1TV[0], mlp_in_LTD, mlp_out_LTD, torch.stack(errors),
@@ -177,17 +170,22 @@ class ReplacementModel:
             return module.weight * (x.float() * state.norm_scale[module]).to(x.dtype)
 
         def replace_mlp(layer: int):
-            sae, sel = self.saes[layer], state.layer_N == layer
-            pos_n, W_nD = state.pos_N[sel], sae.W_dec[state.idx_N[sel]]
+            writers = []  # (positions, decoder rows, which features) of every earlier-or-same layer writing here
+            for src in range(layer + 1):
+                W_FD = self.mlps.decoder(src, layer)
+                sel = (state.layer_N == src).nonzero().flatten()
+                if W_FD is not None and sel.numel():
+                    writers.append((state.pos_N[sel], W_FD[state.idx_N[sel]], sel))
 
             def hook(module, args, out):
                 x_BTD = args[0]
                 mlp_in[layer] = x_BTD
                 if layer == stop_at_layer:
                     raise _StopForward
-                contrib_BnD = acts_BN[:, sel, None] * W_nD
-                y_BTD = (errors_BLTD[:, layer] + sae.b_dec).index_add(1, pos_n, contrib_BnD)
-                return sae.add_skip(y_BTD, x_BTD)
+                y_BTD = errors_BLTD[:, layer] + self.mlps.b_dec(layer)
+                for pos_n, W_nD, sel in writers:
+                    y_BTD = y_BTD.index_add(1, pos_n, acts_BN[:, sel, None] * W_nD)
+                return self.mlps.skip(layer, y_BTD, x_BTD)
 
             return hook
 
@@ -209,14 +207,92 @@ class ReplacementModel:
 
         return leaf(state.embeds_TD), leaf(state.act_N), leaf(state.errors_LTD)
 
+    def pre_acts(self, layer: int, x_TD: Tensor) -> Tensor:
+        """Encoder pre-activations [T, F] of layer ``layer``'s transcoder (tests compare graphs with them)."""
+        W_DF, b_F = self.mlps.encoder(layer)
+        return x_TD @ W_DF + b_F
+
     def feature_pre_acts(self, state: PromptState, mlp_in: list[Tensor], rows: list[tuple[int, int]]) -> Tensor:
         """Encoder pre-activations: ``rows`` = [(batch row, feature node n)] -> tensor [len(rows)]."""
         out = []
         for b, n in rows:
             layer, pos, idx = int(state.layer_N[n]), int(state.pos_N[n]), int(state.idx_N[n])
-            sae = self.saes[layer]
-            out.append(mlp_in[layer][b, pos] @ sae.W_enc[:, idx] + sae.b_enc[idx])
+            W_DF, b_F = self.mlps.encoder(layer)
+            out.append(mlp_in[layer][b, pos] @ W_DF[:, idx] + b_F[idx])
         return torch.stack(out) if out else torch.zeros(0, device=self.device)
+
+
+class PerLayer:
+    """One transcoder per layer (SAE classes): layer l's features write layer l only (plus its skip)."""
+
+    def __init__(self, transcoders: TranscoderSet | dict[int, SAE], n_layers: int, d_model: int) -> None:
+        saes = transcoders.saes if isinstance(transcoders, TranscoderSet) else dict(transcoders)
+        missing = sorted(set(range(n_layers)) - set(saes))
+        if missing:
+            raise TranscoderSetError(
+                f"the transcoder set has layers {sorted(saes)}, the model {n_layers} (0..{n_layers - 1}): "
+                f"layers {missing} have none; the replacement model needs one per layer "
+                "(train them with `saeforge transcoders --layers all`)"
+            )
+        extra = sorted(set(saes) - set(range(n_layers)))
+        if extra:
+            raise TranscoderSetError(f"transcoders for layers {extra}, but the model has {n_layers} layers")
+        for layer, sae in saes.items():
+            if not sae.is_transcoder or (sae.d_in, sae.d_out) != (d_model, d_model):
+                raise TranscoderSetError(
+                    f"layer {layer}: a transcoder {d_model} -> {d_model} is needed (MLP input -> MLP output of "
+                    f"this model), got d_in={sae.d_in}, d_out={sae.d_out}: was it trained on another model?"
+                )
+        self.saes = [saes[layer] for layer in range(n_layers)]
+
+    def to(self, device: torch.device) -> None:
+        for sae in self.saes:
+            sae.to(device)
+
+    def encode(self, layer: int, x_TD: Tensor) -> Tensor:
+        return self.saes[layer].encode(x_TD)
+
+    def encoder(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.saes[layer].W_enc, self.saes[layer].b_enc
+
+    def decoder(self, src: int, dst: int) -> Tensor | None:
+        return self.saes[dst].W_dec if src == dst else None
+
+    def b_dec(self, dst: int) -> Tensor:
+        return self.saes[dst].b_dec
+
+    def skip(self, dst: int, y_BTD: Tensor, x_BTD: Tensor) -> Tensor:
+        return self.saes[dst].add_skip(y_BTD, x_BTD)
+
+
+class CrossLayer:
+    """A cross-layer transcoder: layer l's features write every layer m >= l through W_dec^{l->m}."""
+
+    def __init__(self, clt: CrossLayerTranscoder, n_layers: int, d_model: int) -> None:
+        if (clt.n_layers, clt.cfg.d_model) != (n_layers, d_model):
+            raise TranscoderSetError(
+                f"the CLT has {clt.n_layers} layers of width {clt.cfg.d_model}, the model {n_layers} of "
+                f"{d_model}: was it trained on another model?"
+            )
+        self.clt = clt
+
+    def to(self, device: torch.device) -> None:
+        self.clt.to(device)
+
+    def encode(self, layer: int, x_TD: Tensor) -> Tensor:
+        return self.clt.encode_layer(layer, x_TD)
+
+    def encoder(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.clt.W_enc[layer], self.clt.b_enc[layer]
+
+    def decoder(self, src: int, dst: int) -> Tensor | None:
+        return self.clt.decoder(src, dst)
+
+    def b_dec(self, dst: int) -> Tensor:
+        return self.clt.b_dec[dst]
+
+    def skip(self, dst: int, y_BTD: Tensor, x_BTD: Tensor) -> Tensor:
+        return y_BTD
 
 
 class _StopForward(Exception):
