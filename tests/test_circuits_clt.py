@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from saeforge.circuits.clt import CLTConfig, CrossLayerTranscoder, load_clt, sav
 from saeforge.circuits.graph import attribute
 from saeforge.circuits.replacement import ReplacementModel
 from saeforge.circuits.transcoders import TranscoderSetError
+from saeforge.cli import main
 from saeforge.config import ActivationsConfig, ConfigError, DataConfig
 from saeforge.models import load_model, resolve_hook
 
@@ -90,3 +92,20 @@ def test_train_clt_predicts_every_layer_and_round_trips(lm, text_corpus, tmp_pat
         save_clt(clt, folder, model_name="tiny")
     with pytest.raises(TranscoderSetError, match="another model"):
         ReplacementModel(lm, random_clt(n_layers=2))
+
+
+@pytest.mark.slow
+def test_clt_command_then_graph(tiny_model_dirs, text_corpus, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    args = ["clt", "--model", model, "--corpus", text_corpus, "--out", tmp_path / "clt", "--tokens", 2048,
+            "--clt.d_sae", 64, "--clt.k", 4, "--data.context_size", 32, "--activations.batch_size", 256,
+            "--activations.shuffle_sequences", 16, "--quiet"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    clt, name = load_clt(tmp_path / "clt")
+    assert name == model and (clt.cfg.n_layers, clt.cfg.d_model, clt.cfg.d_sae, clt.cfg.k) == (3, 64, 64, 4)
+    assert main([str(a) for a in args]) == 2  # never overwritten
+    assert "never overwritten" in capsys.readouterr().err
+    out = tmp_path / "g.json"
+    assert main(["graph", "--transcoders", str(tmp_path / "clt"), "--prompt", "def add(a, b):", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["metadata"]["transcoder_list"] == [str(tmp_path / "clt")] and d["links"]

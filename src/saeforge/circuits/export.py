@@ -82,7 +82,7 @@ def graph_json(g: Graph, p: Pruned, meta: dict[str, Any], tokens: list[str], log
 
 
 def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                     batch_size: int = 16, slug: str = "graph") -> dict:  # fmt: skip
+                     batch_size: int = 16, slug: str = "graph", folder: str = "") -> dict:  # fmt: skip
     """Prompt -> attribution graph -> pruned -> the JSON dict (``lm`` a LoadedModel in float32)."""
     if not prompt.strip():
         raise UsageError("--prompt is empty: give the text whose next token the graph should explain")
@@ -103,7 +103,7 @@ def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, 
     meta = {
         "slug": slug,
         "scan": lm.name,
-        "transcoder_list": [str(getattr(transcoders, "folder", ""))] if hasattr(transcoders, "folder") else [],
+        "transcoder_list": [str(folder)] if folder else [],
         "prompt": prompt,
         "node_threshold": node_threshold,
         "schema_version": SCHEMA_VERSION,
