@@ -88,7 +88,7 @@ def test_frozen_model_is_affine_in_its_nodes(rm, ids_T):
     torch.testing.assert_close(l3 - l0, 3 * (l1 - l0), atol=2e-4, rtol=1e-4)
 
 
-def _perturbed_target(rm, state, graph, target, source, scale):
+def perturbed_target(rm, state, graph, target, source, scale):
     """The target's input in the frozen model with the source node's value multiplied by ``scale``."""
     e, a, err = rm.clean_inputs(state)
     N, L, T = graph.n_features, graph.n_layers, graph.n_pos
@@ -118,10 +118,10 @@ def test_edges_equal_finite_differences_in_the_frozen_model(rm, ids_T, graph):
         nz = A[t].nonzero().flatten()
         picks = nz[torch.randperm(nz.numel(), generator=gen)[:4]].tolist()
         picks.append(int(A[t].abs().argmax()))
-        base = _perturbed_target(rm, state, graph, t, picks[0], 1.0)
+        base = perturbed_target(rm, state, graph, t, picks[0], 1.0)
         for s in picks:
             # removing the source (value x 0) changes the target by exactly -A[t, s] in an affine model
-            delta = base - _perturbed_target(rm, state, graph, t, s, 0.0)
+            delta = base - perturbed_target(rm, state, graph, t, s, 0.0)
             assert abs(float(delta) - float(A[t, s])) <= 1e-4 * max(1.0, abs(float(A[t, s]))), (t, s)
             checked += 1
     assert checked >= 10

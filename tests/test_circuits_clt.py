@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_circuits import _perturbed_target, check_decomposition
+from test_circuits import check_decomposition, perturbed_target
 
 from saeforge.activations.stream import ActivationStream
 from saeforge.circuits.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt, train_clt
@@ -68,9 +68,9 @@ def test_graph_through_a_clt_is_exact_and_has_cross_layer_edges(lm):
     t = int((graph.layer_N == 2).nonzero()[-1])
     sources = [s for s in A[t, :N].nonzero().flatten().tolist() if graph.layer_N[s] == 0]
     assert sources
-    base = _perturbed_target(rm, state, graph, t, sources[0], 1.0)
+    base = perturbed_target(rm, state, graph, t, sources[0], 1.0)
     for s in sources[:5]:
-        delta = base - _perturbed_target(rm, state, graph, t, s, 0.0)
+        delta = base - perturbed_target(rm, state, graph, t, s, 0.0)
         assert abs(float(delta) - float(A[t, s])) <= 1e-4 * max(1.0, abs(float(A[t, s])))
 
 
