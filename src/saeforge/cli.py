@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "saeforge.evals.commands",  # eval, compare, report
     "saeforge.analysis.commands",  # steer, attribute, ...
     "saeforge.groundtruth.commands",  # probe
+    "saeforge.circuits.commands",  # transcoders, clt, graph
     "saeforge.viewer.commands",  # index, serve, export-neuronpedia
     "saeforge.toy",  # toy
 ]
