@@ -211,6 +211,25 @@ class EvalConfig:
         check(self.tokens > 0 and self.ce_tokens >= 0 and self.batch_size > 0, "eval sizes must be positive")
 
 
+@dataclass
+class LogConfig:
+    """Where a run's metrics go besides metrics.jsonl. wandb is an optional extra, imported only when asked."""
+
+    wandb: str = F(
+        "",
+        "Weights & Biases project: stream each metrics.jsonl record, the config and the eval table to a wandb run "
+        "(pip install 'saeforge[wandb]'; WANDB_MODE=offline keeps it local). Empty = no wandb.",
+    )
+    wandb_entity: str = F("", "wandb entity (user or team) that owns the project; empty = your default entity.")
+    wandb_artifact: bool = F(False, "Also upload the saved SAE folder (sae/) to the wandb run as a model artifact.")
+
+    def __post_init__(self) -> None:
+        check(
+            self.wandb or not (self.wandb_entity or self.wandb_artifact),
+            "log.wandb_entity / log.wandb_artifact need log.wandb (the project); set --log.wandb PROJECT",
+        )
+
+
 # The sections every stage shares, by the name the CLI and config.json use ("sae" comes from the registry).
 SECTION_CLASSES: dict[str, type] = {
     "model": ModelConfig,
@@ -218,6 +237,7 @@ SECTION_CLASSES: dict[str, type] = {
     "activations": ActivationsConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "log": LogConfig,
 }
 
 

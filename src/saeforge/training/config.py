@@ -19,6 +19,7 @@ from saeforge.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LogConfig,
     ModelConfig,
     TrainConfig,
     check,
@@ -46,8 +47,10 @@ class RunConfig:
     sae: Any = field(default_factory=_sae_config_default)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
-    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval")
+    # config.json files from before the log section have none: it takes its defaults (no wandb)
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval", "log")
 
     def __post_init__(self) -> None:
         # train options that only some architectures support: fail before any model is loaded
@@ -98,6 +101,7 @@ class RunConfig:
             sae=from_dict(sae_cls, sae_d, "sae"),
             train=from_dict(TrainConfig, d.get("train", {}), "train"),
             eval=from_dict(EvalConfig, d.get("eval", {}), "eval"),
+            log=from_dict(LogConfig, d.get("log", {}), "log"),
         )
 
     def save(self, path: str | Path) -> None:
