@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 from wandb.proto import wandb_internal_pb2 as pb  # wandb's own schema (the dev extra installs wandb)
 
 from saeforge.cli import main
@@ -72,8 +73,11 @@ def read_offline_run(wandb_dir: Path) -> dict:
 def offline(tmp_path, monkeypatch):
     d = tmp_path / "wandb_home"
     d.mkdir()
-    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(d), "WANDB_SILENT": "true"}.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(d))
+    for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # else ~/.cache, ~/.config, ~/.local/share
+        monkeypatch.setenv(k, str(tmp_path / k.lower()))
     return d
 
 
@@ -116,6 +120,7 @@ def test_offline_run_holds_metrics_config_eval_and_artifact(tiny_model_dirs, tex
     args = tiny_train(tiny_model_dirs["llama"], text_corpus, tmp_path / "runs", "--eval.tokens", 2048)
     args += ["--eval.ce_tokens", "512", "--log.wandb", "saeforge-test", "--log.wandb_artifact", "true"]
     assert main(list(map(str, args))) == 0
+    wandb.teardown()  # finish() can return before wandb's service has flushed the .wandb file; teardown waits for it
     run_dir = tmp_path / "runs" / "run"
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     got = read_offline_run(offline)
