@@ -50,6 +50,8 @@ def check(cond: bool, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
+    """The language model and the hook point(s) to read (``--model.*``)."""
+
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
     hook_out: str = F(
@@ -81,6 +83,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The corpus and how it is cut into training windows and a held-out part (``--data.*``)."""
+
     corpus: str = F(
         "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet file or folder, or a HF dataset id."
     )
@@ -101,6 +105,8 @@ class DataConfig:
 
 @dataclass
 class ActivationsConfig:
+    """How activations reach the trainer: batch size, shuffling, an on-disk cache (``--activations.*``)."""
+
     batch_size: int = F(4096, "Activation rows (tokens) per SAE training batch.")
     lm_batch_size: int = F(16, "Sequences per language-model forward pass.")
     shuffle_sequences: int = F(512, "Sequences whose tokens are shuffled together before batching (the mixing buffer).")
@@ -120,6 +126,8 @@ class ActivationsConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation: tokens, learning rate and schedules, dead latents, checkpoints, run folder (``--train.*``)."""
+
     total_tokens: int = F(1_000_000, "Training tokens (activation rows) to consume.")
     lr: float = F(4e-4, "Adam learning rate.")
     adam_beta1: float = F(0.9, "Adam beta1.")
@@ -197,6 +205,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The held-out evaluation's budgets and thresholds (``--eval.*``)."""
+
     tokens: int = F(65536, "Held-out tokens for reconstruction metrics (L0, MSE, explained variance, density).")
     ce_tokens: int = F(
         8192, "Held-out tokens for the spliced CE/KL passes (clean, SAE, zero and mean ablation: four full forwards)."

@@ -41,6 +41,12 @@ def _sae_config_default() -> Any:
 
 @dataclass
 class RunConfig:
+    """Every section of one training run: what ``saeforge train`` options set and ``config.json`` holds.
+
+    ``sae`` is the architecture's own config class (``saes.registry.config_class(name)()``); ``from_dict``
+    picks it from ``sae.architecture``. Combinations only training can judge are checked on construction.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)

@@ -47,6 +47,8 @@ SAE_DIR = "sae"
 
 @dataclass
 class RunResult:
+    """What ``train`` returns: the run folder, its ``sae/`` folder, and the eval metrics (None without eval)."""
+
     run_dir: Path
     sae_dir: Path
     metrics: dict | None
