@@ -185,6 +185,9 @@ def test_log_section_checks_and_defaults(tmp_path, monkeypatch, capsys):
     assert RunConfig.from_dict({"train": {"lr": 1e-3}}).log == LogConfig()
     with pytest.raises(ConfigError, match="need log.wandb"):
         LogConfig(wandb_artifact=True)
+    # `saeforge config` takes --log.* too, so its JSON can be a --config file
+    assert main(["config", "--log.wandb", "p", "--log.wandb_artifact", "yes"]) == 0
+    assert json.loads(capsys.readouterr().out)["log"] == {"wandb": "p", "wandb_entity": "", "wandb_artifact": True}
     # a sweep refuses --log.wandb before any model is loaded
     args = ["train", "--train.out_dir", tmp_path, "--sweep", "sae.k=4,8", "--log.wandb", "p", "--quiet"]
     assert main(list(map(str, args))) == 2
