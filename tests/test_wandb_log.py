@@ -166,6 +166,7 @@ def test_second_run_object_on_one_folder_reuses_the_wandb_run_id(tmp_path, offli
     second.finish()
 
 
+@pytest.mark.slow
 def test_training_without_log_wandb_never_imports_wandb(tiny_model_dirs, text_corpus, tmp_path):
     args = tiny_train(tiny_model_dirs["gpt2"], text_corpus, tmp_path / "runs", "--no-eval", "--tokens", 1024)
     code = (
