@@ -106,7 +106,7 @@ def build_parser(arch: str = "topk") -> argparse.ArgumentParser:
     g = sub.add_parser("config", help="print the resolved config as JSON (a starting point for --config)")
     g.add_argument("--config", help="JSON config file")
     g.add_argument("--markdown", action="store_true", help="print every field as a Markdown table instead")
-    add_config_options(g, ["model", "data", "activations", "train", "eval"], config_class(arch))
+    add_config_options(g, ["model", "data", "activations", "train", "eval", "log"], config_class(arch))
     g.set_defaults(func=cmd_config)
 
     for sp in sub.choices.values():

@@ -50,6 +50,8 @@ def check(cond: bool, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
+    """The language model and the hook point(s) to read (``--model.*``)."""
+
     name: str = F("smollm2-135m", "Hub id, local model folder, .gguf file, or built-in name (smollm2-135m).")
     hook: str = F("blocks.3.hook_resid_post", "Hook point to read, e.g. blocks.3.hook_resid_post or a raw module path.")
     hook_out: str = F(
@@ -85,6 +87,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The corpus and how it is cut into training windows and a held-out part (``--data.*``)."""
+
     corpus: str = F(
         "python-stdlib", "Built-in corpus name, local .txt/.jsonl/.parquet/.py file or folder, or a HF dataset id."
     )
@@ -105,6 +109,8 @@ class DataConfig:
 
 @dataclass
 class ActivationsConfig:
+    """How activations reach the trainer: batch size, shuffling, an on-disk cache (``--activations.*``)."""
+
     batch_size: int = F(4096, "Activation rows (tokens) per SAE training batch.")
     lm_batch_size: int = F(16, "Sequences per language-model forward pass.")
     shuffle_sequences: int = F(512, "Sequences whose tokens are shuffled together before batching (the mixing buffer).")
@@ -124,6 +130,8 @@ class ActivationsConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation: tokens, learning rate and schedules, dead latents, checkpoints, run folder (``--train.*``)."""
+
     total_tokens: int = F(1_000_000, "Training tokens (activation rows) to consume.")
     lr: float = F(4e-4, "Adam learning rate.")
     adam_beta1: float = F(0.9, "Adam beta1.")
@@ -201,6 +209,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The held-out evaluation's budgets and thresholds (``--eval.*``)."""
+
     tokens: int = F(65536, "Held-out tokens for reconstruction metrics (L0, MSE, explained variance, density).")
     ce_tokens: int = F(
         8192, "Held-out tokens for the spliced CE/KL passes (clean, SAE, zero and mean ablation: four full forwards)."
@@ -215,6 +225,25 @@ class EvalConfig:
         check(self.tokens > 0 and self.ce_tokens >= 0 and self.batch_size > 0, "eval sizes must be positive")
 
 
+@dataclass
+class LogConfig:
+    """Where a run's metrics go besides metrics.jsonl. wandb is an optional extra, imported only when asked."""
+
+    wandb: str = F(
+        "",
+        "Weights & Biases project: stream each metrics.jsonl record, the config and the eval table to a wandb run "
+        "(pip install 'saeforge[wandb]'; WANDB_MODE=offline keeps it local). Empty = no wandb.",
+    )
+    wandb_entity: str = F("", "wandb entity (user or team) that owns the project; empty = your default entity.")
+    wandb_artifact: bool = F(False, "Also upload the saved SAE folder (sae/) to the wandb run as a model artifact.")
+
+    def __post_init__(self) -> None:
+        check(
+            self.wandb or not (self.wandb_entity or self.wandb_artifact),
+            "log.wandb_entity / log.wandb_artifact need log.wandb (the project); set --log.wandb PROJECT",
+        )
+
+
 # The sections every stage shares, by the name the CLI and config.json use ("sae" comes from the registry).
 SECTION_CLASSES: dict[str, type] = {
     "model": ModelConfig,
@@ -222,6 +251,7 @@ SECTION_CLASSES: dict[str, type] = {
     "activations": ActivationsConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "log": LogConfig,
 }
 
 

@@ -294,6 +294,7 @@ class SAE(nn.Module, abc.ABC):
         """The architecture's loss on one batch, with x_hat, latents and logged parts."""
 
     def decode(self, f_BF: Tensor) -> Tensor:
+        """The reconstruction x_hat_BD = f_BF @ W_dec + b_dec (a transcoder's output-space prediction, without skip)."""
         # matmul then add: under bf16 autocast the big product is bf16 and b_dec (fp32) promotes
         # the small [B, D] result back to fp32, so the residual x - x_hat is taken in fp32.
         return f_BF @ self.W_dec + self.b_dec

@@ -43,7 +43,7 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "batches, e.g. sae.k=16,32,64 (repeat for a grid; '|' separates values that hold commas)",
     )
     t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
-    add_config_options(t, ["model", "data", "activations", "train", "eval"], config_class(arch))
+    add_config_options(t, ["model", "data", "activations", "train", "eval", "log"], config_class(arch))
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("cache", help="write activations to a sharded safetensors cache (resumable)")

@@ -19,6 +19,7 @@ from saeforge.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LogConfig,
     ModelConfig,
     TrainConfig,
     check,
@@ -40,14 +41,22 @@ def _sae_config_default() -> Any:
 
 @dataclass
 class RunConfig:
+    """Every section of one training run: what ``saeforge train`` options set and ``config.json`` holds.
+
+    ``sae`` is the architecture's own config class (``saes.registry.config_class(name)()``); ``from_dict``
+    picks it from ``sae.architecture``. Combinations only training can judge are checked on construction.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     sae: Any = field(default_factory=_sae_config_default)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
-    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval")
+    # config.json files from before the log section have none: it takes its defaults (no wandb)
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "activations", "sae", "train", "eval", "log")
 
     def __post_init__(self) -> None:
         # train options that only some architectures support: fail before any model is loaded
@@ -98,6 +107,7 @@ class RunConfig:
             sae=from_dict(sae_cls, sae_d, "sae"),
             train=from_dict(TrainConfig, d.get("train", {}), "train"),
             eval=from_dict(EvalConfig, d.get("eval", {}), "eval"),
+            log=from_dict(LogConfig, d.get("log", {}), "log"),
         )
 
     def save(self, path: str | Path) -> None:

@@ -34,6 +34,7 @@ from saeforge.models import capture, compiled, load_model, patched, resolve_hook
 from saeforge.models.compiled import compile_policy
 from saeforge.saes.formats import save_sae
 from saeforge.saes.registry import sae_class
+from saeforge.training import wandb_log
 from saeforge.training.config import RunConfig
 from saeforge.training.distributed import DataParallelTrainer
 from saeforge.training.malloc import keep_freed_memory
@@ -46,6 +47,8 @@ SAE_DIR = "sae"
 
 @dataclass
 class RunResult:
+    """What ``train`` returns: the run folder, its ``sae/`` folder, and the eval metrics (None without eval)."""
+
     run_dir: Path
     sae_dir: Path
     metrics: dict | None
@@ -212,35 +215,39 @@ def train(
         source.set_row_budget(trainer.n_steps)
     if cfg.activations.prefetch and ctx is None and not cfg.activations.cache:  # LM || SAE (activations/prefetch.py)
         prefetch_chunks(source)  # the row budget set above keeps it from starting chunks past the end
-    trainer.fit(source)
-    close_prefetch(source)  # the LM is free again for the evaluation
-    if ctx is not None:
-        ranks.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
-        if not ctx.is_main:
-            return RunResult(run_dir, run_dir / SAE_DIR, None)
-    if trainer.step < trainer.n_steps:
-        log.warning("the activation source ran out after %d of %d steps", trainer.step, trainer.n_steps)
+    # --log.wandb: metrics.jsonl's records, the eval and (if asked) the SAE also go to wandb (rank 0 only)
+    with wandb_log.streaming(cfg, run_dir, trainer, enabled=ctx is None or ctx.is_main) as wb:
+        trainer.fit(source)
+        close_prefetch(source)  # the LM is free again for the evaluation
+        if ctx is not None:
+            ranks.shutdown()  # every rank holds the same SAE; rank 0 alone saves and evaluates it
+            if not ctx.is_main:
+                return RunResult(run_dir, run_dir / SAE_DIR, None)
+        if trainer.step < trainer.n_steps:
+            log.warning("the activation source ran out after %d of %d steps", trainer.step, trainer.n_steps)
 
-    final = trainer.export_sae()
-    sae_dir = run_dir / SAE_DIR
-    save_sae(
-        final,
-        sae_dir,
-        sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale, trainer.scale_out),
-        sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10),
-    )  # SAELens stores log10 frequency
-    metrics = None
-    if evaluate:
-        hook_in, hook_out = (points[0], points[1]) if cfg.model.hook_out else (points, None)
-        metrics = run_eval(
-            lm,
-            hook_in,
+        final = trainer.export_sae()
+        sae_dir = run_dir / SAE_DIR
+        save_sae(
             final,
-            cfg.data,
-            cfg.eval,
-            progress=progress,
-            mean_ablation=cfg.eval.mean_ablation,
-            hook_out=hook_out,
-        )
-        write_eval_json(metrics, sae_dir)
-    return RunResult(run_dir, sae_dir, metrics)
+            sae_dir,
+            sae_metadata(cfg, trainer.step * cfg.activations.batch_size, trainer.scale, trainer.scale_out),
+            sparsity_F=torch.log10(trainer.firing_frequency_F() + 1e-10),
+        )  # SAELens stores log10 frequency
+        metrics = None
+        if evaluate:
+            hook_in, hook_out = (points[0], points[1]) if cfg.model.hook_out else (points, None)
+            metrics = run_eval(
+                lm,
+                hook_in,
+                final,
+                cfg.data,
+                cfg.eval,
+                progress=progress,
+                mean_ablation=cfg.eval.mean_ablation,
+                hook_out=hook_out,
+            )
+            write_eval_json(metrics, sae_dir)
+        if wb is not None:
+            wb.log_results(metrics, sae_dir)
+        return RunResult(run_dir, sae_dir, metrics)

@@ -146,6 +146,11 @@ def train_sweep(
     ``resume``: the folder of an interrupted sweep with this base and these points (see the module docstring).
     """
     cfgs = point_configs(base, points)
+    if cfgs[0].log.wandb:  # one process trains every point at once; a wandb run per point is not wired up
+        raise ConfigError(
+            f"--log.wandb {cfgs[0].log.wandb} streams a single run, but --sweep trains {len(cfgs)} SAEs together: "
+            "drop --log.wandb (each point's metrics.jsonl is in the sweep folder), or train the points as separate runs"
+        )
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep points repeat: {names}")

@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -77,6 +77,9 @@ class Trainer:
         check_p_anneal(cfg, sae.cfg)
         self.anneal = PAnneal(cfg, self.n_steps)
         self.ranks = None  # saes.base.Ranks when data-parallel (training/distributed.py): global batch statistics
+        # Callables given each metrics record as it is logged (after its metrics.jsonl line): wandb
+        # (training/wandb_log.py) and anything else that streams metrics, without the loop knowing about them.
+        self.sinks: list[Callable[[dict], None]] = []
         self._t0 = time.perf_counter()
 
     # ---- state -----------------------------------------------------------------------
@@ -323,6 +326,8 @@ class Trainer:
         if self.run_dir:
             with open(self.run_dir / METRICS, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+        for sink in self.sinks:
+            sink(rec)
         return rec
 
     # ---- results ---------------------------------------------------------------------

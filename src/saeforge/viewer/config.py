@@ -9,6 +9,8 @@ from saeforge.config import F, check
 
 @dataclass
 class IndexConfig:
+    """Options of ``saeforge index`` / ``viewer.index.build_index``: tokens, contexts kept per feature, histograms."""
+
     tokens: int = F(
         1_000_000,
         "Corpus tokens to run through the LM and SAE (whole windows; BOS positions are not counted as firings).",
