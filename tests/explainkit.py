@@ -28,7 +28,10 @@ def python_source(n_funcs: int = 60, seed: int = 0) -> str:
     for i in range(n_funcs):
         name = f"{rng.choice(NAMES)}_{i}"
         s = f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
-        out.append(f'def {name}(x, y):\n    z = x * {rng.randint(2, 99)} + y\n    print("{s}")\n    return z\n\n')
+        # strings in one function of 6: a sparse latent whose kept contexts cover every window it fires in,
+        # so the negatives (other features' windows, taken as 0) are truly 0 for it
+        show = f'    print("{s}")\n' if i % 6 == 0 else ""
+        out.append(f"def {name}(x, y):\n    z = x * {rng.randint(2, 99)} + y\n{show}    return z\n\n")
     return "".join(out)
 
 
@@ -112,10 +115,10 @@ def scripted_llm(messages: list[dict]) -> str:
     simulates either explanation token by token, detects contexts that hold a quote / a digit."""
     user = messages[-1]["content"]
     if "EXPLANATION:" in user:
-        marked = re.findall(r"<<(.*?)>>", user, re.S)
-        quoted = marked and all(m.strip()[:1] in "\"'" for m in marked)
+        marked = re.findall(r"<<(.*?)>>", user.rsplit("\n\n", 1)[0], re.S)  # not the instruction's example
+        quoted = marked and all(m.strip()[:1] in ('"', "'") for m in marked)
         return "EXPLANATION: string literals" if quoted else "EXPLANATION: numbers"
-    rule = (lambda s: s.strip()[:1] in "\"'") if "string literals" in user else (lambda s: s.strip().isdigit())
+    rule = (lambda s: s.strip()[:1] in ('"', "'")) if "string literals" in user else (lambda s: s.strip().isdigit())
     if "predict the feature's" in user:
         lines = [l.split("\t", 1) for l in user.split("\n\n", 1)[1].splitlines()]
         return "\n".join(f"{i}: {10 if rule(json.loads(t)) else 0}" for i, t in lines)
@@ -157,7 +160,7 @@ class ChatServer:
                     self.send_response(step)
                     self.end_headers()
                     return
-                content = "I cannot help with that" if step == "malformed" else scripted_llm(body["messages"])
+                content = "I cannot help with that.\nSorry." if step == "malformed" else scripted_llm(body["messages"])
                 raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

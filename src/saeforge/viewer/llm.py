@@ -190,9 +190,10 @@ def parse_simulation(n: int) -> Callable[[str], list[float]]:
 
 
 def detect_messages(explanation: str, contexts: Sequence[Context]) -> list[dict]:
-    listing = "\n".join(f"{i + 1}. {''.join(c.tokens)}" for i, c in enumerate(contexts))
+    # each text as a JSON string: newlines inside a context must not break the numbered list
+    listing = "\n".join(f"{i + 1}. {json.dumps(''.join(c.tokens))}" for i, c in enumerate(contexts))
     ask = (
-        f"A feature is explained as: {explanation}\nWhich of these texts contain a token where it fires? "
+        f"A feature is explained as: {explanation}\nWhich of these texts (JSON strings) contain a token where it fires? "
         f"Reply with their numbers, comma-separated, or NONE.\n\n{listing}"
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask}]
