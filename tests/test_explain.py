@@ -93,6 +93,15 @@ def test_fts_search_finds_a_feature_by_a_word_of_its_explanation(feature_db):
     assert [(r["index"], r["matching_contexts"], r["matching_explanations"]) for r in res] == [
         (2, 0, ["integer literals in arithmetic"])
     ]
+    run_explain(feature_db, ExplainConfig(), progress=False)  # baseline rows beside the llm ones
+    listed = {r["index"]: r["explanation"] for r in d.list_features(sort="index", desc=False)}
+    assert listed == {
+        0: 'after: "def"',
+        1: "string literals passed to print",
+        2: "integer literals in arithmetic",
+        3: listed[3],
+    }
+    assert listed[3].startswith('tokens: "    return"')
     # rewriting an explanation replaces its FTS row
     ex.write_results(con, "llm:toy", [(2, "numbers", {"simulation": 0.5})])
     assert d.search_explanations("arithmetic") == {} and d.search_explanations("numbers") == {2: ["numbers"]}

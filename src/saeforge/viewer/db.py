@@ -257,6 +257,19 @@ class FeatureDB:
             else {}
         )
         texts = dict(zip(peak.values(), self.texts(peak.values())))
+        expl: dict[int, str] = {}
+        if idxs:
+            # one explanation per feature for the list: the last in name order, so an LLM's ("llm:...") wins
+            # over the baseline's; none before `saeforge explain` made the table
+            try:
+                for f, t in self.query(
+                    f"SELECT feature, text FROM explanations WHERE feature IN ({','.join('?' * len(idxs))}) "
+                    "ORDER BY explainer",
+                    tuple(idxs),
+                ):
+                    expl[f] = t
+            except sqlite3.OperationalError:
+                pass
         return [
             {
                 "index": i,
@@ -264,6 +277,7 @@ class FeatureDB:
                 "max_act": m,
                 "fire_count": c,
                 "peak_token": texts.get(peak[i]) if i in peak else None,
+                "explanation": expl.get(i),
             }
             for i, d, m, c in rows
         ]

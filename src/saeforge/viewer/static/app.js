@@ -199,7 +199,7 @@ async function indexPage() {
         td.appendChild(link(featureUrl(f.model, f.sae, f.index), `#${f.index}`));
         tr.appendChild(td);
         for (const v of [fmt(f.density), fmt(f.max_act), f.peak_token === null ? "" : JSON.stringify(f.peak_token),
-          f.matching_contexts ?? ""]) tr.appendChild(el("td", v));
+          f.matching_contexts ?? "", f.explanation ?? ""]) tr.appendChild(el("td", v));
         body.appendChild(tr);
       }
     } catch (e) { $("status").textContent = `error: ${e.message}`; }
