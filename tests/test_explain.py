@@ -203,3 +203,29 @@ def test_browser_feature_page_shows_a_hostile_explanation_as_text(feature_db, tm
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.slow
+def test_baseline_on_a_database_built_by_saeforge_index(tiny_model_dirs, text_corpus, tmp_path):
+    """The real index's contexts (trimmed at window edges, maxima at position 0) go through explain."""
+    import torch
+
+    from saeforge.saes.formats import save_sae
+    from saeforge.saes.registry import config_class, sae_class
+    from saeforge.viewer.config import IndexConfig
+    from saeforge.viewer.index import build_index
+
+    sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=64, k=4))
+    torch.nn.init.normal_(sae.b_enc, std=0.05, generator=torch.Generator().manual_seed(0))
+    meta = {"model_name": str(tiny_model_dirs["llama"]), "hook_name": "blocks.1.hook_resid_post"}
+    save_sae(sae, tmp_path / "sae", meta | {"context_size": 32, "dataset_path": str(text_corpus), "prepend_bos": True})
+    cfg = IndexConfig(tokens=2000, top_k=6, per_interval=2, lm_batch_size=8, n_logits=3, n_neighbours=2)
+    path = build_index(tmp_path / "sae", tmp_path / "f.db", cfg, {"data": {"holdout_fraction": 0.1}}, progress=False)
+    counts = run_explain(path, ExplainConfig(n_negatives=4), progress=False)
+    d = FeatureDB(path)
+    alive = [i for (i,) in d.query("SELECT idx FROM features WHERE fire_count > 0")]
+    assert counts["done"] == len(alive) > 0 and counts["failed"] == 0
+    for i in alive:
+        (e,) = d.explanations(i)
+        ex.parse_baseline(e["text"])  # every stored text reads back
+        assert -1 <= e["scores"]["simulation"] <= 1 and 0 <= e["scores"]["detection"] <= 1
