@@ -122,6 +122,13 @@ def scripted_llm(messages: list[dict]) -> str:
     if "predict the feature's" in user:
         lines = [l.split("\t", 1) for l in user.split("\n\n", 1)[1].splitlines()]
         return "\n".join(f"{i}: {10 if rule(json.loads(t)) else 0}" for i, t in lines)
+    if "some tokens are marked" in user:  # fuzzing: are all the marks on tokens the explanation describes?
+        fits = []
+        for line in user.split("\n\n", 1)[1].splitlines():
+            num, text = line.split(". ", 1)
+            if all(rule(m) for m in re.findall(r"<<(.*?)>>", json.loads(text), re.S)):
+                fits.append(num)
+        return ", ".join(fits) or "NONE"
     hits = []
     for line in user.split("\n\n", 1)[1].splitlines():
         num, text = line.split(". ", 1)

@@ -193,7 +193,7 @@ def test_browser_feature_page_shows_a_hostile_explanation_as_text(feature_db, tm
             pg.goto(f"http://127.0.0.1:{port}/feature/toy/py/1")
             pg.wait_for_selector("#explanations tr.expl")
             cells = pg.locator("#explanations tr.expl td").all_text_contents()
-            assert cells == [HOSTILE, "gpt-x", "0.250", "0.750"]
+            assert cells == [HOSTILE, "gpt-x", "0.250", "0.750", ""]  # no fuzzing score: an empty cell
             assert pg.evaluate("window.__pwned") is None and pg.locator("#explanations img").count() == 0
             pg.goto(f"http://127.0.0.1:{port}/feature/toy/py/0")
             pg.wait_for_selector("#explnote:not(:empty)")

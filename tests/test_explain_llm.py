@@ -21,6 +21,7 @@ from saeforge.viewer.llm import (
     LLMConfig,
     LLMError,
     MalformedAnswer,
+    fuzz_items,
     parse_detection,
     parse_simulation,
     simulate_messages,
@@ -84,6 +85,15 @@ def test_parsers_accept_the_format_and_refuse_the_rest():
             parse_detection(4)(bad)
 
 
+def test_fuzzing_items_mark_firing_tokens_or_as_many_silent_ones():
+    a = ex.Context(["x", " y", " z", " w"], [0, 2.0, 0, 1.0], 1, "top")  # 2 firing, 2 silent: both versions
+    b = ex.Context(["p", " q"], [1.0, 3.0], 1, "quantile")  # no silent token to misplace marks on
+    n = ex.Context(["n"], [0.0], 0, "negative")  # never fires: not an item
+    items = fuzz_items([a, b, n], seed=0)
+    assert sorted(items) == sorted([("x<< y>> z<< w>>", True), ("<<x>> y<< z>> w", False), ("<<p>><< q>>", True)])
+    assert fuzz_items([a, b, n], seed=0) == items  # seeded
+
+
 def test_malformed_answers_are_recorded_as_failed_not_a_crash(feature_db, server):
     server.default = "malformed"
     counts = run_explain(feature_db, ExplainConfig(explainer="llm"), _cfg(server), False)
@@ -118,7 +128,7 @@ def test_llm_path_scores_the_right_explanation_well_above_a_wrong_one(feature_db
     s = FEATURES.index("string literal")
     (e,) = d.explanations(s)
     assert (e["explainer"], e["text"]) == ("llm:m", "string literals")
-    assert e["scores"]["simulation"] == pytest.approx(1.0) and e["scores"]["detection"] == pytest.approx(1.0)
+    assert e["scores"] == pytest.approx({"simulation": 1.0, "detection": 1.0, "fuzzing": 1.0})
     # the wrong explanation, simulated through the same server and scored on the same held-out contexts
     f = d.feature(s)
     _, held = ex.split_contexts(f)

@@ -11,7 +11,8 @@ so a killed run asks nothing twice; an answer ``parse`` rejects (``MalformedAnsw
 Answer formats (asked for in the prompts, parsed leniently):
 - explain: a line ``EXPLANATION: <text>`` (or a single non-empty line);
 - simulate: one line per numbered token, ``<index>: <0-10>``; every index must be present;
-- detect: the numbers of the contexts that fire, comma-separated, or ``NONE``.
+- detect: the numbers of the contexts that fire, comma-separated, or ``NONE``;
+- fuzz: the same, for the texts whose <<highlights>> fit the explanation.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from saeforge.config import F, UserError, check
-from saeforge.viewer.explain import Context, detection_score, now, simulation_score
+from saeforge.viewer.explain import Context, balanced_accuracy, detection_score, now, simulation_score
 
 T = TypeVar("T")
 
@@ -214,17 +215,52 @@ def parse_detection(n: int) -> Callable[[str], list[bool]]:
     return parse
 
 
+def fuzz_items(held: Sequence[Context], seed: int) -> list[tuple[str, bool]]:
+    """(highlighted text, highlights correct?) pairs, shuffled: each firing held-out context once with its
+    firing tokens marked, once with as many marks on tokens that do not fire (when it has enough of them)."""
+    rng = random.Random(seed)
+    items = []
+    for c in held:
+        on = [i for i, a in enumerate(c.acts) if a > 0]
+        off = [i for i, a in enumerate(c.acts) if a <= 0]
+        if not on:
+            continue
+        items.append((_highlight(c.tokens, set(on)), True))
+        if len(off) >= len(on):
+            items.append((_highlight(c.tokens, set(rng.sample(off, len(on)))), False))
+    rng.shuffle(items)
+    return items
+
+
+def _highlight(tokens: Sequence[str], marked: set[int]) -> str:
+    return "".join(f"<<{t}>>" if i in marked else t for i, t in enumerate(tokens))
+
+
+def fuzz_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
+    listing = "\n".join(f"{i + 1}. {json.dumps(t)}" for i, t in enumerate(texts))
+    ask = (
+        f"A feature is explained as: {explanation}\nIn each text below (JSON strings) some tokens are marked "
+        "<<like this>>. Which texts have their marks exactly on tokens the explanation describes? Reply with "
+        f"their numbers, comma-separated, or NONE.\n\n{listing}"
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask}]
+
+
 def llm_feature(client: LLMClient, explain_ctx: list[Context], held: list[Context], seed: int) -> tuple[str, dict]:
-    """(explanation, {simulation, detection}) for one feature through the LLM. The detection contexts are
-    shuffled with ``seed`` so the firing ones are not all first."""
+    """(explanation, {simulation, detection, fuzzing}) for one feature through the LLM: one explain request,
+    one simulate request per held-out context, one detect and one fuzz request. Detection contexts and
+    fuzzing items are shuffled with ``seed`` so the firing / correct ones are not all first."""
     text = client.chat(explain_messages([c for c in explain_ctx if c.fires]), parse_explanation)
     preds = [client.chat(simulate_messages(text, c), parse_simulation(len(c.tokens))) for c in held]
     order = list(range(len(held)))
     random.Random(seed).shuffle(order)
     shuffled = [held[i] for i in order]
     said = client.chat(detect_messages(text, shuffled), parse_detection(len(shuffled)))
+    items = fuzz_items(held, seed)
+    fits = client.chat(fuzz_messages(text, [t for t, _ in items]), parse_detection(len(items))) if items else []
     scores: dict[str, Any] = {
         "simulation": simulation_score(preds, held),
         "detection": detection_score(said, shuffled),
+        "fuzzing": balanced_accuracy([ok for _, ok in items], fits) if items else None,
     }
     return text, scores

@@ -69,7 +69,8 @@ async function featurePage() {
   const eb = $("explanations").querySelector("tbody");
   for (const e of f.explanations) {
     const tr = el("tr", null, "expl");
-    for (const v of [e.description, e.explanationModelName, fmt(e.scores.simulation), fmt(e.scores.detection)]) {
+    for (const v of [e.description, e.explanationModelName, fmt(e.scores.simulation), fmt(e.scores.detection),
+      fmt(e.scores.fuzzing)]) {
       tr.appendChild(el("td", v));
     }
     eb.appendChild(tr);
