@@ -7,5 +7,8 @@ db.py       the SQLite schema, its writer and a read-only reader
 live.py     runs text through the LM and SAEs for the live box
 server.py   FastAPI app (pages + JSON API); fastapi/uvicorn are imported only there
 export.py   Neuronpedia upload files
-commands.py `saeforge index | serve | export-neuronpedia`
+explain.py  explanation tables, baseline explainer, simulation / detection scores
+llm.py      OpenAI-compatible chat client (retries, budget, cache) and the LLM prompts
+explain_run.py  `saeforge explain`: explain and score features into the database, resumable
+commands.py `saeforge index | serve | export-neuronpedia | explain`
 """

@@ -1,4 +1,4 @@
-"""CLI: ``saeforge index``, ``saeforge serve``, ``saeforge export-neuronpedia`` (listed in cli.COMMAND_MODULES)."""
+"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain`` (listed in cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from saeforge.config import add_config_options, overrides
+from saeforge.config import add_config_options, from_dict, overrides
 from saeforge.saes.hub import output_dir
 from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.explain_run import ExplainConfig, run_explain
 from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
+from saeforge.viewer.llm import LLMConfig
 from saeforge.viewer.server import serve
 
 
@@ -48,6 +50,37 @@ def cmd_export(ns: argparse.Namespace, base: dict) -> int:
     return 0
 
 
+def _section_options(p: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """--SECTION.FIELD options of a viewer config (these sections are not in config.SECTION_CLASSES)."""
+    g = p.add_argument_group(f"{section} options")
+    for f in dataclasses.fields(cls):
+        g.add_argument(
+            f"--{section}.{f.name}",
+            dest=f"{section}.{f.name}",
+            default=argparse.SUPPRESS,
+            metavar=type(f.default).__name__.upper(),
+            help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"),
+        )
+
+
+def cmd_explain(ns: argparse.Namespace, base: dict) -> int:
+    given = overrides(ns)
+    if ns.explainer:
+        given.setdefault("explain", {})["explainer"] = ns.explainer
+    if ns.features:
+        given.setdefault("explain", {})["features"] = ns.features
+    cfg = from_dict(ExplainConfig, given.get("explain", {}), "explain")
+    llm = from_dict(LLMConfig, given.get("llm", {}), "llm")
+    c = run_explain(ns.db, cfg, llm, progress=not ns.quiet)
+    print(
+        f"{c['explainer']}: {c['done']} features explained, {c['skipped']} already were, {c['failed']} failed "
+        f"(retried by the next run), {c['requests']} LLM requests"
+    )
+    if c["stopped"]:
+        print(f"stopped early: {c['stopped']}; run the same command again to continue (answers are cached)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
     i = sub.add_parser(
@@ -79,3 +112,16 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--batch-size", type=int, default=128, help="features per batch file")
     e.set_defaults(func=cmd_export)
+
+    x = sub.add_parser(
+        "explain",
+        help="explain features (baseline or an LLM) and score the explanations into the feature database",
+        description="Writes explanations and simulation / detection scores into DB (shown by `saeforge serve`). "
+        "Resumable: features already explained by the same explainer are skipped, LLM answers are cached.",
+    )
+    x.add_argument("db", help="feature database file (from `saeforge index`)")
+    x.add_argument("--explainer", choices=("baseline", "llm"), help="same as --explain.explainer")
+    x.add_argument("--features", help="same as --explain.features: all, or N most frequently firing")
+    _section_options(x, "explain", ExplainConfig)
+    _section_options(x, "llm", LLMConfig)
+    x.set_defaults(func=cmd_explain)

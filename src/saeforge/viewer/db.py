@@ -10,6 +10,7 @@
                                                      lowest); tokens/acts JSON lists; max_pos indexes them
     logits(feature, sign, rank, token, value)        sign 1 = promoted, -1 = suppressed
     neighbours(feature, rank, other, cosine)
+    explanations, scores, explanations_fts, llm_cache   added by `saeforge explain` (explain.py), on demand
 
 The writer fills a temporary file and renames it into place when whole, so a file at the final name
 is always complete. The reader opens it read-only, one connection per thread.
@@ -180,14 +181,52 @@ class FeatureDB:
         )
         return self._summaries(rows)
 
+    def explanations(self, idx: int) -> list[dict[str, Any]]:
+        """Explanations of a feature with their scores ({explainer, text, created, scores}); [] before any
+        `saeforge explain` run (the tables do not exist yet)."""
+        try:
+            rows = self.query(
+                "SELECT explainer, text, created FROM explanations WHERE feature = ? ORDER BY explainer", (idx,)
+            )
+            scores = self.query("SELECT explainer, scorer, value FROM scores WHERE feature = ?", (idx,))
+        except sqlite3.OperationalError:
+            return []
+        return [
+            {"explainer": e, "text": t, "created": c, "scores": {s: v for x, s, v in scores if x == e}}
+            for e, t, c in rows
+        ]
+
+    def search_explanations(self, q: str, limit: int = 50) -> dict[int, list[str]]:
+        """{feature: matching explanation texts} for features whose explanation holds every word of ``q``
+        (FTS5, words quoted so the user's text is never query syntax); {} without explanation tables."""
+        words = q.split()
+        if not words:
+            return {}
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        try:
+            rows = self.query(
+                "SELECT feature, text FROM explanations_fts WHERE explanations_fts MATCH ? ORDER BY rank LIMIT ?",
+                (match, limit),
+            )
+        except sqlite3.OperationalError:
+            return {}
+        out: dict[int, list[str]] = {}
+        for f, t in rows:
+            out.setdefault(int(f), []).append(t)
+        return out
+
     def search(self, q: str, limit: int = 50) -> list[dict[str, Any]]:
-        """Features whose top contexts peak on a token containing ``q`` (case-insensitive), most such contexts first."""
+        """Features whose top contexts peak on a token containing ``q`` (case-insensitive), most such contexts
+        first, then features found only by their explanation text; each lists its matching explanations."""
         rows = self.query(
             "SELECT c.feature, COUNT(*) AS hits, MAX(c.max_act) FROM contexts c JOIN vocab v ON v.id = c.max_token "
             "WHERE c.kind = 'top' AND v.text LIKE ? ESCAPE '\\' GROUP BY c.feature ORDER BY hits DESC, 3 DESC LIMIT ?",
             (_like(q), limit),
         )
         hits = {f: h for f, h, _ in rows}
+        by_text = self.search_explanations(q, limit)
+        text_only = [f for f in by_text if f not in hits]
+        hits.update({f: 0 for f in text_only})
         found = (
             self.query(
                 f"SELECT idx, density, max_act, fire_count FROM features WHERE idx IN ({','.join('?' * len(hits))})",
@@ -199,7 +238,9 @@ class FeatureDB:
         out = self._summaries(found)
         for s in out:
             s["matching_contexts"] = hits[s["index"]]
-        return sorted(out, key=lambda s: (-s["matching_contexts"], -s["max_act"]))
+            s["matching_explanations"] = by_text.get(s["index"], [])
+        rank = {f: i for i, f in enumerate(text_only)}
+        return sorted(out, key=lambda s: (-s["matching_contexts"], rank.get(s["index"], 0), -s["max_act"]))[:limit]
 
     def _summaries(self, rows: list[tuple]) -> list[dict[str, Any]]:
         """Index, density, max and the token each feature's strongest context peaks on."""
@@ -216,6 +257,19 @@ class FeatureDB:
             else {}
         )
         texts = dict(zip(peak.values(), self.texts(peak.values())))
+        expl: dict[int, str] = {}
+        if idxs:
+            # one explanation per feature for the list: the last in name order, so an LLM's ("llm:...") wins
+            # over the baseline's; none before `saeforge explain` made the table
+            try:
+                for f, t in self.query(
+                    f"SELECT feature, text FROM explanations WHERE feature IN ({','.join('?' * len(idxs))}) "
+                    "ORDER BY explainer",
+                    tuple(idxs),
+                ):
+                    expl[f] = t
+            except sqlite3.OperationalError:
+                pass
         return [
             {
                 "index": i,
@@ -223,6 +277,7 @@ class FeatureDB:
                 "max_act": m,
                 "fire_count": c,
                 "peak_token": texts.get(peak[i]) if i in peak else None,
+                "explanation": expl.get(i),
             }
             for i, d, m, c in rows
         ]

@@ -69,6 +69,11 @@ def feature_record(d: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
         "n_tokens_in_prompt": d.meta["context_size"],
         "dataset": d.meta["corpus"],
         "activations": acts,
+        # SAEDashboard writes none; Neuronpedia's importer takes explanations as {description, ...} objects
+        "explanations": [
+            {"description": e["text"], "explanation_model_name": e["explainer"], "scores": e["scores"]}
+            for e in d.explanations(f["index"])
+        ],
     }
 
 

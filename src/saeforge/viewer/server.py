@@ -75,7 +75,7 @@ def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
         "topkCosSimIndices": [n["index"] for n in f["neighbours"]],
         "topkCosSimValues": [n["cosine"] for n in f["neighbours"]],
         "activations": acts,
-        "explanations": [],
+        "explanations": [neuronpedia_explanation(e) for e in dbx.explanations(f["index"])],
         "saeforge": {
             "hook": m["hook"],
             "density": f["density"],
@@ -87,6 +87,19 @@ def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
             "pos_token_ids": [t for t, _, _ in f["pos"]],
             "neg_token_ids": [t for t, _, _ in f["neg"]],
         },
+    }
+
+
+def neuronpedia_explanation(e: dict[str, Any]) -> dict[str, Any]:
+    """One stored explanation as a Neuronpedia explanation object; ``score`` is the simulation score."""
+    kind, _, model = e["explainer"].partition(":")
+    return {
+        "description": e["text"],
+        "typeName": f"saeforge-{kind}",
+        "explanationModelName": model or kind,
+        "score": e["scores"].get("simulation"),
+        "scores": e["scores"],
+        "created": e["created"],
     }
 
 
@@ -218,7 +231,9 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         d, f = get_feature(model, sae, index)
         return neuronpedia_feature(d, f)
 
-    @app.get("/api/search", summary="Features whose top contexts peak on a token containing q")
+    @app.get(
+        "/api/search", summary="Features whose top contexts peak on a token containing q, or explained by q's words"
+    )
     def search(q: str, model: str | None = None, sae: str | None = None, limit: int = Query(50, ge=1, le=MAX_LIMIT)):
         if not q.strip():
             raise HTTPException(400, "q must not be empty")

@@ -65,6 +65,17 @@ async function featurePage() {
   $("stats").textContent = `density ${fmt(f.frac_nonzero)} (${s.fire_count} of ${s.n_tokens} tokens) · ` +
     `max activation ${fmt(f.maxActApprox)} · mean when firing ${fmt(s.mean_act)} · hook ${s.hook}`;
   drawHistogram(f.freq_hist_data_bar_heights, s.hist_bin_width);
+  // Explanations are untrusted text too (an LLM wrote them from corpus text): textContent only, via el().
+  const eb = $("explanations").querySelector("tbody");
+  for (const e of f.explanations) {
+    const tr = el("tr", null, "expl");
+    for (const v of [e.description, e.explanationModelName, fmt(e.scores.simulation), fmt(e.scores.detection),
+      fmt(e.scores.fuzzing)]) {
+      tr.appendChild(el("td", v));
+    }
+    eb.appendChild(tr);
+  }
+  if (!f.explanations.length) $("explnote").textContent = "no explanations yet: run `saeforge explain` on the database";
   for (const [id, strs, vals] of [["pos", f.pos_str, f.pos_values], ["neg", f.neg_str, f.neg_values]]) {
     const body = $(id).querySelector("tbody");
     strs.forEach((t, i) => {
@@ -174,7 +185,8 @@ async function indexPage() {
       if (q) {
         const r = await api(`/api/search?q=${encodeURIComponent(q)}&model=${encodeURIComponent(model)}&sae=${encodeURIComponent(sae)}`);
         rows = r.results;
-        $("status").textContent = `${rows.length} features peak on tokens containing ${JSON.stringify(q)}`;
+        $("status").textContent = `${rows.length} features peak on tokens containing ${JSON.stringify(q)} ` +
+          "or have an explanation with its words";
       } else {
         const r = await api(`/api/features/${encodeURIComponent(model)}/${encodeURIComponent(sae)}?sort=${$("sort").value}` +
           `&order=${$("order").value}&offset=${offset}&limit=${limit}`);
@@ -188,7 +200,7 @@ async function indexPage() {
         td.appendChild(link(featureUrl(f.model, f.sae, f.index), `#${f.index}`));
         tr.appendChild(td);
         for (const v of [fmt(f.density), fmt(f.max_act), f.peak_token === null ? "" : JSON.stringify(f.peak_token),
-          f.matching_contexts ?? ""]) tr.appendChild(el("td", v));
+          f.matching_contexts ?? "", f.explanation ?? ""]) tr.appendChild(el("td", v));
         body.appendChild(tr);
       }
     } catch (e) { $("status").textContent = `error: ${e.message}`; }
