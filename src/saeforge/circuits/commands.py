@@ -1,4 +1,5 @@
-"""``saeforge transcoders`` (a transcoder per layer, one LM pass), ``saeforge clt`` (a cross-layer transcoder), ``saeforge graph``."""
+"""``saeforge transcoders`` (a transcoder per layer, one LM pass), ``saeforge clt`` (a cross-layer transcoder),
+``saeforge graph`` (JSON + HTML view), ``saeforge intervene`` (edit feature nodes, logit changes)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,29 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="targets per backward pass (default 16)")
     g.set_defaults(func=cmd_graph)
 
+    v = sub.add_parser(
+        "intervene",
+        help="zero, clamp or scale feature nodes of one prompt: logit changes predicted by the graph and measured",
+        description="For the graph's logit nodes: the change its direct edges predict, the frozen replacement "
+        "model's (other features held; downstream features responding) and the real model's with the "
+        "transcoders spliced in (errors kept). See docs/circuits.md.",
+    )
+    v.add_argument(
+        "--transcoders", required=True, metavar="DIR", help="a folder made by `saeforge transcoders` or `saeforge clt`"
+    )
+    v.add_argument("--prompt", required=True, help="the text whose next-token prediction is edited")
+    v.add_argument(
+        "--feature",
+        action="append",
+        required=True,
+        metavar="L:POS:IDX=OP",
+        help="a feature node and its edit: =zero, =clamp:VALUE or =scale:FACTOR (POS < 0 counts from the end); repeat",
+    )
+    v.add_argument("--out", help="also write the result as JSON here (never overwritten)")
+    v.add_argument("--model", dest="model_name", help="the model (default: the one the transcoders were trained on)")
+    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    v.set_defaults(func=cmd_intervene)
+
 
 def cmd_transcoders(ns: argparse.Namespace, base: dict) -> int:
     from saeforge.circuits.transcoders import train_layer_transcoders
@@ -103,17 +127,39 @@ def default_out(folder: str, prompt: str) -> Path:
 
 
 def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
-    from saeforge.circuits.clt import load_clt
     from saeforge.circuits.export import build_graph_json
-    from saeforge.circuits.transcoders import TranscoderSetError, load_transcoders
+    from saeforge.circuits.html import graph_html
     from saeforge.io import atomic_write_text
-    from saeforge.models import load_model
 
     out = Path(ns.out) if ns.out else default_out(ns.transcoders, ns.prompt)
-    if out.exists():
-        raise UsageError(f"{out} exists: give another --out (a graph is never overwritten)")
+    html = out.with_suffix(".html")
+    for path in (out, html):
+        if path.exists():
+            raise UsageError(f"{path} exists: give another --out (a graph is never overwritten)")
     if ns.batch_size < 1:
         raise UsageError(f"--batch-size {ns.batch_size}: expected at least 1")
+    transcoders, lm = _load_set(ns)
+    d = build_graph_json(
+        lm, transcoders, ns.prompt, ns.node_threshold, ns.edge_threshold, ns.batch_size, slug=out.stem,
+        folder=ns.transcoders,
+    )  # fmt: skip
+    atomic_write_text(out, json.dumps(d) + "\n")
+    atomic_write_text(html, graph_html(d))
+    s, c = d["metadata"]["scores"], d["metadata"]["counts"]
+    print(
+        f"graph of {len(d['metadata']['prompt_tokens'])} tokens: {c['kept_nodes']} nodes and {c['kept_links']} links "
+        f"kept (of {c['features']} features); replacement score {s['replacement']:.3f}, completeness "
+        f"{s['completeness']:.3f}; written to {out} (view: {html})"
+    )
+    return 0
+
+
+def _load_set(ns: argparse.Namespace):
+    """(transcoders, the float32 model) from --transcoders / --model / --device."""
+    from saeforge.circuits.clt import load_clt
+    from saeforge.circuits.transcoders import TranscoderSetError, load_transcoders
+    from saeforge.models import load_model
+
     # on the CPU first: the model's loader says clearly if --device is absent; ReplacementModel moves them
     if (Path(ns.transcoders) / "cfg.json").exists():
         transcoders, model_name = load_clt(ns.transcoders)
@@ -125,16 +171,28 @@ def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
             f"the transcoders in {ns.transcoders} were trained on {model_name!r}, not {ns.model_name!r}: "
             "drop --model, or train a set on that model"
         )
-    lm = load_model(model_name, dtype="float32", device=ns.device)
-    d = build_graph_json(
-        lm, transcoders, ns.prompt, ns.node_threshold, ns.edge_threshold, ns.batch_size, slug=out.stem,
-        folder=ns.transcoders,
-    )  # fmt: skip
-    atomic_write_text(out, json.dumps(d) + "\n")
-    s, c = d["metadata"]["scores"], d["metadata"]["counts"]
-    print(
-        f"graph of {len(d['metadata']['prompt_tokens'])} tokens: {c['kept_nodes']} nodes and {c['kept_links']} links "
-        f"kept (of {c['features']} features); replacement score {s['replacement']:.3f}, completeness "
-        f"{s['completeness']:.3f}; written to {out}"
-    )
+    return transcoders, load_model(model_name, dtype="float32", device=ns.device)
+
+
+def cmd_intervene(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.circuits.intervene import intervene, parse_edit
+    from saeforge.io import atomic_write_text
+
+    edits = [parse_edit(spec) for spec in ns.feature]  # before loading anything: a typo fails at once
+    if ns.out and Path(ns.out).exists():
+        raise UsageError(f"--out {ns.out} exists: give another file (results are never overwritten)")
+    transcoders, lm = _load_set(ns)
+    r = intervene(lm, transcoders, ns.prompt, edits)
+    for e in r["edits"]:
+        print(f"feature {e['layer']}:{e['pos']}:{e['index']} {e['activation']:.4g} -> {e['new_activation']:.4g}")
+    print("change of logit - mean logit per logit node:")
+    print(f"{'token':>16} {'prob':>6} {'predicted':>10} {'repl.direct':>11} {'repl.total':>10} {'real':>10}")
+    for row in r["logits"]:
+        print(
+            f"{row['token']!r:>16} {row['prob']:6.3f} {row['predicted']:10.4g} {row['replacement_direct']:11.4g} "
+            f"{row['replacement_total']:10.4g} {row['real']:10.4g}"
+        )
+    if ns.out:
+        atomic_write_text(Path(ns.out), json.dumps(r, indent=1) + "\n")
+        print(f"written to {ns.out}")
     return 0

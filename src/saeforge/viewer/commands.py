@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from saeforge.config import add_config_options, from_dict, overrides
+from saeforge.config import UsageError, add_config_options, from_dict, overrides
 from saeforge.saes.hub import output_dir
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.explain_run import ExplainConfig, run_explain
@@ -40,7 +40,11 @@ def cmd_index(ns: argparse.Namespace, base: dict) -> int:
 def cmd_serve(ns: argparse.Namespace, base: dict) -> int:
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"saeforge serve: listening on {ns.host}: anyone who can reach it can run text through the model")
-    serve(ns.db, host=ns.host, port=ns.port, live=not ns.no_live)
+    if not ns.db and not ns.graphs:
+        raise UsageError("nothing to serve: give feature database files, --graphs DIR, or both")
+    if ns.graphs and not Path(ns.graphs).is_dir():
+        raise UsageError(f"--graphs {ns.graphs}: not a folder; give the folder of graph JSON files (e.g. DIR/graphs)")
+    serve(ns.db, host=ns.host, port=ns.port, live=not ns.no_live, graphs=ns.graphs)
     return 0
 
 
@@ -101,10 +105,15 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     i.set_defaults(func=cmd_index)
 
     s = sub.add_parser("serve", help="serve feature pages, a JSON API and the live box over HTTP")
-    s.add_argument("db", nargs="+", help="feature database files (from `saeforge index`); several SAEs side by side")
+    s.add_argument("db", nargs="*", help="feature database files (from `saeforge index`); several SAEs side by side")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--no-live", action="store_true", help="do not load models: no live box / activation endpoints")
+    s.add_argument(
+        "--graphs",
+        metavar="DIR",
+        help="serve the attribution graphs (*.json from `saeforge graph`) in DIR at /graph.html",
+    )
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export-neuronpedia", help="write a feature database as Neuronpedia upload batches (JSON)")

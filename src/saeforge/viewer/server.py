@@ -6,7 +6,7 @@ command line, looked up by (model id, SAE id); a request can name only those, ne
 Errors are JSON ``{"error": ...}`` with a 4xx code (422 for a malformed or out-of-range parameter: a list's
 ``offset`` must be >= 0 and ``limit`` within 1..500); anything unexpected is a 500 with no traceback.
 
-Steering (issue 7) lives in ``steer.py``: ``POST /api/steer/...`` as its own router, and the feature
+Saved attribution graphs (``--graphs DIR``) live in ``graphs.py``. Steering (issue 7) lives in ``steer.py``: ``POST /api/steer/...`` as its own router, and the feature
 page's ``#steer-slot`` panel.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.viewer.db import DBError, FeatureDB
+from saeforge.viewer.graphs import graphs_router
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.steer import steer_router
 
@@ -103,7 +104,7 @@ def neuronpedia_explanation(e: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def create_app(db_paths: list[str | Path], live: bool = True):
+def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path | None = None):
     from fastapi import FastAPI, HTTPException, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -291,10 +292,13 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         }
 
     app.include_router(steer_router(get_feature, runner))
+    app.include_router(graphs_router(graphs, [d.meta for d in dbs.values()], NotFound))
     return app
 
 
-def serve(db_paths: list[str | Path], host: str = "127.0.0.1", port: int = 8000, live: bool = True) -> None:
+def serve(
+    db_paths: list[str | Path], host: str = "127.0.0.1", port: int = 8000, live: bool = True, graphs=None
+) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(db_paths, live=live), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(db_paths, live=live, graphs=graphs), host=host, port=port, log_level="info")
