@@ -14,6 +14,7 @@ import torch
 from test_circuits import PROMPT, random_transcoders
 from test_report import CHROMIUM_ARGS
 
+from saeforge.analysis.common import prompt_ids
 from saeforge.circuits.graph import attribute
 from saeforge.circuits.html import graph_html
 from saeforge.circuits.intervene import InterventionError, intervene, parse_edit
@@ -159,6 +160,25 @@ def test_intervene_command_prints_and_writes(folder, graph, tmp_path, capsys):
     assert main(args) == 2  # never overwritten
 
 
+def test_intervene_through_a_cross_layer_transcoder(lm):
+    from test_circuits_clt import random_clt
+
+    clt = random_clt(scale=0.05)
+    rm = ReplacementModel(lm, clt)
+    g = attribute(rm, prompt_ids(lm.tokenizer, PROMPT)[0])
+    n, spec = node(g, 0, 2)  # a layer-0 feature writes layers 0, 1 and 2
+    r = intervene(lm, clt, PROMPT, [parse_edit(spec + "=scale:3")])
+    for k, row in enumerate(r["logits"]):
+        oracle = 2 * float(g.adjacency_nn[g.logit_index(k), n])
+        assert row["predicted"] == pytest.approx(oracle, abs=1e-5)
+        assert row["replacement_direct"] == pytest.approx(oracle, abs=1e-4)
+    assert all(isinstance(row["real"], float) for row in r["logits"])
+    r1 = intervene(lm, clt, PROMPT, [parse_edit(spec + "=scale:1")])
+    assert all(abs(row["real"]) < 1e-6 for row in r1["logits"])
+    with pytest.raises(InterventionError, match="named twice"):
+        intervene(lm, clt, PROMPT, [parse_edit(spec + "=zero"), parse_edit(spec + "=scale:2")])
+
+
 # ---- the HTML view -----------------------------------------------------------------------------------------
 def test_graph_command_writes_a_self_contained_html_view(graph_file):
     html = graph_file.with_suffix(".html").read_text()
@@ -169,6 +189,11 @@ def test_graph_command_writes_a_self_contained_html_view(graph_file):
         "http://www.w3.org/2000/svg"
     }
     assert graph_html(d, nonce="abc").count("nonce='abc'") == 2
+    # graph-html redraws the same page from the JSON alone; refuses to overwrite, and a non-graph file
+    again = graph_file.with_name("again.html")
+    assert main(["graph-html", str(graph_file), "--out", str(again)]) == 0 and again.read_text() == html
+    assert main(["graph-html", str(graph_file), "--out", str(again)]) == 2
+    assert main(["graph-html", str(graph_file.with_suffix(".html"))]) == 2
 
 
 @pytest.mark.browser

@@ -59,6 +59,11 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="targets per backward pass (default 16)")
     g.set_defaults(func=cmd_graph)
 
+    h = sub.add_parser("graph-html", help="write the self-contained HTML view of a graph JSON (FILE.json -> FILE.html)")
+    h.add_argument("graph", metavar="FILE.json", help="a graph written by `saeforge graph`")
+    h.add_argument("--out", help="HTML file to write (default: FILE.html beside it); never overwritten")
+    h.set_defaults(func=cmd_graph_html)
+
     v = sub.add_parser(
         "intervene",
         help="zero, clamp or scale feature nodes of one prompt: logit changes predicted by the graph and measured",
@@ -151,6 +156,26 @@ def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
         f"kept (of {c['features']} features); replacement score {s['replacement']:.3f}, completeness "
         f"{s['completeness']:.3f}; written to {out} (view: {html})"
     )
+    return 0
+
+
+def cmd_graph_html(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.circuits.html import graph_html
+    from saeforge.io import atomic_write_text
+
+    src = Path(ns.graph)
+    out = Path(ns.out) if ns.out else src.with_suffix(".html")
+    if out.exists():
+        raise UsageError(f"{out} exists: give another --out (a page is never overwritten)")
+    try:
+        d = json.loads(src.read_text())
+        ok = isinstance(d, dict) and {"metadata", "nodes", "links"} <= set(d)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{src}: cannot read it as JSON ({e}); give a file written by `saeforge graph`") from None
+    if not ok:
+        raise UsageError(f"{src} is not a graph (no metadata/nodes/links); give a file written by `saeforge graph`")
+    atomic_write_text(out, graph_html(d))
+    print(f"{len(d['nodes'])} nodes and {len(d['links'])} links drawn in {out}")
     return 0
 
 
