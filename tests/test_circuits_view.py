@@ -264,3 +264,10 @@ def test_viewer_lists_and_serves_graphs(graph_file, folder):
     metas = [{"sae_dir": str(folder / "l1" / "sae"), "model_id": "llama", "sae_id": "l1"}, {"model_id": "x"}]
     assert feature_urls(d, metas) == {"1": "/feature/llama/l1/"}
     assert feature_urls({"metadata": {"transcoder_list": []}}, metas) == {}
+
+
+def test_serve_needs_something_to_serve(tmp_path, capsys):
+    assert main(["serve"]) == 2
+    assert "nothing to serve" in capsys.readouterr().err
+    assert main(["serve", "--graphs", str(tmp_path / "absent")]) == 2
+    assert "not a folder" in capsys.readouterr().err
