@@ -48,13 +48,14 @@ def graph(lm, tsaes, ids_T):
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_model_dirs, tsaes, tmp_path_factory):
+def folder(tiny_model_dirs, text_corpus, tsaes, tmp_path_factory):
     """A transcoder folder (manifest + SAELens folders) holding the random transcoders, as `saeforge transcoders` writes."""
     root = tmp_path_factory.mktemp("plt")
     layers = {}
     for layer, sae in tsaes.items():
         meta = {"model_name": str(tiny_model_dirs["llama"]), "hook_name": HOOK_IN.format(layer=layer),
-                "hook_name_out": HOOK_OUT.format(layer=layer), "context_size": 32}  # fmt: skip
+                "hook_name_out": HOOK_OUT.format(layer=layer), "context_size": 32,
+                "dataset_path": str(text_corpus), "prepend_bos": True}  # fmt: skip
         save_sae(sae, root / f"l{layer}" / "sae", meta)
         layers[str(layer)] = f"l{layer}/sae"
     manifest = {"format_version": 1, "model_name": str(tiny_model_dirs["llama"]), "hook_in": HOOK_IN,
@@ -264,6 +265,26 @@ def test_viewer_lists_and_serves_graphs(graph_file, folder):
     metas = [{"sae_dir": str(folder / "l1" / "sae"), "model_id": "llama", "sae_id": "l1"}, {"model_id": "x"}]
     assert feature_urls(d, metas) == {"1": "/feature/llama/l1/"}
     assert feature_urls({"metadata": {"transcoder_list": []}}, metas) == {}
+
+
+def test_graph_page_links_features_to_a_served_database(graph_file, folder):
+    """A feature database built from layer 1's transcoder: the served page links layer 1's features to it."""
+    from fastapi.testclient import TestClient
+
+    from saeforge.viewer.config import IndexConfig
+    from saeforge.viewer.index import build_index
+    from saeforge.viewer.server import create_app
+
+    cfg = IndexConfig(tokens=1500, top_k=2, per_interval=1, lm_batch_size=8, n_logits=2, n_neighbours=2, name="l1")
+    db = build_index(folder / "l1" / "sae", folder / "l1.db", cfg, {"data": {"holdout_fraction": 0.1}}, progress=False)
+    with TestClient(create_app([db], live=False, graphs=graph_file.parent)) as c:
+        model = c.get("/api/saes").json()["saes"][0]["model_id"]
+        page = c.get("/graph.html", params={"name": "g"}).text
+        urls = json.loads(re.search(r"id='feature-urls'>([^<]*)</script>", page)[1])
+        assert urls == {"1": f"/feature/{model}/l1/"}
+        d = json.loads(graph_file.read_text())
+        feat = next(n for n in d["nodes"] if n["layer"] == "1" and n["feature_type"] == "cross layer transcoder")
+        assert c.get(urls["1"] + str(feat["feature"])).status_code == 200  # the page the node links to exists
 
 
 def test_serve_needs_something_to_serve(tmp_path, capsys):
