@@ -29,7 +29,7 @@ from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae, read_cfg
 from saeforge.saes.hub import is_remote, local_sae_dir, output_dir
-from saeforge.viewer import db, lens
+from saeforge.viewer import db, dmap, lens
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.db import DBError
 from saeforge.viewer.stats import FeatureStats
@@ -225,7 +225,10 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
             db.insert(
                 con, "neighbours", ((f, r, idx[f][r], cos[f][r]) for f in range(len(idx)) for r in range(len(idx[f])))
             )
-        db.write_meta(con, {"logit_lens": lensed is not None})
+        db.create_first_position(con)
+        db.insert(con, "first_position", _first_rows(stats, cfg.first_ratio))
+        map_method = dmap.write_map(con, W_dec, cfg.map_method, cfg.map_clusters, cfg.seed)
+        db.write_meta(con, {"logit_lens": lensed is not None, "map_method": map_method})
         db.finish(con)
         os.replace(tmp, out)
     finally:
@@ -249,6 +252,15 @@ def _feature_rows(stats: FeatureStats):
             width[f],
             json.dumps(h[:last].tolist()),
         )
+
+
+def _first_rows(stats: FeatureStats, ratio: float):
+    """(feature, max_first, max_rest, first_share, flagged): flagged when the max at the first position is
+    >= ``ratio`` times the max elsewhere (a feature firing only there is flagged too)."""
+    mf, mr = stats.max_first_F.tolist(), stats.max_rest_F.tolist()
+    peak, wins = stats.peak_first_F.tolist(), stats.fire_windows_F.tolist()
+    for f in range(stats.F):
+        yield (f, mf[f], mr[f], peak[f] / wins[f] if wins[f] else 0.0, int(mf[f] > 0 and mf[f] >= ratio * mr[f]))
 
 
 def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int], list[float], int]:

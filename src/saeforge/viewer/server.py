@@ -20,12 +20,13 @@ from typing import Any
 
 from saeforge.viewer.db import DBError, FeatureDB
 from saeforge.viewer.live import LiveError, LiveRunner
+from saeforge.viewer.maproutes import map_router
 from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "map.js": "text/javascript", "style.css": "text/css"}
 MAX_LIMIT = 500  # rows per list request; a larger limit is a 422 like any other bad input, not silently cut
-PAGES = ("index.html", "feature.html", "live.html")
+PAGES = ("index.html", "feature.html", "live.html", "map.html")
 
 
 def _read_assets() -> dict[str, str]:
@@ -180,6 +181,10 @@ def create_app(db_paths: list[str | Path], live: bool = True):
     def live_page():
         return page("live.html")
 
+    @app.get("/map", include_in_schema=False)
+    def map_page():
+        return page("map.html")
+
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():  # browsers ask for it on every page; "no content" keeps their consoles clean
         return Response(status_code=204)
@@ -216,15 +221,16 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         offset: int = Query(0, ge=0),
         limit: int = Query(50, ge=1, le=MAX_LIMIT),
         alive_only: bool = False,
+        exclude_first: bool = False,
     ):
         d = get_db(model, sae)
         if sort not in ("density", "max_act", "index") or order not in ("asc", "desc"):
             raise HTTPException(400, "sort must be density, max_act or index; order asc or desc")
-        return {
-            "total": d.d_sae,
-            "offset": offset,
-            "features": d.list_features(sort, order == "desc", offset, limit, alive_only),
-        }
+        try:
+            rows = d.list_features(sort, order == "desc", offset, limit, alive_only, exclude_first)
+        except DBError as e:  # exclude_first on a database built before the first-position table
+            raise HTTPException(422, str(e)) from e
+        return {"total": d.d_sae, "offset": offset, "features": rows}
 
     @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
     def feature(model: str, sae: str, index: int):
@@ -291,6 +297,7 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         }
 
     app.include_router(steer_router(get_feature, runner))
+    app.include_router(map_router(get_db))
     return app
 
 

@@ -27,6 +27,17 @@ from saeforge.viewer.db import DBError
 NEG_INF = float("-inf")
 
 
+STATE_KEYS = (
+    "fire_count_F",
+    "act_sum_F",
+    "max_F",
+    "hist_width_F",
+    "hist_FH",
+    "max_first_F",
+    "max_rest_F",
+    "peak_first_F",
+    "fire_windows_F",
+)
 EMPTY = -3.0e38  # score of an empty slot: above -inf (a candidate that did not fire), below any real score
 
 
@@ -104,6 +115,12 @@ class FeatureStats:
         self.max_F = torch.zeros(d_sae)
         self.hist_width_F = torch.zeros(d_sae)  # 0 until the feature first fires
         self.hist_FH = torch.zeros(d_sae, hist_bins, dtype=torch.int64)
+        # the first-position artefact (first kept token of a window, right after BOS): max there and elsewhere,
+        # and how many firing windows peak there
+        self.max_first_F = torch.zeros(d_sae)
+        self.max_rest_F = torch.zeros(d_sae)
+        self.peak_first_F = torch.zeros(d_sae, dtype=torch.int64)
+        self.fire_windows_F = torch.zeros(d_sae, dtype=torch.int64)
         self.top = Kept.empty(d_sae, top_k, L)
         self.sample = Kept.empty(d_sae, sample, L)
 
@@ -125,6 +142,10 @@ class FeatureStats:
         self.act_sum_F.index_add_(0, j_M, v_M.double())
         self.max_F = self.max_F.scatter_reduce(0, j_M, v_M, "amax")
         self._histogram(j_M, v_M)
+        first_ST = keep_ST & (keep_ST.cumsum(1) == 1)  # the first kept position of each window
+        at_first_M = first_ST.reshape(-1)[n_M]
+        self.max_first_F = self.max_first_F.scatter_reduce(0, j_M[at_first_M], v_M[at_first_M], "amax")
+        self.max_rest_F = self.max_rest_F.scatter_reduce(0, j_M[~at_first_M], v_M[~at_first_M], "amax")
 
         # per (window, feature): the maximum and its first position
         key_M = (n_M // T) * F + j_M
@@ -134,6 +155,9 @@ class FeatureStats:
             0, key_M[at_max], (n_M % T)[at_max], "amin"
         )
         wmax_SF, wpos_SF = wmax.view(S, F), wpos.view(S, F)
+        first_pos_S1 = first_ST.float().argmax(1, keepdim=True)  # 0 for a window with no kept token: no firing
+        self.fire_windows_F += (wmax_SF > 0).sum(0)
+        self.peak_first_F += ((wmax_SF > 0) & (wpos_SF == first_pos_S1)).sum(0)
 
         offs_L = torch.arange(-self.left, self.right + 1)
 
@@ -177,21 +201,17 @@ class FeatureStats:
     # ---- resume ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
         tensors = {
-            "fire_count_F": self.fire_count_F,
-            "act_sum_F": self.act_sum_F,
-            "max_F": self.max_F,
-            "hist_width_F": self.hist_width_F,
-            "hist_FH": self.hist_FH,
+            **{k: getattr(self, k) for k in STATE_KEYS},
             **self.top.tensors("top"),
             **self.sample.tensors("sample"),
         }
         return tensors, {"n_tokens": self.n_tokens, "n_windows": self.n_windows, "n_updates": self.n_updates}
 
     def load(self, tensors: dict[str, Tensor], counters: dict[str, int]) -> None:
-        for k in ("fire_count_F", "act_sum_F", "max_F", "hist_width_F", "hist_FH"):
-            if tensors[k].shape != getattr(self, k).shape:
+        for k in STATE_KEYS:
+            if k not in tensors or tensors[k].shape != getattr(self, k).shape:
                 raise DBError(
-                    f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
+                    f"index checkpoint has {k} of shape {list(tensors[k].shape) if k in tensors else None}, expected "
                     f"{list(getattr(self, k).shape)}; delete the .index-state folder to start over"
                 )
             setattr(self, k, tensors[k])

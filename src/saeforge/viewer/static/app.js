@@ -189,7 +189,7 @@ async function indexPage() {
           "or have an explanation with its words";
       } else {
         const r = await api(`/api/features/${encodeURIComponent(model)}/${encodeURIComponent(sae)}?sort=${$("sort").value}` +
-          `&order=${$("order").value}&offset=${offset}&limit=${limit}`);
+          `&order=${$("order").value}&offset=${offset}&limit=${limit}&exclude_first=${$("xfirst").checked}`);
         rows = r.features.map((x) => ({ model, sae, ...x }));
         $("status").textContent = `features ${offset}–${offset + rows.length - 1} of ${r.total}`;
       }
@@ -199,7 +199,10 @@ async function indexPage() {
         const td = el("td");
         td.appendChild(link(featureUrl(f.model, f.sae, f.index), `#${f.index}`));
         tr.appendChild(td);
-        for (const v of [fmt(f.density), fmt(f.max_act), f.peak_token === null ? "" : JSON.stringify(f.peak_token),
+        const xfirst = $("xfirst").checked && f.max_act_excl_first !== null;
+        // the first-position artefact: flagged features peak right after BOS (the share of their windows says how often)
+        const first = f.first_flag ? `artefact (${fmt(100 * f.first_share, 2)}%)` : "";
+        for (const v of [fmt(f.density), fmt(xfirst ? f.max_act_excl_first : f.max_act), first, f.peak_token === null ? "" : JSON.stringify(f.peak_token),
           f.matching_contexts ?? "", f.explanation ?? ""]) tr.appendChild(el("td", v));
         body.appendChild(tr);
       }
@@ -250,4 +253,5 @@ async function livePage() {
 }
 
 const pages = { feature: featurePage, index: indexPage, live: livePage };
-pages[document.body.dataset.page]();
+const runPage = pages[document.body.dataset.page];
+if (runPage) runPage();  // the map page runs its own script (map.js)
