@@ -161,6 +161,16 @@ def test_exclude_first_ranking_differs(tiny_model_dirs, tmp_path):
     excl = d.list_features("max_act", exclude_first=True)
     assert [f["index"] for f in excl] == [1, 2, 0, 3]
     assert [f["max_act_excl_first"] for f in excl] == [3.0, 1.5, 1.0, 0.0]
+    # the top contexts without the first position: feature 0's peaks move to position 4 (value 1), feature 1
+    # keeps only window 0 (window 1 fires nowhere else), feature 2 never peaked there: its plain list
+    top = lambda i, x: [(c["window"], c["max_act"]) for c in d.feature(i, x)["contexts"] if c["kind"] == "top"]  # noqa: E731
+    assert top(0, False) == [(0, 10.0), (1, 10.0)] and top(0, True) == [(0, 1.0), (1, 1.0)]
+    assert top(1, False) == [(0, 3.0), (1, 2.0)] and top(1, True) == [(0, 3.0)]
+    assert top(2, True) == top(2, False) == [(1, 1.5)]
+    assert [c["tokens"][c["max_pos"]] for c in d.feature(0, True)["contexts"] if c["kind"] == "top"] == [
+        d.texts([4])[0],
+        d.texts([10])[0],
+    ]  # tokens are arange(12): window 0's position 4 is token 4, window 1's is token 10
 
 
 # ---- API ------------------------------------------------------------------------------------
@@ -193,6 +203,9 @@ def test_older_database_says_what_is_missing(http):
     rows = http.get("/api/features/llama/old").json()["features"]
     assert rows and all(f["first_flag"] is None for f in rows)
     assert http.get("/api/features/llama/m").json()["features"][0]["first_flag"] in (True, False)
+    assert http.get("/api/feature/llama/old/3").json()["saeforge"]["first_position"] is None
+    new = http.get("/api/feature/llama/m/3", params={"exclude_first": True}).json()["saeforge"]["first_position"]
+    assert set(new) == {"max_act_excl_first", "max_act_first", "first_share", "first_flag"}
 
 
 # ---- the page in Chromium --------------------------------------------------------------------
@@ -225,7 +238,11 @@ def test_map_page_draws_points_and_links_to_features(server, tmp_path):
         assert pg.text_content("#tip").startswith("#17")
         pg.mouse.click(x, y)
         pg.wait_for_url(f"{server}/feature/llama/m/17")
-        pg.wait_for_selector("#title")
+        pg.wait_for_selector("#firstnote:has-text('elsewhere')")
+        pg.click("#xfirst")  # the toggle reloads the page without the first position
+        pg.wait_for_url(f"{server}/feature/llama/m/17?exclude_first=true")
+        pg.wait_for_selector("#firstnote:has-text('elsewhere')")
+        assert pg.is_checked("#xfirst")
         browser.close()
     assert errors == [] and outside == []
 

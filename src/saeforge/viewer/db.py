@@ -13,9 +13,11 @@
     first_position(feature, max_first, max_rest, first_share, flagged)
                                                      max at the first token after BOS and elsewhere; share
                                                      of firing windows peaking there; the artefact flag
+    contexts_rest(same columns as contexts)          kind 'top' only: the top list with the first position
+                                                     ignored, for features with windows peaking there
     map, tree                                        the dictionary map (dmap.py)
     explanations, scores, explanations_fts, llm_cache   added by `saeforge explain` (explain.py), on demand
-Databases built before first_position / map / tree existed lack them; readers check (``has_table``).
+Databases built before first_position / contexts_rest / map / tree existed lack them; readers check (``has_table``).
 
 The writer fills a temporary file and renames it into place when whole, so a file at the final name
 is always complete. The reader opens it read-only, one connection per thread.
@@ -50,6 +52,9 @@ CREATE TABLE neighbours (feature INTEGER NOT NULL, rank INTEGER NOT NULL, other 
 FIRST_SCHEMA = """
 CREATE TABLE first_position (feature INTEGER PRIMARY KEY, max_first REAL NOT NULL, max_rest REAL NOT NULL,
     first_share REAL NOT NULL, flagged INTEGER NOT NULL);
+CREATE TABLE contexts_rest (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    interval INTEGER NOT NULL, window INTEGER NOT NULL, max_act REAL NOT NULL, max_pos INTEGER NOT NULL,
+    max_token INTEGER NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, PRIMARY KEY (feature, kind, rank));
 """
 INDEXES = """
 CREATE INDEX features_density ON features(density);
@@ -138,19 +143,28 @@ class FeatureDB:
             self._vocab = dict(self.query("SELECT id, text FROM vocab"))
         return [self._vocab.get(i, "") for i in ids]
 
-    def feature(self, idx: int) -> dict[str, Any] | None:
+    def feature(self, idx: int, exclude_first: bool = False) -> dict[str, Any] | None:
+        """One feature's record. ``exclude_first``: top contexts ranked with the first position after BOS
+        ignored (contexts_rest, stored for features that peak there; the plain top list otherwise)."""
         row = self.query(
             "SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,)
         )
         if not row:
             return None
         fire_count, density, max_act, mean_act, width, hist = row[0]
+        rest = exclude_first and bool(
+            self.has_table("contexts_rest") and self.query("SELECT 1 FROM contexts_rest WHERE feature = ?", (idx,))
+        )
         contexts = []
-        for kind, rank, interval, window, mact, pos, tokens, acts in self.query(
-            "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts WHERE feature = ? "
-            "ORDER BY kind = 'quantile', interval DESC, rank",
+        cols = "kind, rank, interval, window, max_act, max_pos, tokens, acts"
+        rows = self.query(
+            f"SELECT {cols} FROM {'contexts_rest' if rest else 'contexts'} WHERE feature = ? AND kind = 'top' "
+            "ORDER BY rank",
             (idx,),
-        ):
+        ) + self.query(
+            f"SELECT {cols} FROM contexts WHERE feature = ? AND kind = 'quantile' ORDER BY interval DESC, rank", (idx,)
+        )
+        for kind, rank, interval, window, mact, pos, tokens, acts in rows:
             ids = json.loads(tokens)
             contexts.append(
                 {

@@ -227,6 +227,7 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
             )
         db.create_first_position(con)
         db.insert(con, "first_position", _first_rows(stats, cfg.first_ratio))
+        db.insert(con, "contexts_rest", _rest_rows(stats, cfg))
         map_method = dmap.write_map(con, W_dec, cfg.map_method, cfg.map_clusters, cfg.seed)
         db.write_meta(con, {"logit_lens": lensed is not None, "map_method": map_method})
         db.finish(con)
@@ -267,6 +268,18 @@ def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int],
     """Drop the -1 padding outside the window; returns the kept tokens, acts and the max's new index."""
     keep = [i for i, t in enumerate(tokens) if t >= 0]
     return [tokens[i] for i in keep], [float(f"{acts[i]:.6g}") for i in keep], keep.index(centre)
+
+
+def _rest_rows(stats: FeatureStats, cfg: IndexConfig):
+    """Rows of contexts_rest: the top list with the first position after BOS ignored, stored only where it
+    can differ from the plain one (features with a firing window that peaks at that position)."""
+    kept, centre = stats.top_rest, cfg.left
+    value, window = kept.value_FK.tolist(), kept.window_FK.tolist()
+    toks, acts = kept.tokens_FKL.tolist(), kept.acts_FKL.tolist()
+    for f in (stats.peak_first_F > 0).nonzero().flatten().tolist():
+        for rank, k in enumerate(kept.ordered(f)):
+            t, a, pos = _trim(toks[f][k], acts[f][k], centre)
+            yield (f, "top", rank, -1, window[f][k], value[f][k], pos, t[pos], json.dumps(t), json.dumps(a))
 
 
 def _context_rows(stats: FeatureStats, cfg: IndexConfig):

@@ -233,9 +233,14 @@ def create_app(db_paths: list[str | Path], live: bool = True):
         return {"total": d.d_sae, "offset": offset, "features": rows}
 
     @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
-    def feature(model: str, sae: str, index: int):
+    def feature(model: str, sae: str, index: int, exclude_first: bool = False):
         d, f = get_feature(model, sae, index)
-        return neuronpedia_feature(d, f)
+        if exclude_first:  # top contexts ranked without the first position after BOS, where stored
+            f = d.feature(index, exclude_first=True)
+        out = neuronpedia_feature(d, f)
+        # null in a database built before first-position statistics
+        out["saeforge"]["first_position"] = d.first_position([index]).get(index)
+        return out
 
     @app.get(
         "/api/search", summary="Features whose top contexts peak on a token containing q, or explained by q's words"
