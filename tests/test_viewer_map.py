@@ -253,3 +253,20 @@ def test_umap_layout_is_finite_and_reproducible():
     a, b = dmap.layout(W, "umap", seed=3), dmap.layout(W, "umap", seed=3)
     assert a.shape == (300, 2) and torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
+
+
+def test_map_command_adds_the_map_to_an_older_database_once(built, tmp_path, capsys):
+    from saeforge import cli
+
+    old = tmp_path / "old.db"
+    shutil.copy(built["old"], old)
+    assert cli.main(["map", str(old), "--map-method", "pca"]) == 0
+    got, want = dmap.map_points(FeatureDB(old)), dmap.map_points(FeatureDB(built["db"]))
+    assert got["x"] == want["x"] and got["cluster"] == want["cluster"] and got["method"] == "pca"
+    assert dmap.tree_node(FeatureDB(old), None)["size"] == D_SAE
+    assert cli.main(["map", str(old)]) == 0
+    assert "already has a map" in capsys.readouterr().out
+    # a bad method is a one-line user error, exit 2, and leaves the map in place
+    assert cli.main(["map", str(old), "--force", "--map-method", "tsne"]) == 2
+    assert "expected auto, pca, umap or none" in capsys.readouterr().err
+    assert dmap.map_points(FeatureDB(old))["x"] == want["x"]

@@ -13,5 +13,5 @@ export.py   Neuronpedia upload files
 explain.py  explanation tables, baseline explainer, simulation / detection scores
 llm.py      OpenAI-compatible chat client (retries, budget, cache) and the LLM prompts
 explain_run.py  `saeforge explain`: explain and score features into the database, resumable
-commands.py `saeforge index | serve | export-neuronpedia | explain`
+commands.py `saeforge index | serve | export-neuronpedia | explain | map`
 """

@@ -18,7 +18,9 @@ is node 2F-2.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,13 +115,45 @@ def write_map(con: sqlite3.Connection, W_dec_FD: Tensor, method: str, n_clusters
     xy = layout(W_dec_FD, method, seed).tolist()
     labels, Z = cluster(W_dec_FD, n_clusters)
     F = len(xy)
-    con.executescript(SCHEMA)
+    for stmt in SCHEMA.split(";"):  # execute, not executescript: that would commit a caller's transaction
+        if stmt.strip():
+            con.execute(stmt)
     con.executemany("INSERT INTO map VALUES (?, ?, ?, ?)", [(f, xy[f][0], xy[f][1], int(labels[f])) for f in range(F)])
     con.executemany(
         "INSERT INTO tree VALUES (?, ?, ?, ?, ?)",
         [(F + i, int(a), int(b), float(dist), int(n)) for i, (a, b, dist, n) in enumerate(Z.tolist())],
     )
     return method
+
+
+def add_map(db_path: str | Path, method: str = "auto", n_clusters: int = 16, seed: int = 0, force: bool = False):
+    """Add the map to an existing database (one built before maps, or with ``--map-method none``) from the
+    SAE folder it records; one transaction, so an interrupted run leaves the file as it was. Returns the
+    method used, or None when a map is already there (``force`` replaces it)."""
+    from saeforge.saes.formats import load_sae
+    from saeforge.saes.hub import local_sae_dir
+
+    d = FeatureDB(db_path)  # checks that the file is a whole database
+    if d.has_table("map") and not force:
+        return None
+    try:
+        W_dec_FD = load_sae(local_sae_dir(d.meta["sae_dir"]), device="cpu").W_dec.detach()
+    except OSError as e:
+        raise DBError(f"cannot read the SAE folder {d.meta['sae_dir']} that {db_path} was built from ({e})") from e
+    con = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("DROP TABLE IF EXISTS map")
+        con.execute("DROP TABLE IF EXISTS tree")
+        used = write_map(con, W_dec_FD, method, n_clusters, seed)
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('map_method', ?)", (json.dumps(used),))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return used
 
 
 def tree_members(children: dict[int, tuple[int, int]], node: int, n_features: int, limit: int) -> list[int]:
