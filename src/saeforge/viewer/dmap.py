@@ -3,7 +3,7 @@
 - 2-D coordinates of every decoder row: UMAP (umap-learn, cosine metric, fixed random_state) or the
   first two principal components of the unit-normalised rows (PCA, no extra package, instant);
   ``auto`` picks UMAP when umap-learn is installed and the dictionary has at least ``UMAP_MIN`` rows
-  (UMAP's numba JIT costs ~20 s on first use and its layout means little for a few dozen points).
+  (UMAP's numba JIT takes tens of seconds on first use and its layout means little for a few dozen points).
 - A hierarchical clustering (scipy: average linkage on cosine distance), cut into K clusters for
   colours; the whole linkage is kept as a tree so the viewer can browse it. It needs the condensed
   distance matrix: F*(F-1)/2 float64s (16k features: ~1 GB) and O(F^2) time.
