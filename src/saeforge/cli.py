@@ -32,7 +32,7 @@ COMMAND_MODULES = [
     "saeforge.analysis.commands",  # steer, attribute, ...
     "saeforge.groundtruth.commands",  # probe
     "saeforge.circuits.commands",  # transcoders, clt, graph
-    "saeforge.viewer.commands",  # index, serve, export-neuronpedia
+    "saeforge.viewer.commands",  # index, serve, export-neuronpedia, explain, map
     "saeforge.toy",  # toy
 ]
 

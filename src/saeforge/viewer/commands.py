@@ -1,4 +1,4 @@
-"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain`` (listed in cli.COMMAND_MODULES)."""
+"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain``, ``map`` (listed in cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from saeforge.config import UsageError, add_config_options, from_dict, overrides
 from saeforge.saes.hub import output_dir
 from saeforge.viewer.config import IndexConfig
+from saeforge.viewer.dmap import add_map
 from saeforge.viewer.explain_run import ExplainConfig, run_explain
 from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
@@ -85,6 +86,19 @@ def cmd_explain(ns: argparse.Namespace, base: dict) -> int:
     return 0
 
 
+def cmd_map(ns: argparse.Namespace, base: dict) -> int:
+    # validated by IndexConfig, whose fields these are
+    cfg = IndexConfig(map_method=ns.map_method, map_clusters=ns.map_clusters, seed=ns.seed)
+    used = add_map(ns.db, cfg.map_method, cfg.map_clusters, cfg.seed, force=ns.force)
+    if used is None:
+        print(f"{ns.db} already has a map; --force recomputes it")
+    elif used == "none":
+        print("no map written: the clustering needs scipy (pip install 'saeforge[map]')")
+    else:
+        print(f"map ({used} layout, {cfg.map_clusters} clusters) added to {ns.db}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
     i = sub.add_parser(
@@ -121,6 +135,25 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--batch-size", type=int, default=128, help="features per batch file")
     e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser(
+        "map",
+        help="add the dictionary map (layout + cluster tree) to a feature database built without one",
+        description="`saeforge index` computes the map itself; this adds it to an older database (or one built "
+        "with --map-method none) from the SAE folder the database records. Skipped when a map is there.",
+    )
+    m.add_argument("db", help="feature database file (from `saeforge index`)")
+    d = IndexConfig()
+    for name in ("map_method", "map_clusters", "seed"):
+        f = next(f for f in dataclasses.fields(IndexConfig) if f.name == name)
+        m.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(getattr(d, name)),
+            default=getattr(d, name),
+            help=f"{f.metadata['help']} (default: {getattr(d, name)!r})",
+        )
+    m.add_argument("--force", action="store_true", help="recompute a map the database already has")
+    m.set_defaults(func=cmd_map)
 
     x = sub.add_parser(
         "explain",

@@ -30,6 +30,17 @@ class IndexConfig:
     checkpoint_every: int = F(64, "LM passes between resumable checkpoints of the accumulators.")
     seed: int = F(0, "Seed for the uniform context sample (quantile intervals).")
     name: str = F("", "SAE id in URLs and the API (default: the run folder's name).")
+    map_method: str = F(
+        "auto",
+        "Dictionary map layout: umap (umap-learn, cosine), pca, none, or auto (umap when installed and the SAE "
+        "has >= 256 features, else pca).",
+    )
+    map_clusters: int = F(16, "Clusters the decoder-direction tree is cut into for the map's colours.")
+    first_ratio: float = F(
+        5.0,
+        "Flag a feature as a first-position artefact when its max at the first token after BOS is >= this "
+        "many times its max anywhere else.",
+    )
 
     def __post_init__(self) -> None:
         check(self.tokens > 0, "index.tokens must be positive")
@@ -37,4 +48,10 @@ class IndexConfig:
         for f in ("top_k", "quantile_intervals", "per_interval", "hist_bins", "lm_batch_size", "checkpoint_every"):
             check(getattr(self, f) > 0, f"index.{f} must be positive")
         check(self.hist_bins % 2 == 0, "index.hist_bins must be even (bins merge in pairs)")
+        check(
+            self.map_method in ("auto", "pca", "umap", "none"),
+            f"index.map_method={self.map_method!r}: expected auto, pca, umap or none",
+        )
+        check(self.map_clusters > 0, "index.map_clusters must be positive")
+        check(self.first_ratio > 1, "index.first_ratio must be > 1")
         check(self.left >= 0 and self.right >= 0, "index.left/right must be >= 0")

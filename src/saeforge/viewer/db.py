@@ -10,7 +10,14 @@
                                                      lowest); tokens/acts JSON lists; max_pos indexes them
     logits(feature, sign, rank, token, value)        sign 1 = promoted, -1 = suppressed
     neighbours(feature, rank, other, cosine)
+    first_position(feature, max_first, max_rest, first_share, flagged)
+                                                     max at the first token after BOS and elsewhere; share
+                                                     of firing windows peaking there; the artefact flag
+    contexts_rest(same columns as contexts)          kind 'top' only: the top list with the first position
+                                                     ignored, for features with windows peaking there
+    map, tree                                        the dictionary map (dmap.py)
     explanations, scores, explanations_fts, llm_cache   added by `saeforge explain` (explain.py), on demand
+Databases built before first_position / contexts_rest / map / tree existed lack them; readers check (``has_table``).
 
 The writer fills a temporary file and renames it into place when whole, so a file at the final name
 is always complete. The reader opens it read-only, one connection per thread.
@@ -42,6 +49,13 @@ CREATE TABLE logits (feature INTEGER NOT NULL, sign INTEGER NOT NULL, rank INTEG
 CREATE TABLE neighbours (feature INTEGER NOT NULL, rank INTEGER NOT NULL, other INTEGER NOT NULL,
     cosine REAL NOT NULL, PRIMARY KEY (feature, rank));
 """
+FIRST_SCHEMA = """
+CREATE TABLE first_position (feature INTEGER PRIMARY KEY, max_first REAL NOT NULL, max_rest REAL NOT NULL,
+    first_share REAL NOT NULL, flagged INTEGER NOT NULL);
+CREATE TABLE contexts_rest (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    interval INTEGER NOT NULL, window INTEGER NOT NULL, max_act REAL NOT NULL, max_pos INTEGER NOT NULL,
+    max_token INTEGER NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, PRIMARY KEY (feature, kind, rank));
+"""
 INDEXES = """
 CREATE INDEX features_density ON features(density);
 CREATE INDEX contexts_token ON contexts(max_token, kind);
@@ -60,6 +74,10 @@ def create(path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=OFF")
     con.executescript(SCHEMA)
     return con
+
+
+def create_first_position(con: sqlite3.Connection) -> None:
+    con.executescript(FIRST_SCHEMA)
 
 
 def write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
@@ -111,6 +129,9 @@ class FeatureDB:
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._con().execute(sql, args).fetchall()
 
+    def has_table(self, name: str) -> bool:
+        return bool(self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
+
     @property
     def d_sae(self) -> int:
         return int(self.meta["d_sae"])
@@ -122,19 +143,28 @@ class FeatureDB:
             self._vocab = dict(self.query("SELECT id, text FROM vocab"))
         return [self._vocab.get(i, "") for i in ids]
 
-    def feature(self, idx: int) -> dict[str, Any] | None:
+    def feature(self, idx: int, exclude_first: bool = False) -> dict[str, Any] | None:
+        """One feature's record. ``exclude_first``: top contexts ranked with the first position after BOS
+        ignored (contexts_rest, stored for features that peak there; the plain top list otherwise)."""
         row = self.query(
             "SELECT fire_count, density, max_act, mean_act, hist_width, hist FROM features WHERE idx = ?", (idx,)
         )
         if not row:
             return None
         fire_count, density, max_act, mean_act, width, hist = row[0]
+        rest = exclude_first and bool(
+            self.has_table("contexts_rest") and self.query("SELECT 1 FROM contexts_rest WHERE feature = ?", (idx,))
+        )
         contexts = []
-        for kind, rank, interval, window, mact, pos, tokens, acts in self.query(
-            "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts WHERE feature = ? "
-            "ORDER BY kind = 'quantile', interval DESC, rank",
+        cols = "kind, rank, interval, window, max_act, max_pos, tokens, acts"
+        rows = self.query(
+            f"SELECT {cols} FROM {'contexts_rest' if rest else 'contexts'} WHERE feature = ? AND kind = 'top' "
+            "ORDER BY rank",
             (idx,),
-        ):
+        ) + self.query(
+            f"SELECT {cols} FROM contexts WHERE feature = ? AND kind = 'quantile' ORDER BY interval DESC, rank", (idx,)
+        )
+        for kind, rank, interval, window, mact, pos, tokens, acts in rows:
             ids = json.loads(tokens)
             contexts.append(
                 {
@@ -170,12 +200,28 @@ class FeatureDB:
         }
 
     def list_features(
-        self, sort: str = "density", desc: bool = True, offset: int = 0, limit: int = 50, alive_only: bool = False
+        self,
+        sort: str = "density",
+        desc: bool = True,
+        offset: int = 0,
+        limit: int = 50,
+        alive_only: bool = False,
+        exclude_first: bool = False,
     ) -> list[dict[str, Any]]:
+        """``exclude_first`` ranks by the max activation outside the first position after BOS (the artefact)."""
         col = {"density": "density", "max_act": "max_act", "index": "idx"}[sort]
+        join = ""
+        if exclude_first:
+            if not self.has_table("first_position"):
+                raise DBError(
+                    f"{self.path} was built before first-position statistics existed; rebuild it with "
+                    "`saeforge index` to rank without the first position"
+                )
+            join = "JOIN first_position p ON p.feature = idx"
+            col = "p.max_rest" if sort == "max_act" else col
         where = "WHERE fire_count > 0" if alive_only else ""
         rows = self.query(
-            f"SELECT idx, density, max_act, fire_count FROM features {where} "
+            f"SELECT idx, density, max_act, fire_count FROM features {join} {where} "
             f"ORDER BY {col} {'DESC' if desc else 'ASC'}, idx LIMIT ? OFFSET ?",
             (limit, offset),
         )
@@ -270,6 +316,7 @@ class FeatureDB:
                     expl[f] = t
             except sqlite3.OperationalError:
                 pass
+        first = self.first_position(idxs)
         return [
             {
                 "index": i,
@@ -278,6 +325,21 @@ class FeatureDB:
                 "fire_count": c,
                 "peak_token": texts.get(peak[i]) if i in peak else None,
                 "explanation": expl.get(i),
+                **first.get(i, {"max_act_excl_first": None, "first_share": None, "first_flag": None}),
             }
             for i, d, m, c in rows
         ]
+
+    def first_position(self, idxs: list[int]) -> dict[int, dict[str, Any]]:
+        """{feature: max_act_excl_first, max_act_first, first_share, first_flag}; {} for an older database."""
+        if not idxs or not self.has_table("first_position"):
+            return {}
+        rows = self.query(
+            "SELECT feature, max_rest, max_first, first_share, flagged FROM first_position WHERE feature IN "
+            f"({','.join('?' * len(idxs))})",
+            tuple(idxs),
+        )
+        return {
+            f: {"max_act_excl_first": r, "max_act_first": m, "first_share": s, "first_flag": bool(g)}
+            for f, r, m, s, g in rows
+        }

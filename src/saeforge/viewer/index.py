@@ -29,7 +29,7 @@ from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae, read_cfg
 from saeforge.saes.hub import is_remote, local_sae_dir, output_dir
-from saeforge.viewer import db, lens
+from saeforge.viewer import db, dmap, lens
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.db import DBError
 from saeforge.viewer.stats import FeatureStats
@@ -225,7 +225,11 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
             db.insert(
                 con, "neighbours", ((f, r, idx[f][r], cos[f][r]) for f in range(len(idx)) for r in range(len(idx[f])))
             )
-        db.write_meta(con, {"logit_lens": lensed is not None})
+        db.create_first_position(con)
+        db.insert(con, "first_position", _first_rows(stats, cfg.first_ratio))
+        db.insert(con, "contexts_rest", _rest_rows(stats, cfg))
+        map_method = dmap.write_map(con, W_dec, cfg.map_method, cfg.map_clusters, cfg.seed)
+        db.write_meta(con, {"logit_lens": lensed is not None, "map_method": map_method})
         db.finish(con)
         os.replace(tmp, out)
     finally:
@@ -251,10 +255,31 @@ def _feature_rows(stats: FeatureStats):
         )
 
 
+def _first_rows(stats: FeatureStats, ratio: float):
+    """(feature, max_first, max_rest, first_share, flagged): flagged when the max at the first position is
+    >= ``ratio`` times the max elsewhere (a feature firing only there is flagged too)."""
+    mf, mr = stats.max_first_F.tolist(), stats.max_rest_F.tolist()
+    peak, wins = stats.peak_first_F.tolist(), stats.fire_windows_F.tolist()
+    for f in range(stats.F):
+        yield (f, mf[f], mr[f], peak[f] / wins[f] if wins[f] else 0.0, int(mf[f] > 0 and mf[f] >= ratio * mr[f]))
+
+
 def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int], list[float], int]:
     """Drop the -1 padding outside the window; returns the kept tokens, acts and the max's new index."""
     keep = [i for i, t in enumerate(tokens) if t >= 0]
     return [tokens[i] for i in keep], [float(f"{acts[i]:.6g}") for i in keep], keep.index(centre)
+
+
+def _rest_rows(stats: FeatureStats, cfg: IndexConfig):
+    """Rows of contexts_rest: the top list with the first position after BOS ignored, stored only where it
+    can differ from the plain one (features with a firing window that peaks at that position)."""
+    kept, centre = stats.top_rest, cfg.left
+    value, window = kept.value_FK.tolist(), kept.window_FK.tolist()
+    toks, acts = kept.tokens_FKL.tolist(), kept.acts_FKL.tolist()
+    for f in (stats.peak_first_F > 0).nonzero().flatten().tolist():
+        for rank, k in enumerate(kept.ordered(f)):
+            t, a, pos = _trim(toks[f][k], acts[f][k], centre)
+            yield (f, "top", rank, -1, window[f][k], value[f][k], pos, t[pos], json.dumps(t), json.dumps(a))
 
 
 def _context_rows(stats: FeatureStats, cfg: IndexConfig):

@@ -21,12 +21,13 @@ from typing import Any
 from saeforge.viewer.db import DBError, FeatureDB
 from saeforge.viewer.graphs import graphs_router
 from saeforge.viewer.live import LiveError, LiveRunner
+from saeforge.viewer.maproutes import map_router
 from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "map.js": "text/javascript", "style.css": "text/css"}
 MAX_LIMIT = 500  # rows per list request; a larger limit is a 422 like any other bad input, not silently cut
-PAGES = ("index.html", "feature.html", "live.html")
+PAGES = ("index.html", "feature.html", "live.html", "map.html")
 
 
 def _read_assets() -> dict[str, str]:
@@ -181,6 +182,10 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
     def live_page():
         return page("live.html")
 
+    @app.get("/map", include_in_schema=False)
+    def map_page():
+        return page("map.html")
+
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():  # browsers ask for it on every page; "no content" keeps their consoles clean
         return Response(status_code=204)
@@ -217,20 +222,26 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         offset: int = Query(0, ge=0),
         limit: int = Query(50, ge=1, le=MAX_LIMIT),
         alive_only: bool = False,
+        exclude_first: bool = False,
     ):
         d = get_db(model, sae)
         if sort not in ("density", "max_act", "index") or order not in ("asc", "desc"):
             raise HTTPException(400, "sort must be density, max_act or index; order asc or desc")
-        return {
-            "total": d.d_sae,
-            "offset": offset,
-            "features": d.list_features(sort, order == "desc", offset, limit, alive_only),
-        }
+        try:
+            rows = d.list_features(sort, order == "desc", offset, limit, alive_only, exclude_first)
+        except DBError as e:  # exclude_first on a database built before the first-position table
+            raise HTTPException(422, str(e)) from e
+        return {"total": d.d_sae, "offset": offset, "features": rows}
 
     @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
-    def feature(model: str, sae: str, index: int):
+    def feature(model: str, sae: str, index: int, exclude_first: bool = False):
         d, f = get_feature(model, sae, index)
-        return neuronpedia_feature(d, f)
+        if exclude_first:  # top contexts ranked without the first position after BOS, where stored
+            f = d.feature(index, exclude_first=True)
+        out = neuronpedia_feature(d, f)
+        # null in a database built before first-position statistics
+        out["saeforge"]["first_position"] = d.first_position([index]).get(index)
+        return out
 
     @app.get(
         "/api/search", summary="Features whose top contexts peak on a token containing q, or explained by q's words"
@@ -293,6 +304,7 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
 
     app.include_router(steer_router(get_feature, runner))
     app.include_router(graphs_router(graphs, [d.meta for d in dbs.values()], NotFound))
+    app.include_router(map_router(get_db))
     return app
 
 

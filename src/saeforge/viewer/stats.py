@@ -27,6 +27,17 @@ from saeforge.viewer.db import DBError
 NEG_INF = float("-inf")
 
 
+STATE_KEYS = (
+    "fire_count_F",
+    "act_sum_F",
+    "max_F",
+    "hist_width_F",
+    "hist_FH",
+    "max_first_F",
+    "max_rest_F",
+    "peak_first_F",
+    "fire_windows_F",
+)
 EMPTY = -3.0e38  # score of an empty slot: above -inf (a candidate that did not fire), below any real score
 
 
@@ -90,6 +101,16 @@ class Kept:
         return cls(*(d[f"{prefix}.{k}"] for k in ("score_FK", "value_FK", "window_FK", "tokens_FKL", "acts_FKL")))
 
 
+def _window_max(n_M: Tensor, j_M: Tensor, v_M: Tensor, S: int, T: int, F: int) -> tuple[Tensor, Tensor]:
+    """Per (window, feature) of the entries (flat row n_M = window * T + position, feature j_M, value v_M):
+    the maximum (0 where none) and its first position (T - 1 where none)."""
+    key_M = (n_M // T) * F + j_M
+    wmax = torch.zeros(S * F).scatter_reduce_(0, key_M, v_M, "amax")
+    at_max = v_M == wmax[key_M]
+    wpos = torch.full((S * F,), T - 1, dtype=torch.long).scatter_reduce_(0, key_M[at_max], (n_M % T)[at_max], "amin")
+    return wmax.view(S, F), wpos.view(S, F)
+
+
 class FeatureStats:
     """Streaming statistics for F features; ``update`` once per LM pass; ``state``/``load`` to resume."""
 
@@ -104,7 +125,14 @@ class FeatureStats:
         self.max_F = torch.zeros(d_sae)
         self.hist_width_F = torch.zeros(d_sae)  # 0 until the feature first fires
         self.hist_FH = torch.zeros(d_sae, hist_bins, dtype=torch.int64)
+        # the first-position artefact (first kept token of a window, right after BOS): max there and elsewhere,
+        # and how many firing windows peak there
+        self.max_first_F = torch.zeros(d_sae)
+        self.max_rest_F = torch.zeros(d_sae)
+        self.peak_first_F = torch.zeros(d_sae, dtype=torch.int64)
+        self.fire_windows_F = torch.zeros(d_sae, dtype=torch.int64)
         self.top = Kept.empty(d_sae, top_k, L)
+        self.top_rest = Kept.empty(d_sae, top_k, L)  # the same, with the first position ignored
         self.sample = Kept.empty(d_sae, sample, L)
 
     # ---- one LM pass -------------------------------------------------------------------
@@ -125,29 +153,46 @@ class FeatureStats:
         self.act_sum_F.index_add_(0, j_M, v_M.double())
         self.max_F = self.max_F.scatter_reduce(0, j_M, v_M, "amax")
         self._histogram(j_M, v_M)
+        first_ST = keep_ST & (keep_ST.cumsum(1) == 1)  # the first kept position of each window
+        at_first_M = first_ST.reshape(-1)[n_M]
+        self.max_first_F = self.max_first_F.scatter_reduce(0, j_M[at_first_M], v_M[at_first_M], "amax")
+        self.max_rest_F = self.max_rest_F.scatter_reduce(0, j_M[~at_first_M], v_M[~at_first_M], "amax")
 
-        # per (window, feature): the maximum and its first position
-        key_M = (n_M // T) * F + j_M
-        wmax = torch.zeros(S * F).scatter_reduce_(0, key_M, v_M, "amax")
-        at_max = v_M == wmax[key_M]
-        wpos = torch.full((S * F,), T - 1, dtype=torch.long).scatter_reduce_(
-            0, key_M[at_max], (n_M % T)[at_max], "amin"
-        )
-        wmax_SF, wpos_SF = wmax.view(S, F), wpos.view(S, F)
-
+        wmax_SF, wpos_SF = _window_max(n_M, j_M, v_M, S, T, F)
+        first_pos_S1 = first_ST.float().argmax(1, keepdim=True)  # 0 for a window with no kept token: no firing
+        self.fire_windows_F += (wmax_SF > 0).sum(0)
+        at_first_SF = (wmax_SF > 0) & (wpos_SF == first_pos_S1)
+        self.peak_first_F += at_first_SF.sum(0)
         offs_L = torch.arange(-self.left, self.right + 1)
 
-        def snippets(s_M: Tensor, f_M: Tensor) -> tuple[Tensor, Tensor]:
-            pos_ML = wpos_SF[s_M, f_M][:, None] + offs_L
-            inside = (pos_ML >= 0) & (pos_ML < T)
-            row_ML = s_M[:, None] * T + pos_ML.clamp(0, T - 1)  # flat (window, position): one take() each
-            toks = tokens_ST.reshape(-1).take(row_ML).to(torch.int32).masked_fill(~inside, -1)
-            acts = f_NF.view(-1).take(row_ML * F + f_M[:, None]).masked_fill(~inside, 0.0)
-            return toks, acts
+        def snippets_at(wpos_SF: Tensor):
+            def snippets(s_M: Tensor, f_M: Tensor) -> tuple[Tensor, Tensor]:
+                pos_ML = wpos_SF[s_M, f_M][:, None] + offs_L
+                inside = (pos_ML >= 0) & (pos_ML < T)
+                row_ML = s_M[:, None] * T + pos_ML.clamp(0, T - 1)  # flat (window, position): one take() each
+                toks = tokens_ST.reshape(-1).take(row_ML).to(torch.int32).masked_fill(~inside, -1)
+                acts = f_NF.view(-1).take(row_ML * F + f_M[:, None]).masked_fill(~inside, 0.0)
+                return toks, acts
+
+            return snippets
+
+        snippets = snippets_at(wpos_SF)
+        window_FS = torch.arange(self.n_windows, self.n_windows + S).expand(F, S)
+        # the top list without the first position: only windows whose max is there change, so only they
+        # are recomputed (from the other positions) and offered again
+        if at_first_SF.any():
+            rest = ~at_first_M
+            rmax_SF, rpos_SF = _window_max(n_M[rest], j_M[rest], v_M[rest], S, T, F)
+            rmax_SF = torch.where(at_first_SF, rmax_SF, wmax_SF)
+            rpos_SF = torch.where(at_first_SF, rpos_SF, wpos_SF)
+            rest_snippets = snippets_at(rpos_SF)
+        else:
+            rmax_SF, rest_snippets = wmax_SF, snippets
+        rvalue_FS = rmax_SF.T.contiguous()
+        self.top_rest.merge(rvalue_FS.masked_fill(~(rmax_SF > 0).T, NEG_INF), rvalue_FS, window_FS, rest_snippets)
 
         fires_FS = (wmax_SF > 0).T
         value_FS = wmax_SF.T.contiguous()
-        window_FS = torch.arange(self.n_windows, self.n_windows + S).expand(F, S)
         self.n_windows += S
         self.top.merge(value_FS.masked_fill(~fires_FS, NEG_INF), value_FS, window_FS, snippets)
         # A fresh generator per pass, seeded by the pass number: resuming reproduces the same keys.
@@ -177,25 +222,23 @@ class FeatureStats:
     # ---- resume ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
         tensors = {
-            "fire_count_F": self.fire_count_F,
-            "act_sum_F": self.act_sum_F,
-            "max_F": self.max_F,
-            "hist_width_F": self.hist_width_F,
-            "hist_FH": self.hist_FH,
+            **{k: getattr(self, k) for k in STATE_KEYS},
             **self.top.tensors("top"),
+            **self.top_rest.tensors("top_rest"),
             **self.sample.tensors("sample"),
         }
         return tensors, {"n_tokens": self.n_tokens, "n_windows": self.n_windows, "n_updates": self.n_updates}
 
     def load(self, tensors: dict[str, Tensor], counters: dict[str, int]) -> None:
-        for k in ("fire_count_F", "act_sum_F", "max_F", "hist_width_F", "hist_FH"):
-            if tensors[k].shape != getattr(self, k).shape:
+        for k in STATE_KEYS:
+            if k not in tensors or tensors[k].shape != getattr(self, k).shape:
                 raise DBError(
-                    f"index checkpoint has {k} of shape {list(tensors[k].shape)}, expected "
+                    f"index checkpoint has {k} of shape {list(tensors[k].shape) if k in tensors else None}, expected "
                     f"{list(getattr(self, k).shape)}; delete the .index-state folder to start over"
                 )
             setattr(self, k, tensors[k])
         self.top = Kept.from_tensors(tensors, "top")
+        self.top_rest = Kept.from_tensors(tensors, "top_rest")
         self.sample = Kept.from_tensors(tensors, "sample")
         self.n_tokens, self.n_windows, self.n_updates = (
             counters["n_tokens"],

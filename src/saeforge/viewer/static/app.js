@@ -53,9 +53,10 @@ async function featurePage() {
   const parts = location.pathname.split("/").slice(2).map(decodeURIComponent);
   const [model, sae, index] = parts;
   const base = `/api/feature/${encodeURIComponent(model)}/${encodeURIComponent(sae)}/${index}`;
+  const xfirst = new URLSearchParams(location.search).get("exclude_first") === "true";
   let f;
   try {
-    f = await api(base);
+    f = await api(`${base}?exclude_first=${xfirst}`);
   } catch (e) {
     return fail(document.querySelector("main"), e);
   }
@@ -65,6 +66,7 @@ async function featurePage() {
   $("stats").textContent = `density ${fmt(f.frac_nonzero)} (${s.fire_count} of ${s.n_tokens} tokens) · ` +
     `max activation ${fmt(f.maxActApprox)} · mean when firing ${fmt(s.mean_act)} · hook ${s.hook}`;
   drawHistogram(f.freq_hist_data_bar_heights, s.hist_bin_width);
+  firstPosition(s.first_position, xfirst);
   // Explanations are untrusted text too (an LLM wrote them from corpus text): textContent only, via el().
   const eb = $("explanations").querySelector("tbody");
   for (const e of f.explanations) {
@@ -120,6 +122,22 @@ async function featurePage() {
     } catch (e) { fail(out, e); }
   });
   steerPanel(model, sae, index);
+}
+
+// The first-position artefact: the flag and the toggle that reloads the page without that position.
+function firstPosition(p, xfirst) {
+  $("xfirst").checked = xfirst;
+  $("xfirst").addEventListener("change", () => {
+    location.search = $("xfirst").checked ? "?exclude_first=true" : "";
+  });
+  if (!p) {
+    $("xfirst").disabled = true;
+    $("firstnote").textContent = "no first-position statistics: the database predates them (rebuild with `saeforge index`)";
+    return;
+  }
+  $("firstnote").textContent = `max ${fmt(p.max_act_first)} at the first position after BOS, ` +
+    `${fmt(p.max_act_excl_first)} elsewhere; ${fmt(100 * p.first_share, 2)}% of firing windows peak there` +
+    (p.first_flag ? " · flagged as a first-position artefact" : "");
 }
 
 // The prompt and the generations are untrusted text too: both go in through textContent.
@@ -189,7 +207,7 @@ async function indexPage() {
           "or have an explanation with its words";
       } else {
         const r = await api(`/api/features/${encodeURIComponent(model)}/${encodeURIComponent(sae)}?sort=${$("sort").value}` +
-          `&order=${$("order").value}&offset=${offset}&limit=${limit}`);
+          `&order=${$("order").value}&offset=${offset}&limit=${limit}&exclude_first=${$("xfirst").checked}`);
         rows = r.features.map((x) => ({ model, sae, ...x }));
         $("status").textContent = `features ${offset}–${offset + rows.length - 1} of ${r.total}`;
       }
@@ -199,7 +217,10 @@ async function indexPage() {
         const td = el("td");
         td.appendChild(link(featureUrl(f.model, f.sae, f.index), `#${f.index}`));
         tr.appendChild(td);
-        for (const v of [fmt(f.density), fmt(f.max_act), f.peak_token === null ? "" : JSON.stringify(f.peak_token),
+        const xfirst = $("xfirst").checked && f.max_act_excl_first !== null;
+        // the first-position artefact: flagged features peak right after BOS (the share of their windows says how often)
+        const first = f.first_flag ? `artefact (${fmt(100 * f.first_share, 2)}%)` : "";
+        for (const v of [fmt(f.density), fmt(xfirst ? f.max_act_excl_first : f.max_act), first, f.peak_token === null ? "" : JSON.stringify(f.peak_token),
           f.matching_contexts ?? "", f.explanation ?? ""]) tr.appendChild(el("td", v));
         body.appendChild(tr);
       }
@@ -250,4 +271,5 @@ async function livePage() {
 }
 
 const pages = { feature: featurePage, index: indexPage, live: livePage };
-pages[document.body.dataset.page]();
+const runPage = pages[document.body.dataset.page];
+if (runPage) runPage();  // the map page runs its own script (map.js)
