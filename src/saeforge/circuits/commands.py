@@ -45,7 +45,8 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     add_config_options(c, ["model", "data", "activations"], None)
     c.set_defaults(func=cmd_clt)
 
-    g = sub.add_parser("graph", help="attribution graph of one prompt through per-layer transcoders (JSON)")
+    g = sub.add_parser("graph", help="attribution graph of one prompt through per-layer transcoders (JSON)",
+                       description="--transcoders also takes a circuit-tracer folder (config.yaml).")  # fmt: skip
     g.add_argument(
         "--transcoders", required=True, metavar="DIR", help="a folder made by `saeforge transcoders` or `saeforge clt`"
     )
@@ -117,6 +118,11 @@ def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
     # on the CPU first: the model's loader says clearly if --device is absent; ReplacementModel moves them
     if (Path(ns.transcoders) / "cfg.json").exists():
         transcoders, model_name = load_clt(ns.transcoders)
+    elif (Path(ns.transcoders) / "config.yaml").exists():  # circuit-tracer's layout (circuits/formats.py)
+        from saeforge.circuits.formats import read_circuit_tracer
+
+        transcoders = read_circuit_tracer(ns.transcoders)
+        model_name = transcoders.model_name
     else:
         transcoders = load_transcoders(ns.transcoders)
         model_name = transcoders.model_name

@@ -1,4 +1,5 @@
-"""``saeforge circuit``: a sparse feature circuit over saved SAEs (circuits/sfc.py), printed and written as JSON."""
+"""``saeforge circuit`` (a sparse feature circuit over saved SAEs, circuits/sfc.py) and ``saeforge export-transcoders``
+(a per-layer transcoder folder in circuit-tracer's layout, circuits/formats.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,26 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     c.add_argument("--top", type=int, default=20, help="nodes and edges printed (default 20; the file has all kept)")
     c.add_argument("--out", help="JSON file to write (never overwritten; default: print only)")
     c.set_defaults(func=cmd_circuit)
+
+    e = sub.add_parser(
+        "export-transcoders",
+        help="write a `saeforge transcoders` folder in circuit-tracer's layout (config.yaml + layer_N.safetensors)",
+        description="The folder `saeforge graph --transcoders` and circuit-tracer's load_transcoder_set read. "
+        "See docs/circuits.md.",
+    )
+    e.add_argument("folder", metavar="DIR", help="a folder made by `saeforge transcoders`")
+    e.add_argument("--format", choices=("circuit-tracer",), default="circuit-tracer", help="the layout to write")
+    e.add_argument("--out", required=True, metavar="DIR2", help="the folder to write (never overwritten)")
+    e.set_defaults(func=cmd_export_transcoders)
+
+
+def cmd_export_transcoders(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.circuits.formats import export_circuit_tracer
+    from saeforge.circuits.transcoders import load_transcoders
+
+    out = export_circuit_tracer(load_transcoders(ns.folder), ns.out)
+    print(f"{ns.folder} written in circuit-tracer's layout to {out}")
+    return 0
 
 
 def load_sites(folders: list[str], model: str | None, device: str) -> tuple[Any, list]:

@@ -1,0 +1,118 @@
+"""circuit-tracer's transcoder_set layout: ours -> theirs -> ours bit for bit, and the same graph from both folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_circuits import random_transcoders
+
+from saeforge.circuits.formats import export_circuit_tracer, read_circuit_tracer
+from saeforge.circuits.transcoders import HOOK_IN, HOOK_OUT, MANIFEST, TranscoderSetError, load_transcoders
+from saeforge.cli import main
+from saeforge.saes.formats import save_sae
+from saeforge.saes.registry import config_class, sae_class
+
+
+def write_set(folder, saes, model_name):
+    """A `saeforge transcoders`-style folder: SAELens-format transcoders + transcoders.json."""
+    layers = {}
+    for layer, sae in saes.items():
+        rel = f"layer{layer}/sae"
+        meta = {"model_name": model_name, "hook_name": HOOK_IN.format(layer=layer)}
+        save_sae(sae, folder / rel, {**meta, "hook_name_out": HOOK_OUT.format(layer=layer)})
+        layers[str(layer)] = rel
+    manifest = {"format_version": 1, "model_name": model_name, "hook_in": HOOK_IN, "hook_out": HOOK_OUT}
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "layers": layers}))
+    return folder
+
+
+def jumprelu_transcoders(n_layers=2, d=64, d_sae=32):
+    out = {}
+    for layer in range(n_layers):
+        cfg = config_class("jumprelu")(d_in=d, d_sae=d_sae, d_out=d, apply_b_dec_to_input=False, skip=True)
+        sae = sae_class("jumprelu")(cfg)
+        sae.init_weights(torch.Generator().manual_seed(layer))
+        with torch.no_grad():
+            sae.threshold.copy_(torch.rand(d_sae, generator=torch.Generator().manual_seed(9)))
+            sae.W_skip.copy_(torch.randn(d, d, generator=torch.Generator().manual_seed(7)))
+            sae.b_dec.copy_(torch.randn(d))
+        out[layer] = sae
+    return out
+
+
+@pytest.mark.parametrize("kind", ["topk", "jumprelu-skip"])
+def test_ours_to_circuit_tracer_to_ours_is_bit_for_bit(tmp_path, kind):
+    saes = random_transcoders(n_layers=3) if kind == "topk" else jumprelu_transcoders()
+    tset = load_transcoders(write_set(tmp_path / "ours", saes, "tiny-model"))
+    out = export_circuit_tracer(tset, tmp_path / "theirs")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model_kind"] == "transcoder_set" and config["model_name"] == "tiny-model"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "mlp.hook_out")
+    assert config["transcoders"] == [f"layer_{i}.safetensors" for i in range(len(saes))]
+    # their orientation: W_enc [F, D] applied with F.linear; W_dec [F, D]
+    raw = load_file(str(out / "layer_1.safetensors"))
+    assert torch.equal(raw["W_enc"], saes[1].W_enc.T) and raw["W_enc"].shape == (saes[1].d_sae, 64)
+    x = torch.randn(5, 64)
+    assert torch.allclose(torch.nn.functional.linear(x, raw["W_enc"], raw["b_enc"]), x @ saes[1].W_enc + saes[1].b_enc)
+    if kind == "topk":
+        assert config["activation"] == "topk" and config["k"] == 6 and set(raw) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    else:
+        assert config["activation"] == "jumprelu" and torch.equal(
+            raw["activation_function.threshold"], saes[1].threshold
+        )
+        assert torch.equal(raw["W_skip"], saes[1].W_skip)
+    back = read_circuit_tracer(out)
+    assert back.model_name == "tiny-model" and sorted(back.saes) == sorted(saes)
+    for layer, sae in saes.items():
+        got = back.saes[layer]
+        assert type(got) is type(sae) and got.cfg.skip == sae.cfg.skip and got.is_transcoder
+        sd_a, sd_b = sae.state_dict(), got.state_dict()
+        assert sd_a.keys() == sd_b.keys()
+        for key in sd_a:
+            assert sd_a[key].dtype == sd_b[key].dtype and torch.equal(sd_a[key], sd_b[key]), key
+        assert torch.equal(got(x), sae(x))
+    with pytest.raises(TranscoderSetError, match="never overwritten"):
+        export_circuit_tracer(tset, out)
+
+
+def test_reads_a_relu_set_written_as_circuit_tracer_writes_it(tmp_path):
+    """A hand-written folder in their layout (hf:// entries, no activation key: ReLU)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    W_enc_FD, W_dec_FD = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    b_enc, b_dec = torch.randn(16, generator=g), torch.randn(8, generator=g)
+    save_file(
+        {"W_enc": W_enc_FD, "W_dec": W_dec_FD, "b_enc": b_enc, "b_dec": b_dec}, str(tmp_path / "layer_0.safetensors")
+    )
+    config = {"model_name": "m", "model_kind": "transcoder_set", "scan": "s", "feature_input_hook": "ln2.hook_normalized",
+              "feature_output_hook": "hook_mlp_out", "transcoders": ["hf://org/repo/layer_0.safetensors"]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    sae = read_circuit_tracer(tmp_path).saes[0]
+    x = torch.randn(3, 8, generator=g)
+    assert sae.cfg.architecture == "relu"
+    assert torch.allclose(sae.decode(sae.encode(x)), torch.relu(x @ W_enc_FD.T + b_enc) @ W_dec_FD + b_dec)
+    config["feature_input_hook"] = "hook_resid_mid"  # before the norm: not what our replacement model feeds
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(TranscoderSetError, match="normalised input"):
+        read_circuit_tracer(tmp_path)
+
+
+def test_graph_from_the_exported_folder_equals_the_original(tiny_model_dirs, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    ours = write_set(tmp_path / "ours", random_transcoders(n_layers=3), model)
+    assert main(["export-transcoders", str(ours), "--format", "circuit-tracer", "--out", str(tmp_path / "ct")]) == 0
+    assert main(["export-transcoders", str(ours), "--out", str(tmp_path / "ct")]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    graphs = []
+    for folder in (ours, tmp_path / "ct"):
+        out = tmp_path / f"{folder.name}.json"
+        assert main(["graph", "--transcoders", str(folder), "--prompt", "def add(a, b):", "--out", str(out)]) == 0
+        d = json.loads(out.read_text())
+        d["metadata"].pop("transcoder_list"), d["metadata"].pop("slug")
+        graphs.append(d)
+    assert graphs[0]["nodes"] and graphs[0] == graphs[1]
