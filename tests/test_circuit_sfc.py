@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from test_analysis_splice import make_sae
+from test_circuits import random_transcoders
 
 from saeforge.analysis.metrics import LogitDiff
 from saeforge.circuits.sfc import (
@@ -15,6 +16,7 @@ from saeforge.circuits.sfc import (
     Site,
     _encode,
     _forward,
+    _record,
     edge_effects,
     faithfulness,
     feature_circuit,
@@ -129,6 +131,32 @@ def test_atp_edges_into_a_node_match_a_finite_difference(lm, sites):
         total = float(sum(ie for (u, dd), ie in edges.items() if dd == d))
         assert abs(float(fd)) > 1e-4
         assert total == pytest.approx(float(fd), rel=1e-2, abs=1e-6)
+
+
+def test_a_transcoder_site_is_exact_with_its_error_node(lm, sites):
+    """A skip transcoder mlp_in 1 -> mlp_out 1 between two SAEs: its nodes (latents, and an error node
+    holding skip + what the latents miss) reproduce the model, and IG's IEs sum to the effect of
+    patching its output."""
+    tc = Site(random_transcoders(n_layers=2, skip=True)[1], "blocks.1.hook_mlp_out", "tc", "blocks.1.hook_mlp_in")
+    three = [sites[0], tc, sites[2]]
+    clean, patch = list(_ids(11)), list(_ids(11, change=7))
+    c, ids = feature_circuit(lm, three, clean, METRIC, patch=patch, method="ig", steps=32, edges=False)
+    assert [sd.site.hook for sd in c.sites] == [sites[0].hook, tc.hook, sites[2].hook]
+    everything = set(c.all_nodes())
+    assert faithfulness(lm, c, ids, METRIC, everything) == pytest.approx(1.0, abs=1e-5)
+    # ablating only the transcoder's nodes moves the metric: the ablation really goes through it
+    others = {n for n in everything if n.hook != tc.hook}
+    assert abs(faithfulness(lm, c, ids, METRIC, others) - 1.0) > 1e-3
+    sd = c.sites[1]
+    y_patch = _record(lm, [tc], ids_ST=torch.stack([torch.as_tensor(p) for p in patch]))[1][tc.hook]
+    with torch.no_grad():
+        truth = float(METRIC(_forward(lm, ids, {tc.hook: lambda x: y_patch}), ids).mean()) - c.metric_clean
+    assert abs(truth) > 1e-3  # MLP outputs of the tiny model are small
+    assert float(sd.ie_TF.sum() + sd.ie_err_T.sum()) == pytest.approx(truth, rel=1e-2, abs=1e-5)
+    # the latents come from the input hook: df = encode(mlp_in of patch) - encode(mlp_in of clean)
+    xc, xp = _record(lm, [tc], ids)[1], _record(lm, [tc], torch.stack([torch.as_tensor(p) for p in patch]))[1]
+    want = tc.sae.encode(xp[tc.hook_in].reshape(-1, 64)) - tc.sae.encode(xc[tc.hook_in].reshape(-1, 64))
+    assert torch.equal(sd.df[:, 1:], want.reshape(2, 8, -1)[:, 1:]) and sd.df.abs().sum() > 0
 
 
 def test_patch_of_another_length_is_refused(lm, sites):

@@ -42,11 +42,12 @@ ERROR = -1  # the latent index of an error node
 
 @dataclass
 class Site:
-    """One SAE at one hook; ``name`` says where it came from (a folder) in reports."""
+    """One SAE at one hook, or a transcoder reading ``hook_in`` and writing ``hook``; ``name`` (a folder) for reports."""
 
     sae: Any
     hook: str
     name: str = ""
+    hook_in: str | None = None  # a transcoder's input hook; its nodes live at ``hook``, where it writes
 
 
 @dataclass
@@ -103,10 +104,11 @@ def _ids(lm: Any, prompts: Sequence[str | Tensor] | str) -> tuple[Tensor, int]:
     return torch.cat([p.ids_1T for p in ps]), ps[0].start
 
 
-def _forward(lm: Any, ids_ST: Tensor, fns: dict[str, Any]) -> Tensor:
-    """Logits with a replacement function per hook (fn(x) -> x' or None); hooks removed after."""
+def _forward(lm: Any, ids_ST: Tensor, fns: dict[str, Any] | list[tuple[str, Any]]) -> Tensor:
+    """Logits with replacement functions at hooks (fn(x) -> x' or None), run in the order given; removed after."""
     model = hf_model(lm)
-    handles = [resolve_hook(lm, h).register(fn) for h, fn in fns.items()]
+    pairs = list(fns.items()) if isinstance(fns, dict) else fns
+    handles = [resolve_hook(lm, h).register(fn) for h, fn in pairs]
     try:
         return model(input_ids=ids_ST, use_cache=False).logits
     finally:
@@ -129,22 +131,32 @@ def _record(lm: Any, sites: Sequence[Site], ids_ST: Tensor) -> tuple[list[Site],
 
         return fn
 
+    inputs = sorted({s.hook_in for s in sites if s.hook_in and s.hook_in not in hooks})
     with torch.no_grad():
-        _forward(lm, ids_ST, {h: keep(h) for h in hooks})
-    if sorted(order) != sorted(hooks):
-        raise UsageError(f"hooks fired as {order} for {hooks}: each hook must run exactly once per forward")
+        _forward(lm, ids_ST, {h: keep(h) for h in [*hooks, *inputs]})
+    if sorted(order) != sorted(hooks + inputs):
+        raise UsageError(f"hooks fired as {order} for {hooks + inputs}: each hook must run exactly once per forward")
     by_hook = {s.hook: s for s in sites}
-    for h in order:
-        d_in = by_hook[h].sae.W_dec.shape[1]
-        if xs[h].shape[-1] != d_in:
-            raise UsageError(f"hook {h!r} has width {xs[h].shape[-1]} but its SAE reads d_in={d_in}")
+    for s in sites:
+        for h, width in ((s.hook_in or s.hook, s.sae.W_enc.shape[0]), (s.hook, s.sae.W_dec.shape[1])):
+            if xs[h].shape[-1] != width:
+                raise UsageError(
+                    f"hook {h!r} has width {xs[h].shape[-1]} but {s.name or 'its SAE'} needs {width} there"
+                )
+    order = [h for h in order if h in by_hook]
     return [by_hook[h] for h in order], xs
 
 
-def _encode(sae: Any, x_STD: Tensor) -> tuple[Tensor, Tensor]:
+def _encode(sae: Any, x_STD: Tensor, y_STD: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(latents, error node) at a site: f = encode(x), e = y - decode(f) (y = x for an SAE). A transcoder's
+    skip term W_skip x is part of its error node here: the nodes are its latents and what they miss."""
     S, T, D = x_STD.shape
     f = sae.encode(x_STD.reshape(S * T, D).to(sae.W_dec.dtype)).reshape(S, T, -1)
-    return f, x_STD - sae.decode(f)
+    return f, (x_STD if y_STD is None else y_STD) - sae.decode(f)
+
+
+def _site_latents(s: Site, xs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return _encode(s.sae, xs[s.hook_in or s.hook], xs[s.hook])
 
 
 def prepare(
@@ -165,10 +177,10 @@ def prepare(
     out = []
     with torch.no_grad():
         for s in sites:
-            f_c, e_c = _encode(s.sae, xc[s.hook])
+            f_c, e_c = _site_latents(s, xc)
             mean_f, mean_e = f_c[:, start:].mean((0, 1)), e_c[:, start:].mean((0, 1))
             if xp is not None:
-                f_b, e_b = _encode(s.sae, xp[s.hook])
+                f_b, e_b = _site_latents(s, xp)
             else:
                 f_b, e_b = mean_f.expand_as(f_c), mean_e.expand_as(e_c)
             df, de = f_b - f_c, e_b - e_c
@@ -219,14 +231,17 @@ def edge_effects(
     x_path = _path(up, alphas)
     captured: dict[str, Tensor] = {}
 
-    def grab(x: Tensor) -> None:
-        captured["x"] = x
+    def grab(h: str):
+        return lambda x: captured.__setitem__(h, x)
 
     out = {}
     W_u = up.site.sae.W_dec
     with torch.enable_grad():
-        _forward(lm, ids_ST.repeat(A, 1), {up.site.hook: lambda x: x_path, down.site.hook: grab})
-        f_d, e_d = _encode(down.site.sae, captured["x"])
+        fns = [(up.site.hook, lambda x: x_path), (down.site.hook, grab(down.site.hook))]
+        if down.site.hook_in:
+            fns.append((down.site.hook_in, grab(down.site.hook_in)))
+        _forward(lm, ids_ST.repeat(A, 1), fns)
+        f_d, e_d = _site_latents(down.site, captured)
         g_STF = (down.grad @ down.site.sae.W_dec.T).repeat(A, 1, 1)
         g_STD = down.grad.repeat(A, 1, 1)
         for j, d in enumerate(downs):
@@ -249,7 +264,7 @@ def metric_ablated(
     lm: Any, data: list[SiteData], ids_ST: Tensor, metric: Metric, start: int, keep: set[Node] | None
 ) -> float:
     """Mean metric with every node outside ``keep`` mean-ablated (``keep=None`` keeps all: the clean model)."""
-    fns = {}
+    fns, captures, seen = [], [], {}  # captures run after the edits at one hook: a transcoder reads the edited input
     for sd in data:
         if keep is None:
             continue
@@ -267,12 +282,15 @@ def metric_ablated(
             continue
 
         def fn(x, sd=sd, kf=kf, ke=ke):
-            f, e = _encode(sd.site.sae, x)
+            f, e = _encode(sd.site.sae, seen[sd.site.hook_in] if sd.site.hook_in else x, x)
             f2 = torch.where(kf, f, sd.mean_f)
             e2 = torch.where(ke, e, sd.mean_e)
             return x + (f2 - f) @ sd.site.sae.W_dec + (e2 - e)
 
-        fns[hook] = fn
+        fns.append((hook, fn))
+        if sd.site.hook_in:
+            captures.append((sd.site.hook_in, lambda x, h=sd.site.hook_in: seen.__setitem__(h, x)))
+    fns += captures
     with torch.no_grad():
         return float(metric(_forward(lm, ids_ST, fns), ids_ST).mean())
 

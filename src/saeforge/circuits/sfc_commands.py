@@ -19,7 +19,9 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "attribution patching (atp) or integrated gradients (ig), with each SAE's error nodes; faithfulness "
         "and completeness by mean ablation. See docs/circuits.md.",
     )
-    c.add_argument("--sae", action="append", required=True, metavar="DIR", help="SAE folder (repeat, one per hook)")
+    c.add_argument(
+        "--sae", action="append", required=True, metavar="DIR", help="SAE or transcoder folder (repeat; one per hook)"
+    )
     c.add_argument("--prompt", action="append", required=True, help="clean prompt (repeat; all of one token length)")
     c.add_argument("--patch", action="append", help="counterfactual prompt, one per --prompt (default: mean baseline)")
     c.add_argument("--target", required=True, help="completion whose logit the metric raises (one token)")
@@ -64,21 +66,22 @@ def load_sites(folders: list[str], model: str | None, device: str) -> tuple[Any,
     names, hooks = set(), []
     for f in folders:
         meta = read_cfg(f).get("metadata") or {}
-        if meta.get("hook_name_out"):
-            raise UsageError(f"{f} is a transcoder: `saeforge circuit` splices SAEs (one hook each) only")
         if not meta.get("hook_name"):
             raise ConfigError(f"{f}/cfg.json names no metadata.hook_name: re-save it with the hook it was trained on")
         names.add(meta.get("model_name"))
-        hooks.append(meta["hook_name"])
+        # a transcoder's nodes live where it writes (hook_name_out); it reads hook_name
+        hooks.append(
+            (meta.get("hook_name_out") or meta["hook_name"], meta["hook_name"] if meta.get("hook_name_out") else None)
+        )
     if model is None:
         if len(names) != 1 or None in names:
             raise UsageError(f"the SAEs name models {sorted(map(str, names))}: pass --model, or SAEs of one model")
         model = names.pop()
     lm = load_model(model, dtype="float32", device=device)
     sites = []
-    for f, h in zip(folders, hooks):
+    for f, (h, h_in) in zip(folders, hooks):
         sae = load_sae(f, device=lm.device).requires_grad_(False)
-        sites.append(Site(sae, h, str(f)))
+        sites.append(Site(sae, h, str(f), h_in))
     return lm, sites
 
 
@@ -91,7 +94,7 @@ def circuit_json(c: Any, tokens: list[str], metric: str, faith: float, compl: fl
         **args,
         "metric": metric,
         "method": c.method.split(" ")[0],
-        "hooks": [{"hook": s.site.hook, "sae": s.site.name} for s in c.sites],
+        "hooks": [{"hook": s.site.hook, "hook_in": s.site.hook_in, "sae": s.site.name} for s in c.sites],
         "metric_clean": c.metric_clean,
         "metric_baseline": c.metric_base,
         "faithfulness": faith,
