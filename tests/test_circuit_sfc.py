@@ -83,6 +83,12 @@ def test_ig_node_effects_sum_to_the_patch_effect_and_beat_atp(lm, sites):
     atp_sum = float(atp.sites[0].ie_TF.sum() + atp.sites[0].ie_err_T.sum())
     assert ig_sum == pytest.approx(truth, abs=1e-3)
     assert abs(atp_sum - truth) > 10 * abs(ig_sum - truth)
+    # without a patch the baseline is every node at its mean: the same completeness holds
+    mean, ids = feature_circuit(lm, site, clean, METRIC, method="ig", steps=48, node_threshold=0.0)
+    m_ablated = metric_ablated(lm, mean.sites, ids, METRIC, mean.start, set())
+    assert mean.metric_base == m_ablated and abs(m_ablated - mean.metric_clean) > 0.01
+    mean_sum = float(mean.sites[0].ie_TF.sum() + mean.sites[0].ie_err_T.sum())
+    assert mean_sum == pytest.approx(m_ablated - mean.metric_clean, abs=1e-3)
 
 
 def test_thresholds_keep_exactly_the_nodes_and_edges_above(lm, sites):

@@ -97,6 +97,19 @@ class Circuit:
         return out
 
 
+def kept_nodes(c: Circuit, threshold: float) -> dict[Node, float]:
+    """Nodes with |IE| > threshold (the same as filtering ``all_nodes()``, without a Python loop over every latent)."""
+    out = {}
+    for sd in c.sites:
+        ie_TF, ie_T = sd.ie_TF.clone(), sd.ie_err_T.clone()
+        ie_TF[: c.start], ie_T[: c.start] = 0, 0
+        for t, i in (ie_TF.abs() > threshold).nonzero().tolist():
+            out[Node(sd.site.hook, t, i)] = float(ie_TF[t, i])
+        for (t,) in (ie_T.abs() > threshold).nonzero().tolist():
+            out[Node(sd.site.hook, t, ERROR)] = float(ie_T[t])
+    return out
+
+
 def _ids(lm: Any, prompts: Sequence[str | Tensor] | str) -> tuple[Tensor, int]:
     ps = as_prompts(lm, prompts)
     if len({p.length for p in ps}) != 1 or len({p.start for p in ps}) != 1:
@@ -330,7 +343,7 @@ def feature_circuit(
         else:
             m_base = metric_ablated(lm, data, ids_c, metric, start, set())
     c = Circuit(data, f"{method} ({steps} steps)" if method == "ig" else method, start, m_clean, m_base)
-    c.nodes = {n: ie for n, ie in c.all_nodes().items() if abs(ie) > node_threshold}
+    c.nodes = kept_nodes(c, node_threshold)
     for up, down in zip(data, data[1:]) if edges else ():
         downs = [n for n in c.nodes if n.hook == down.site.hook]
         if not downs:
