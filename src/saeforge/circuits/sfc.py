@@ -236,9 +236,28 @@ def node_effects(lm: Any, data: list[SiteData], ids_ST: Tensor, metric: Metric, 
 
 
 def edge_effects(
-    lm: Any, up: SiteData, down: SiteData, downs: Sequence[Node], ids_ST: Tensor, method: str, steps: int
-) -> dict[tuple[Node, Node], Tensor]:
-    """IE of every (upstream node, downstream node in ``downs``) pair: {(u, d): ie}, u over all up nodes."""
+    lm: Any,
+    up: SiteData,
+    down: SiteData,
+    downs: Sequence[Node],
+    ids_ST: Tensor,
+    method: str,
+    steps: int,
+    ups: Sequence[Node] | None = None,
+) -> dict[tuple[Node, Node], float]:
+    """IE of every (u, d) pair, d in ``downs``, u in ``ups`` (default: every node of the upstream hook at
+    positions where it moves). One backward pass per downstream node."""
+    if ups is None:
+        T = up.df.shape[1]
+        moved_TF = (up.df != 0).any(0)
+        ups = [Node(up.site.hook, t, i) for t, i in moved_TF.nonzero().tolist()]
+        ups += [Node(up.site.hook, t, ERROR) for t in range(T) if bool((up.de[:, t] != 0).any())]
+    feat = [(n.pos, n.latent) for n in ups if n.latent != ERROR]
+    errs = torch.tensor([n.pos for n in ups if n.latent == ERROR], dtype=torch.long)
+    feat_t = torch.tensor([p for p, _ in feat], dtype=torch.long)
+    feat_i = torch.tensor([i for _, i in feat], dtype=torch.long)
+    ups_f = [n for n in ups if n.latent != ERROR]
+    ups_e = [n for n in ups if n.latent == ERROR]
     alphas = _alphas(method, steps)
     S, A = ids_ST.shape[0], len(alphas)
     x_path = _path(up, alphas)
@@ -262,14 +281,15 @@ def edge_effects(
                 scalar = (g_STD[:, d.pos] * e_d[:, d.pos]).sum()
             else:
                 scalar = (g_STF[:, d.pos, d.latent] * f_d[:, d.pos, d.latent]).sum()
-            (v,) = torch.autograd.grad(scalar, x_path, retain_graph=j + 1 < len(downs))
+            (v,) = torch.autograd.grad(scalar, x_path, retain_graph=j + 1 < len(downs), allow_unused=True)
+            if v is None:  # d does not depend on the upstream hook at all
+                v = torch.zeros_like(x_path)
             v = v.view(A, S, *v.shape[1:]).sum(0) / A  # d scalar / d x_u, averaged over the path
-            ie_TF = ((v @ W_u.T) * up.df).mean(0)
-            ie_T = (v * up.de).sum(-1).mean(0)
-            for t in range(ie_TF.shape[0]):
-                out[(Node(up.site.hook, t, ERROR), d)] = ie_T[t]
-                for i in ie_TF[t].nonzero().flatten().tolist():
-                    out[(Node(up.site.hook, t, i), d)] = ie_TF[t, i]
+            # only the requested upstream latents: [S, N, D] . W_dec rows, times their deltas
+            ie_N = ((v[:, feat_t] * W_u[feat_i]).sum(-1) * up.df[:, feat_t, feat_i]).mean(0)
+            ie_E = (v[:, errs] * up.de[:, errs]).sum(-1).mean(0)
+            out.update({(u, d): float(x) for u, x in zip(ups_f, ie_N.tolist())})
+            out.update({(u, d): float(x) for u, x in zip(ups_e, ie_E.tolist())})
     return out
 
 
@@ -346,9 +366,10 @@ def feature_circuit(
     c.nodes = kept_nodes(c, node_threshold)
     for up, down in zip(data, data[1:]) if edges else ():
         downs = [n for n in c.nodes if n.hook == down.site.hook]
-        if not downs:
+        ups = [n for n in c.nodes if n.hook == up.site.hook]
+        if not downs or not ups:
             continue
-        for (u, d), ie in edge_effects(lm, up, down, downs, ids_c, method, steps).items():
-            if u in c.nodes and abs(float(ie)) > edge_threshold:
-                c.edges[(u, d)] = float(ie)
+        for (u, d), ie in edge_effects(lm, up, down, downs, ids_c, method, steps, ups).items():
+            if abs(ie) > edge_threshold:
+                c.edges[(u, d)] = ie
     return c, ids_c
