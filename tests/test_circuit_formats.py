@@ -1,4 +1,4 @@
-"""circuit-tracer's transcoder_set layout: ours -> theirs -> ours bit for bit, and the same graph from both folders."""
+"""circuit-tracer's per-layer and CLT layouts: round trips bit for bit, and the same graph from either folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import yaml
 from safetensors.torch import load_file
 from test_circuits import random_transcoders
 
-from saeforge.circuits.formats import export_circuit_tracer, read_circuit_tracer
+from saeforge.circuits.clt import CLTConfig, CrossLayerTranscoder, save_clt
+from saeforge.circuits.formats import (
+    export_circuit_tracer,
+    export_clt_circuit_tracer,
+    read_circuit_tracer,
+    read_clt_circuit_tracer,
+)
 from saeforge.circuits.transcoders import HOOK_IN, HOOK_OUT, MANIFEST, TranscoderSetError, load_transcoders
 from saeforge.cli import main
 from saeforge.saes.formats import save_sae
@@ -116,3 +122,58 @@ def test_graph_from_the_exported_folder_equals_the_original(tiny_model_dirs, tmp
         d["metadata"].pop("transcoder_list"), d["metadata"].pop("slug")
         graphs.append(d)
     assert graphs[0]["nodes"] and graphs[0] == graphs[1]
+
+
+def their_clt_folder(folder, model_name, activation, L=3, D=64, F=12):
+    """CLT files as circuit-tracer's CrossLayerTranscoder.to_safetensors writes them (hand-built here)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    folder.mkdir(parents=True)
+    for i in range(L):
+        enc = {f"W_enc_{i}": torch.randn(F, D, generator=g) / 8, f"b_enc_{i}": 0.05 * torch.randn(F, generator=g),
+               f"b_dec_{i}": 0.002 * torch.randn(D, generator=g)}  # fmt: skip
+        if activation == "jumprelu":
+            enc[f"threshold_{i}"] = 0.05 * torch.rand(F, generator=g)
+        save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": 0.01 * torch.randn(F, L - i, D, generator=g)}, str(folder / f"W_dec_{i}.safetensors"))
+    config = {"model_name": model_name, "model_kind": "cross_layer_transcoder", "scan": "s",
+              "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_circuit_tracer_clt_to_ours_to_theirs_is_bit_for_bit(tmp_path, activation):
+    theirs = their_clt_folder(tmp_path / "theirs", "m", activation)
+    clt, name = read_clt_circuit_tracer(theirs)
+    assert name == "m" and clt.cfg.activation == activation and clt.W_enc.shape == (3, 64, 12)
+    x = torch.randn(4, 64)
+    raw = load_file(str(theirs / "W_enc_1.safetensors"))
+    pre = x @ raw["W_enc_1"].T + raw["b_enc_1"]
+    want = torch.relu(pre) if activation == "relu" else pre * (pre > raw["threshold_1"])
+    assert torch.equal(clt.encode_layer(1, x), want)
+    back = export_clt_circuit_tracer(clt, name, tmp_path / "back")
+    for i in range(3):
+        for kind in ("W_enc", "W_dec"):
+            a, b = load_file(str(theirs / f"{kind}_{i}.safetensors")), load_file(str(back / f"{kind}_{i}.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((back / "config.yaml").read_text())["model_kind"] == "cross_layer_transcoder"
+    topk = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, d_sae=4, k=2))
+    with pytest.raises(TranscoderSetError, match="TopK"):
+        export_clt_circuit_tracer(topk, "m", tmp_path / "topk")
+
+
+def test_graph_from_a_circuit_tracer_clt_equals_the_graph_from_our_clt_folder(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    theirs = their_clt_folder(tmp_path / "theirs", model, "jumprelu")
+    clt, _ = read_clt_circuit_tracer(theirs)
+    ours = save_clt(clt, tmp_path / "ours", model)
+    graphs = []
+    for folder in (theirs, ours):
+        out = tmp_path / f"{folder.name}.json"
+        assert main(["graph", "--transcoders", str(folder), "--prompt", "def add(a, b):", "--out", str(out)]) == 0
+        d = json.loads(out.read_text())
+        d["metadata"].pop("transcoder_list"), d["metadata"].pop("slug")
+        graphs.append(d)
+    assert graphs[0]["metadata"]["counts"]["features"] > 0 and graphs[0] == graphs[1]

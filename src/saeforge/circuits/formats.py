@@ -1,4 +1,4 @@
-"""circuit-tracer's per-layer transcoder folder ("transcoder_set"): write ours in it, read it back.
+"""circuit-tracer's transcoder folders: per-layer sets ("transcoder_set") and CLTs ("cross_layer_transcoder").
 
 The layout, as we understand circuit-tracer's loaders (``load_transcoder_set`` / ``load_relu_transcoder``
 in its transcoder/single_layer_transcoder.py and the ``config.yaml`` its hub repositories carry); it has
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from saeforge.circuits.clt import CLTConfig, CrossLayerTranscoder
 from saeforge.circuits.transcoders import TranscoderSet, TranscoderSetError
 from saeforge.saes.base import SAE
 from saeforge.saes.registry import config_class, sae_class
@@ -106,21 +107,12 @@ def read_circuit_tracer(folder: str | Path, device: str = "cpu") -> TranscoderSe
     """A circuit-tracer transcoder_set folder (config.yaml + one safetensors per layer) as our TranscoderSet."""
     folder = Path(folder)
     path = folder / CONFIG
-    if not path.exists():
-        raise TranscoderSetError(f"{folder} has no {CONFIG}: give a circuit-tracer transcoder folder")
-    config = _yaml().safe_load(path.read_text()) or {}
+    config = _checked_config(folder)
     if config.get("model_kind", "transcoder_set") != "transcoder_set":
         raise TranscoderSetError(
-            f"{path}: model_kind {config.get('model_kind')!r}; only per-layer sets (transcoder_set) are read"
+            f"{path}: model_kind {config.get('model_kind')!r}; read_circuit_tracer takes per-layer sets "
+            "(transcoder_set); read_clt_circuit_tracer takes cross_layer_transcoder folders"
         )
-    hooks = (config.get("feature_input_hook"), config.get("feature_output_hook"))
-    if hooks[0] not in INPUT_HOOKS or hooks[1] not in OUTPUT_HOOKS:
-        raise TranscoderSetError(
-            f"{path}: features read {hooks[0]!r} and write {hooks[1]!r}; saeforge's replacement model needs the "
-            f"MLP's normalised input ({' or '.join(INPUT_HOOKS)}) and its output ({' or '.join(OUTPUT_HOOKS)})"
-        )
-    if not config.get("model_name"):
-        raise TranscoderSetError(f"{path} names no model_name: add the model's hub id or folder")
     activation = config.get("activation") or (config.get("saeforge") or {}).get("architecture")
     saes = {}
     for layer, entry in enumerate(config.get("transcoders") or []):
@@ -160,3 +152,88 @@ def _our_sae(t: dict[str, torch.Tensor], activation: str | None, k: int | None, 
         ours["threshold"] = threshold
     sae.load_state_dict(ours, assign=True)
     return sae.requires_grad_(False)
+
+
+# Cross-layer transcoders: circuit-tracer's lazy-loading layout (its CrossLayerTranscoder.to_safetensors /
+# load_clt), as we understand it: W_enc_{i}.safetensors holds W_enc_{i} [F, D], b_enc_{i} [F], b_dec_{i} [D],
+# threshold_{i} [F] for JumpReLU (ReLU without it), W_skip_{i} when skipping; W_dec_{i}.safetensors holds
+# W_dec_{i} [F, L - i, D] (block m - i writes layer m: the same as ours). Its CLTs are ReLU or JumpReLU only.
+
+
+def export_clt_circuit_tracer(clt: CrossLayerTranscoder, model_name: str, out: str | Path) -> Path:
+    """Write a ReLU / JumpReLU CLT in circuit-tracer's layout (a TopK CLT has no counterpart there)."""
+    out = Path(out)
+    if out.exists():
+        raise TranscoderSetError(f"{out} exists: an exported folder is never overwritten; pick another --out")
+    if clt.cfg.activation == "topk":
+        raise TranscoderSetError(
+            "this CLT is TopK; circuit-tracer's CLTs are ReLU or JumpReLU, so its files cannot express it"
+        )
+    config = {"model_name": model_name, "model_kind": "cross_layer_transcoder", "scan": f"{model_name}/{out.name}",
+              "feature_input_hook": INPUT_HOOKS[0], "feature_output_hook": OUTPUT_HOOKS[0]}  # fmt: skip
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i in range(clt.n_layers):
+        enc = {f"W_enc_{i}": clt.W_enc[i].T, f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
+        if clt.cfg.activation == "jumprelu":
+            enc[f"threshold_{i}"] = clt.threshold[i]
+        save_file({k: v.detach().contiguous().cpu() for k, v in enc.items()}, str(tmp / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": clt.W_dec[i].detach().contiguous().cpu()}, str(tmp / f"W_dec_{i}.safetensors"))
+    (tmp / CONFIG).write_text(_yaml().safe_dump(config, sort_keys=False))
+    os.replace(tmp, out)
+    return out
+
+
+def read_clt_circuit_tracer(folder: str | Path, device: str = "cpu") -> tuple[CrossLayerTranscoder, str]:
+    """(our CLT, model name) from circuit-tracer's CLT files (config.yaml with model_kind cross_layer_transcoder)."""
+    folder = Path(folder)
+    config = _checked_config(folder)
+    L = sum(1 for _ in folder.glob("W_enc_*.safetensors"))
+    enc = [load_file(str(folder / f"W_enc_{i}.safetensors"), device=device) for i in range(L)]
+    dec = [load_file(str(folder / f"W_dec_{i}.safetensors"), device=device)[f"W_dec_{i}"] for i in range(L)]
+    if not L:
+        raise TranscoderSetError(f"{folder} has no W_enc_0.safetensors: not a circuit-tracer CLT folder")
+    if any(f"W_skip_{i}" in e for i, e in enumerate(enc)):
+        raise TranscoderSetError(f"{folder}: a CLT with skip connections (W_skip_N); saeforge's CLT has none")
+    F_, D = enc[0]["W_enc_0"].shape
+    activation = "jumprelu" if "threshold_0" in enc[0] else "relu"
+    cfg = CLTConfig(n_layers=L, d_model=D, d_sae=F_, k=1, activation=activation)
+    clt = CrossLayerTranscoder(cfg)
+    state = {
+        "W_enc": torch.stack([e[f"W_enc_{i}"].T for i, e in enumerate(enc)]),
+        "b_enc": torch.stack([e[f"b_enc_{i}"] for i, e in enumerate(enc)]),
+        "b_dec": torch.stack([e[f"b_dec_{i}"] for i, e in enumerate(enc)]),
+        **{f"W_dec.{i}": w for i, w in enumerate(dec)},
+    }
+    if activation == "jumprelu":
+        state["threshold"] = torch.stack([e[f"threshold_{i}"].reshape(-1) for i, e in enumerate(enc)])
+    clt.load_state_dict(state, assign=True)
+    return clt.requires_grad_(False), str(config["model_name"])
+
+
+def _checked_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    if not path.exists():
+        raise TranscoderSetError(f"{folder} has no {CONFIG}: give a circuit-tracer transcoder folder")
+    config = _yaml().safe_load(path.read_text()) or {}
+    hooks = (config.get("feature_input_hook"), config.get("feature_output_hook"))
+    if hooks[0] not in INPUT_HOOKS or hooks[1] not in OUTPUT_HOOKS:
+        raise TranscoderSetError(
+            f"{path}: features read {hooks[0]!r} and write {hooks[1]!r}; saeforge's replacement model needs the "
+            f"MLP's normalised input ({' or '.join(INPUT_HOOKS)}) and its output ({' or '.join(OUTPUT_HOOKS)})"
+        )
+    if not config.get("model_name"):
+        raise TranscoderSetError(f"{path} names no model_name: add the model's hub id or folder")
+    return config
+
+
+def read_circuit_tracer_folder(
+    folder: str | Path, device: str = "cpu"
+) -> tuple[TranscoderSet | CrossLayerTranscoder, str]:
+    """(per-layer set or CLT, model name) for any circuit-tracer folder this module reads."""
+    config = _checked_config(Path(folder))
+    if config.get("model_kind") == "cross_layer_transcoder":
+        return read_clt_circuit_tracer(folder, device)
+    tset = read_circuit_tracer(folder, device)
+    return tset, tset.model_name
