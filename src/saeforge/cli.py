@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "saeforge.analysis.commands",  # steer, attribute, ...
     "saeforge.groundtruth.commands",  # probe
     "saeforge.circuits.commands",  # transcoders, clt, graph
+    "saeforge.circuits.sfc_commands",  # circuit, export-transcoders
     "saeforge.viewer.commands",  # index, serve, export-neuronpedia, explain, map
     "saeforge.toy",  # toy
 ]

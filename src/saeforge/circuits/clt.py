@@ -44,14 +44,19 @@ class CLTConfig:
     k: int = F(16, "Active latents per layer and token (TopK).")
     lr: float = F(1e-3, "Adam learning rate.")
     seed: int = F(0, "Seed of the initialisation.")
+    # not a training option (`saeforge clt` trains TopK only): relu / jumprelu come from circuit-tracer's files
+    activation: str = F("topk", "topk, or relu / jumprelu for CLTs read from circuit-tracer's layout.")
 
     def __post_init__(self) -> None:
         if not 0 < self.k <= self.d_sae:
             raise ConfigError(f"clt k={self.k}: expected 1..d_sae ({self.d_sae})")
+        if self.activation not in ("topk", "relu", "jumprelu"):
+            raise ConfigError(f"clt activation={self.activation!r}: expected topk, relu or jumprelu")
 
 
 class CrossLayerTranscoder(nn.Module):
-    """Parameters: W_enc [L, D, F], b_enc [L, F], W_dec[l] [F, L - l, D] (block m - l writes layer m), b_dec [L, D]."""
+    """Parameters: W_enc [L, D, F], b_enc [L, F], W_dec[l] [F, L - l, D] (block m - l writes layer m), b_dec [L, D],
+    and threshold [L, F] for a JumpReLU CLT (read from circuit-tracer's files; training here is TopK)."""
 
     def __init__(self, cfg: CLTConfig) -> None:
         super().__init__()
@@ -65,14 +70,20 @@ class CrossLayerTranscoder(nn.Module):
             [nn.Parameter(torch.randn(F_, L - layer, D, generator=g) * (0.1 / (F_ * L) ** 0.5)) for layer in range(L)]
         )
         self.b_dec = nn.Parameter(torch.zeros(L, D))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(L, F_))
 
     @property
     def n_layers(self) -> int:
         return self.cfg.n_layers
 
     def encode_layer(self, layer: int, x_BD: Tensor) -> Tensor:
-        """Layer ``layer``'s latents f_BF: TopK of the pre-activations, then ReLU."""
+        """Layer ``layer``'s latents f_BF: TopK of the pre-activations, then ReLU (or ReLU / JumpReLU alone)."""
         pre_BF = x_BD @ self.W_enc[layer] + self.b_enc[layer]
+        if self.cfg.activation == "relu":
+            return torch.relu(pre_BF)
+        if self.cfg.activation == "jumprelu":  # circuit-tracer's: z * 1[z > theta]
+            return pre_BF * (pre_BF > self.threshold[layer])
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
 
@@ -106,6 +117,8 @@ def save_clt(clt: CrossLayerTranscoder, folder: str | Path, model_name: str) -> 
     tmp.mkdir(parents=True)
     tensors = {"W_enc": clt.W_enc, "b_enc": clt.b_enc, "b_dec": clt.b_dec}
     tensors.update({f"W_dec.{layer}": w for layer, w in enumerate(clt.W_dec)})
+    if clt.cfg.activation == "jumprelu":
+        tensors["threshold"] = clt.threshold
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     cfg = {"architecture": "clt", "format_version": FORMAT_VERSION, **asdict(clt.cfg), "model_name": model_name,
            "hook_in": HOOK_IN, "hook_out": HOOK_OUT}  # fmt: skip
@@ -124,6 +137,7 @@ def load_clt(folder: str | Path, device: str = "cpu") -> tuple[CrossLayerTransco
     if cfg.get("architecture") != "clt" or cfg.get("format_version") != FORMAT_VERSION:
         raise TranscoderSetError(f"{folder} is not a CLT folder (format_version {FORMAT_VERSION})")
     fields = {k: cfg[k] for k in ("n_layers", "d_model", "d_sae", "k", "lr", "seed")}
+    fields["activation"] = cfg.get("activation", "topk")  # folders written before the field existed
     clt = CrossLayerTranscoder(CLTConfig(**fields))
     tensors = load_file(str(folder / WEIGHTS))
     with torch.no_grad():
@@ -132,6 +146,8 @@ def load_clt(folder: str | Path, device: str = "cpu") -> tuple[CrossLayerTransco
         clt.b_dec.copy_(tensors["b_dec"])
         for layer, w in enumerate(clt.W_dec):
             w.copy_(tensors[f"W_dec.{layer}"])
+        if fields["activation"] == "jumprelu":
+            clt.threshold.copy_(tensors["threshold"])
     clt.requires_grad_(False)
     return clt.to(device), cfg["model_name"]
 
@@ -143,6 +159,8 @@ def train_clt(
     L, D = lm.n_layers, lm.d_model
     if (cfg.n_layers, cfg.d_model) != (L, D):
         raise ConfigError(f"CLT n_layers/d_model {cfg.n_layers}/{cfg.d_model}; the model has {L}/{D}")
+    if cfg.activation != "topk":
+        raise ConfigError(f"clt activation={cfg.activation!r}: train_clt trains TopK CLTs only")
     points = [resolve_hook(lm.model, HOOK_IN.format(layer=m)) for m in range(L)]
     points += [resolve_hook(lm.model, HOOK_OUT.format(layer=m)) for m in range(L)]
     clt = CrossLayerTranscoder(cfg).to(lm.device)

@@ -40,13 +40,14 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     c.add_argument("--tokens", type=int, default=1_000_000, help="training tokens (default 1000000)")
     c.add_argument("--config", help="JSON config file (model, data and activations sections are read)")
     for f in dataclasses.fields(CLTConfig):
-        if f.name not in ("n_layers", "d_model"):  # the model's
+        if f.name not in ("n_layers", "d_model", "activation"):  # the model's; training is TopK only
             c.add_argument(f"--clt.{f.name}", dest=f"clt.{f.name}", default=argparse.SUPPRESS,
                            help=f"{f.metadata['help']} (default: {f.default!r})")  # fmt: skip
     add_config_options(c, ["model", "data", "activations"], None)
     c.set_defaults(func=cmd_clt)
 
-    g = sub.add_parser("graph", help="attribution graph of one prompt through per-layer transcoders (JSON)")
+    g = sub.add_parser("graph", help="attribution graph of one prompt through per-layer transcoders (JSON)",
+                       description="--transcoders also takes a circuit-tracer folder (config.yaml).")  # fmt: skip
     g.add_argument(
         "--transcoders", required=True, metavar="DIR", help="a folder made by `saeforge transcoders` or `saeforge clt`"
     )
@@ -188,6 +189,10 @@ def _load_set(ns: argparse.Namespace):
     # on the CPU first: the model's loader says clearly if --device is absent; ReplacementModel moves them
     if (Path(ns.transcoders) / "cfg.json").exists():
         transcoders, model_name = load_clt(ns.transcoders)
+    elif (Path(ns.transcoders) / "config.yaml").exists():  # circuit-tracer's layout (circuits/formats.py)
+        from saeforge.circuits.formats import read_circuit_tracer_folder
+
+        transcoders, model_name = read_circuit_tracer_folder(ns.transcoders)
     else:
         transcoders = load_transcoders(ns.transcoders)
         model_name = transcoders.model_name
