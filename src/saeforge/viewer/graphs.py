@@ -21,6 +21,7 @@ from typing import Any
 
 from saeforge.circuits.html import graph_html
 from saeforge.circuits.transcoders import MANIFEST
+from saeforge.viewer.apierrors import error_responses
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -80,7 +81,9 @@ def graphs_router(folder: str | Path | None, db_metas: list[dict[str, Any]], not
                 continue  # some other JSON file in the folder
         return {"graphs": out}
 
-    @router.get("/api/graph/{name}", summary="One graph JSON (circuit-tracer layout)")
+    @router.get(
+        "/api/graph/{name}", summary="One graph JSON (circuit-tracer layout)", responses=error_responses(404, 422)
+    )
     def graph(name: str):
         return load(name)
 

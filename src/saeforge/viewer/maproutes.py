@@ -13,6 +13,7 @@ from typing import Any
 from saeforge.saes.formats import load_sae
 from saeforge.saes.hub import local_sae_dir
 from saeforge.viewer import dmap
+from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.db import DBError, FeatureDB
 
 MAX_PCA_FEATURES = 2000
@@ -47,11 +48,19 @@ def map_router(get_db: Callable[[str, str], FeatureDB]):
         except DBError as e:  # an older database without the map tables
             raise HTTPException(422, str(e)) from e
 
-    @router.get("/api/map/{model}/{sae}", summary="2-D map of the decoder directions with clusters and colours")
+    @router.get(
+        "/api/map/{model}/{sae}",
+        summary="2-D map of the decoder directions with clusters and colours",
+        responses=error_responses(404, 422),
+    )
     def map_(model: str, sae: str):
         return checked(dmap.map_points, get_db(model, sae))
 
-    @router.get("/api/tree/{model}/{sae}", summary="A node of the decoder-direction cluster tree and its children")
+    @router.get(
+        "/api/tree/{model}/{sae}",
+        summary="A node of the decoder-direction cluster tree and its children",
+        responses=error_responses(404, 422),
+    )
     def tree(model: str, sae: str, node: int | None = Query(None, ge=0)):
         d = get_db(model, sae)
         out = checked(dmap.tree_node, d, node)
@@ -64,7 +73,11 @@ def map_router(get_db: Callable[[str, str], FeatureDB]):
             ..., min_length=2, max_length=MAX_PCA_FEATURES, description="Feature indices (at least two)."
         )
 
-    @router.post("/api/pca/{model}/{sae}", summary="2-D PCA of the chosen features' decoder rows")
+    @router.post(
+        "/api/pca/{model}/{sae}",
+        summary="2-D PCA of the chosen features' decoder rows",
+        responses=error_responses(400, 404, 422),
+    )
     def pca(model: str, sae: str, req: PCARequest):
         d = get_db(model, sae)
         bad = [f for f in req.features if not 0 <= f < d.d_sae]

@@ -18,8 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.db import DBError, FeatureDB
 from saeforge.viewer.graphs import graphs_router
+from saeforge.viewer.jsoncache import JSONCache, encode
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.maproutes import map_router
 from saeforge.viewer.steer import steer_router
@@ -107,6 +109,7 @@ def neuronpedia_explanation(e: dict[str, Any]) -> dict[str, Any]:
 
 def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path | None = None):
     from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
@@ -121,6 +124,7 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         dbs[key] = d
     assets = _read_assets()
     runner = LiveRunner() if live else None
+    json_cache = JSONCache()
 
     app = FastAPI(
         title="saeforge feature viewer",
@@ -140,7 +144,8 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
     async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+        # keep the exception's headers: a 405 carries the route's `Allow` list there
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -213,7 +218,7 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         )
         return {"saes": [{k: d.meta.get(k) for k in keys} | {"live": live} for d in dbs.values()]}
 
-    @app.get("/api/features/{model}/{sae}", summary="Feature list, sorted")
+    @app.get("/api/features/{model}/{sae}", summary="Feature list, sorted", responses=error_responses(400, 404, 422))
     def features(
         model: str,
         sae: str,
@@ -233,8 +238,7 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
             raise HTTPException(422, str(e)) from e
         return {"total": d.d_sae, "offset": offset, "features": rows}
 
-    @app.get("/api/feature/{model}/{sae}/{index}", summary="One feature, shaped like Neuronpedia's feature JSON")
-    def feature(model: str, sae: str, index: int, exclude_first: bool = False):
+    def feature_json(model: str, sae: str, index: int, exclude_first: bool) -> dict[str, Any]:
         d, f = get_feature(model, sae, index)
         if exclude_first:  # top contexts ranked without the first position after BOS, where stored
             f = d.feature(index, exclude_first=True)
@@ -244,11 +248,29 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         return out
 
     @app.get(
-        "/api/search", summary="Features whose top contexts peak on a token containing q, or explained by q's words"
+        "/api/feature/{model}/{sae}/{index}",
+        summary="One feature, shaped like Neuronpedia's feature JSON",
+        responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}} | error_responses(404, 422),
+    )
+    async def feature(model: str, sae: str, index: int, exclude_first: bool = False):
+        # The hot path of the viewer: encoded JSON bytes from the cache (see jsoncache.py for when they are
+        # rebuilt); async so that a hit never waits for the thread pool, and a miss reads SQLite in it.
+        d = get_db(model, sae)
+        full, body = json_cache.lookup(d.path, ("feature", index, exclude_first))
+        if body is None:
+            out = await run_in_threadpool(feature_json, model, sae, index, exclude_first)
+            body = encode(out)
+            json_cache.store(full, body)
+        return Response(body, media_type="application/json")
+
+    @app.get(
+        "/api/search",
+        summary="Features whose top contexts peak on a token containing q, or explained by q's words",
+        responses=error_responses(404, 422),
     )
     def search(q: str, model: str | None = None, sae: str | None = None, limit: int = Query(50, ge=1, le=MAX_LIMIT)):
-        if not q.strip():
-            raise HTTPException(400, "q must not be empty")
+        if not q.strip():  # nothing to look for: no results (the schema allows an empty q, so no error)
+            return {"q": q, "results": []}
         targets = [get_db(model, sae)] if model and sae else list(dbs.values())
         return {
             "q": q,
@@ -276,7 +298,11 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         except LiveError as e:
             raise HTTPException(503, str(e)) from e
 
-    @app.post("/api/activations", summary="Live: top features per token for each SAE")
+    @app.post(
+        "/api/activations",
+        summary="Live: top features per token for each SAE",
+        responses=error_responses(400, 404, 422, 503),
+    )
     def activations(req: ActivationsRequest):
         r = need_live()
         chosen = [tuple(s.split("/", 1)) for s in req.saes] if req.saes else list(dbs)
@@ -287,7 +313,11 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
             out.append({"model": key[0], "sae": key[1], "tokens": d.texts(res["token_ids"]), **res})
         return {"results": out}
 
-    @app.post("/api/activation/{model}/{sae}/{index}", summary="Live: one feature's activation on each token")
+    @app.post(
+        "/api/activation/{model}/{sae}/{index}",
+        summary="Live: one feature's activation on each token",
+        responses=error_responses(400, 404, 422, 503),
+    )
     def activation(model: str, sae: str, index: int, req: FeatureActivationRequest):
         r = need_live()
         d, _ = get_feature(model, sae, index)
@@ -313,4 +343,7 @@ def serve(
 ) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(db_paths, live=live, graphs=graphs), host=host, port=port, log_level="info")
+    # No access log: a log line per request cost more than a cached feature answer itself (docs/viewer.md).
+    uvicorn.run(
+        create_app(db_paths, live=live, graphs=graphs), host=host, port=port, log_level="info", access_log=False
+    )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from saeforge.analysis.steering import steer_generate
+from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.live import LiveError, LiveRunner
 
 MAX_PROMPT_CHARS = 2000
@@ -48,6 +49,7 @@ def steer_router(get_feature: Callable[[str, str, int], Any], runner: LiveRunner
         "/api/steer/{model}/{sae}/{index}",
         response_model=SteerResponse,
         summary="Live: a prompt's greedy continuation without and with steering one feature",
+        responses=error_responses(400, 404, 422, 503),
     )
     def steer(model: str, sae: str, index: int, req: SteerRequest):
         if runner is None:

@@ -1,0 +1,79 @@
+"""Encoded feature JSON kept in memory, so a feature the server has answered once costs a dict look-up.
+
+A feature database is immutable once ``saeforge index`` renamed it into place, except that ``saeforge explain``
+and ``saeforge map`` add tables to it later while a server may be running. Entries are therefore keyed by the
+file's generation: (mtime_ns, size) of the database and of its ``-wal`` file when there is one. Any commit
+changes it, and the next request finds no entry of the new generation and rebuilds (old entries age out of
+the LRU). A stat per request costs microseconds; re-reading and re-encoding a feature costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+try:  # optional: faster encoding on a miss; the stdlib encoder gives the same JSON
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+
+def encode(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, as Starlette's JSONResponse writes it (NaN is an error there too)."""
+    if orjson is not None:
+        return orjson.dumps(obj)
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def generation(path: Path) -> tuple[int, ...]:
+    """What changes whenever a writer commits to the SQLite file at ``path``."""
+    st = os.stat(path)
+    out = (st.st_mtime_ns, st.st_size)
+    try:
+        wal = os.stat(f"{path}-wal")
+    except FileNotFoundError:
+        return out
+    return (*out, wal.st_mtime_ns, wal.st_size)
+
+
+class JSONCache:
+    """A thread-safe LRU of encoded responses: ``get(path, key, build)`` returns ``build()``'s JSON bytes,
+    computed once per (path, generation of path, key). ``maxsize`` bounds the entries (a feature's JSON is
+    ~10-100 KB, so the default 2048 holds up to ~200 MB on a large database)."""
+
+    def __init__(self, maxsize: int = 2048):
+        self.maxsize = maxsize
+        self._data: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def lookup(self, path: Path, key: Hashable) -> tuple[Hashable, bytes | None]:
+        """(full key, bytes or None); the full key is what ``store`` takes after a miss."""
+        full = (str(path), generation(path), key)
+        with self._lock:
+            body = self._data.get(full)
+            if body is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._data.move_to_end(full)
+            return full, body
+
+    def store(self, full: Hashable, body: bytes) -> None:
+        with self._lock:
+            self._data[full] = body
+            self._data.move_to_end(full)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def get(self, path: Path, key: Hashable, build: Callable[[], Any]) -> bytes:
+        full, body = self.lookup(path, key)
+        if body is None:
+            body = encode(build())
+            self.store(full, body)
+        return body
