@@ -1,10 +1,11 @@
 """API latency under load and page weight of the feature viewer (not a test).
 
-    python bench/viewer_api.py DB [--clients 32] [--seconds 10]
+    python bench/viewer_api.py DB [--clients 32] [--seconds 10] [--features N]
 
 Starts `saeforge serve DB --no-live` on a free loopback port (a separate process, as users run it),
 then 32 concurrent clients (one asyncio loop, httpx, keep-alive) request random features'
-/api/feature JSON for 10 s; reports requests/s and latency p50/p99. The load generator runs on the
+/api/feature JSON for 10 s; reports requests/s, latency p50/p99 and the server process's CPU time per
+request (from /proc: the server's own cost, which other work on the machine does not inflate). The load generator runs on the
 same machine and competes with the server for its cores: the figures are a floor, not a ceiling.
 Page weight: the bytes a browser fetches to show one feature page (HTML, script, stylesheet, JSON).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import socket
 import statistics
@@ -21,6 +23,12 @@ import sys
 import time
 
 import httpx
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): the server's own cost, whatever else shares the cores."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -54,6 +62,7 @@ def main() -> None:
     ap.add_argument("db")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--features", type=int, default=0, help="draw from the first N features only (0: all)")
     args = ap.parse_args()
 
     port = free_port()
@@ -74,12 +83,16 @@ def main() -> None:
             raise SystemExit("server did not start")
         s = saes[0]
         model, sae, d_sae = s["model_id"], s["sae_id"], s["d_sae"]
+        d_sae = min(d_sae, args.features) if args.features else d_sae  # a small hot set: answers from the cache
+        cpu0 = cpu_seconds(proc.pid)
         lat, errors = asyncio.run(load(base, model, sae, d_sae, args.clients, args.seconds))
+        cpu = cpu_seconds(proc.pid) - cpu0
         lat.sort()
         q = statistics.quantiles(lat, n=100)
         print(
             f"{len(lat)} requests in {args.seconds:.0f} s from {args.clients} clients: {len(lat) / args.seconds:,.0f} req/s, "
-            f"errors {errors}; latency p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms"
+            f"errors {errors}; latency p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms; "
+            f"server CPU {cpu * 1e3 / len(lat):.2f} ms per request"
         )
 
         idx = httpx.get(f"{base}/api/features/{model}/{sae}?limit=1").json()["features"][0]["index"]
