@@ -343,7 +343,7 @@ def serve(
 ) -> None:
     import uvicorn
 
-    # No access log: a log line per request cost more than a cached feature answer itself (docs/viewer.md).
+    # No access log: formatting and writing a line per request is work on the hot path nobody asked for.
     uvicorn.run(
         create_app(db_paths, live=live, graphs=graphs), host=host, port=port, log_level="info", access_log=False
     )
