@@ -38,7 +38,7 @@ def test_jaccard_by_hand_on_a_planted_case():
     assert jaccard(set(), set()) is None and jaccard({1}, set()) == 0.0 and jaccard({1, 2}, {2, 1}) == 1.0
 
 
-def test_decoder_state_round_trips_and_old_checkpoints_are_refused():
+def test_decoder_state_round_trips_and_old_checkpoints_are_refused(tmp_path):
     g = torch.Generator().manual_seed(0)
     tokens, keep = torch.randint(0, 9, (6, 5), generator=g), torch.ones(6, 5, dtype=torch.bool)
     f, proj = torch.relu(torch.randn(6, 5, 3, generator=g)), torch.randn(6, 5, 3, generator=g)
@@ -53,9 +53,15 @@ def test_decoder_state_round_trips_and_old_checkpoints_are_refused():
     again.update(tokens[3:], f[3:].clone(), keep[3:], proj[3:])
     for k, v in whole.state()[0].items():
         assert torch.equal(v, again.state()[0][k]), k
-    old = {k: v for k, v in tensors.items() if not k.startswith("top_dec.")}
+    # a checkpoint written without projections (an older saeforge) cannot resume a build that has them
+    from saeforge.viewer.index import _load_state, _save_state
+
+    plain = FeatureStats(3, 2, 2, 1, 1, 8)
+    plain.update(tokens[:3], f[:3].clone(), keep[:3])
+    assert plain.top_dec is None
+    _save_state(tmp_path / "state", plain, {"x": 1})
     with pytest.raises(ValueError, match="predates decoder-projection"):
-        FeatureStats(3, 2, 2, 1, 1, 8).load(old, counters)
+        _load_state(tmp_path / "state", FeatureStats(3, 2, 2, 1, 1, 8), {"x": 1})
 
 
 @pytest.fixture(scope="module")

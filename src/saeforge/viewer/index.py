@@ -100,6 +100,9 @@ def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
     if (folder / "stats.safetensors").stat().st_size != state["tensor_bytes"]:
         return False  # tensors newer than the JSON: start over rather than mix two points in time
     stats.load(tensors, state["counters"])
+    if stats.top_dec is None and stats.n_windows > 0:
+        # the decoder-projection list would miss the windows already seen
+        raise DBError(f"{folder} predates decoder-projection contexts; delete it (or pass --restart) to start over")
     return True
 
 

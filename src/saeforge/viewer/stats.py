@@ -270,11 +270,6 @@ class FeatureStats:
         self.top = Kept.from_tensors(tensors, "top")
         self.top_rest = Kept.from_tensors(tensors, "top_rest")
         self.sample = Kept.from_tensors(tensors, "sample")
-        if "top_dec.score_FK" not in tensors and counters["n_windows"] > 0:
-            raise DBError(
-                "index checkpoint predates decoder-projection contexts; delete the .index-state folder "
-                "(or pass --restart) to start over"
-            )
         self.top_dec = Kept.from_tensors(tensors, "top_dec") if "top_dec.score_FK" in tensors else None
         self.n_tokens, self.n_windows, self.n_updates = (
             counters["n_tokens"],
