@@ -122,21 +122,28 @@ def test_decoder_contexts_equal_a_direct_computation(built):
     assert [r["enc_dec_jaccard"] for r in listed] == [db.decoder_view(i)["jaccard"] for i in range(48)]
 
 
-def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, tmp_path):
+@pytest.fixture(scope="module")
+def with_meta(built):
+    """A copy of the database with meta-latents added by the CLI (a quick, untuned meta-SAE)."""
+    from saeforge.cli import main
+
+    db_path = built["root"] / "m.db"
+    db_path.write_bytes(built["db"].read_bytes())
+    args = ["meta", str(built["root"] / "sae"), "--out", str(built["root"] / "meta"), "--db", str(db_path)]
+    assert main([*args, "--top", "3", "--sae.d_sae", "8", "--sae.k", "2", "--tokens", "960", "--quiet"]) == 0
+    return db_path
+
+
+def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, with_meta, tmp_path):
     from fastapi.testclient import TestClient
 
-    from saeforge.cli import main
     from saeforge.saes.formats import load_sae
     from saeforge.training.meta import meta_latents
     from saeforge.viewer.server import create_app
 
-    db_path = tmp_path / "m.db"
-    db_path.write_bytes(built["db"].read_bytes())
-    sae_dir = built["root"] / "sae"
-    args = ["meta", str(sae_dir), "--out", str(tmp_path / "meta"), "--db", str(db_path), "--top", "3"]
-    assert main([*args, "--sae.d_sae", "8", "--sae.k", "2", "--tokens", "960", "--quiet"]) == 0
+    db_path, sae_dir = with_meta, built["root"] / "sae"
     rows = sqlite3.connect(db_path).execute("SELECT * FROM meta_latents ORDER BY feature, rank").fetchall()
-    want = meta_latents(load_sae(tmp_path / "meta"), load_sae(sae_dir).W_dec, 3)
+    want = meta_latents(load_sae(built["root"] / "meta"), load_sae(sae_dir).W_dec, 3)
     assert [r[:3] for r in rows] == [r[:3] for r in want] and len(rows) > 48
     assert [r[3] for r in rows] == pytest.approx([r[3] for r in want])
 
@@ -168,3 +175,54 @@ def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, tmp_
     assert j["decoder_contexts"] is None and j["meta"] is None and j["saeforge"]["encoder_decoder"] is None
     listed = client.get(f"/api/features/{model}/{sae}?limit=2").json()["features"]
     assert [f["enc_dec_jaccard"] for f in listed] == [None, None]
+
+
+@pytest.mark.browser
+def test_browser_feature_page_shows_both_lists_and_meta_links(with_meta, tmp_path):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from saeforge.viewer.server import create_app
+
+    d = FeatureDB(with_meta)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app([with_meta], live=False), port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    i = next(i for i in range(d.d_sae) if d.decoder_view(i)["n_enc"] > 0)
+    errors = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{port}/feature/{d.meta['model_id']}/{d.meta['sae_id']}/{i}")
+            page.wait_for_selector("#dectop .ctx")
+            view = d.decoder_view(i)
+            assert page.locator("#top .ctx").count() == view["n_enc"]
+            assert page.locator("#dectop .ctx").count() == len(view["decoder_contexts"])
+            assert f"Jaccard {view['jaccard']:.3g}"[:12] in page.locator("#encdec").text_content()
+            shared = sum(len(m["shared_with"]) for m in meta_for_feature(d, i))
+            assert page.locator("#meta tbody tr").count() == len(meta_for_feature(d, i))
+            assert page.locator("#meta a").count() == shared
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    assert errors == []
+
+
+def meta_for_feature(d, i):
+    from saeforge.viewer.metadb import meta_for
+
+    return meta_for(d, i)
