@@ -1,4 +1,4 @@
-"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain``, ``map`` (listed in cli.COMMAND_MODULES)."""
+"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain``, ``map``, ``meta`` (listed in cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
