@@ -147,6 +147,21 @@ def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, with
     assert [r[:3] for r in rows] == [r[:3] for r in want] and len(rows) > 48
     assert [r[3] for r in rows] == pytest.approx([r[3] for r in want])
 
+    # a meta-SAE trained on another SAE's decoder is refused, the table left as it was
+    import json
+    import shutil
+
+    from saeforge.viewer.metadb import add_meta_latents
+
+    other = tmp_path / "other_meta"
+    shutil.copytree(built["root"] / "meta", other)
+    cfg = json.loads((other / "cfg.json").read_text())
+    cfg["metadata"]["meta_base_sae"] = str(tmp_path / "another_sae")
+    (other / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="trained on the decoder of"):
+        add_meta_latents(db_path, other)
+    assert sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM meta_latents").fetchone()[0] == len(rows)
+
     d = FeatureDB(db_path)
     client = TestClient(create_app([db_path], live=False))
     model, sae = d.meta["model_id"], d.meta["sae_id"]

@@ -30,8 +30,15 @@ def add_meta_latents(db_path: str | Path, meta_dir: str | Path, top: int = 8) ->
     d = FeatureDB(db_path)  # checks that the file is a whole database
     if not is_meta_sae(meta_dir):
         raise DBError(f"{meta_dir} is not a meta-SAE folder (no metadata.meta_inputs); make one with `saeforge meta`")
+    base_dir = Path(local_sae_dir(d.meta["sae_dir"])).resolve()
+    trained_on = read_cfg(meta_dir)["metadata"].get("meta_base_sae")
+    if trained_on != str(base_dir):
+        raise DBError(
+            f"{meta_dir} was trained on the decoder of {trained_on}, but {db_path} indexes {base_dir}; "
+            f"train one on that SAE: `saeforge meta {base_dir} --db {db_path}`"
+        )
     try:
-        base = load_sae(local_sae_dir(d.meta["sae_dir"]), device="cpu")
+        base = load_sae(base_dir, device="cpu")
     except OSError as e:
         raise DBError(f"cannot read the SAE folder {d.meta['sae_dir']} that {db_path} was built from ({e})") from e
     meta = load_sae(meta_dir, device="cpu")
