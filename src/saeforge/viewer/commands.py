@@ -1,4 +1,4 @@
-"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain``, ``map`` (listed in cli.COMMAND_MODULES)."""
+"""CLI: ``saeforge index``, ``serve``, ``export-neuronpedia``, ``explain``, ``map``, ``meta`` (listed in cli.COMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import dataclasses
 from pathlib import Path
 
 from saeforge.config import UsageError, add_config_options, from_dict, overrides
+from saeforge.saes.batchtopk import BatchTopKConfig
 from saeforge.saes.hub import output_dir
+from saeforge.training.meta import train_meta_sae
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.dmap import add_map
 from saeforge.viewer.explain_run import ExplainConfig, run_explain
 from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
 from saeforge.viewer.llm import LLMConfig
+from saeforge.viewer.metadb import add_meta_latents
 from saeforge.viewer.server import serve
 
 
@@ -99,7 +102,42 @@ def cmd_map(ns: argparse.Namespace, base: dict) -> int:
     return 0
 
 
+def cmd_meta(ns: argparse.Namespace, base: dict) -> int:
+    if ns.top < 1 or ns.batch_size < 2:
+        raise UsageError(f"--top {ns.top} / --batch-size {ns.batch_size}: expected --top >= 1, --batch-size >= 2")
+    if ns.db and not Path(ns.db).is_file():
+        raise UsageError(f"--db {ns.db}: no such file; build it first with `saeforge index {ns.sae_dir} --out {ns.db}`")
+    out = Path(ns.out) if ns.out else Path(ns.sae_dir) / "meta"
+    given = overrides(ns)
+    if out.exists() and ns.db and not ns.force and not given.get("sae") and not given.get("train"):
+        print(f"{out} exists: using it (--force retrains)")  # `--db` alone adds an existing meta-SAE to a database
+    else:
+        train_meta_sae(
+            ns.sae_dir, out, given.get("sae"), given.get("train"), ns.batch_size, ns.force, progress=not ns.quiet
+        )
+        print(f"meta-SAE saved to {out}")
+    if ns.db:
+        n = add_meta_latents(ns.db, out, ns.top)
+        print(f"{n} (feature, meta-latent) rows written to {ns.db}; `saeforge serve {ns.db}` lists them per feature")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
+    mt = sub.add_parser(
+        "meta",
+        help="train a meta-SAE on an SAE's decoder rows (Pearce et al.); --db adds its latents to the viewer",
+        description="A BatchTopK SAE with small k (default d_sae = F/16, k = 4) trained on the unit decoder rows "
+        "of SAE_DIR for many epochs (--tokens = rows seen; default 2000 epochs). Saved as an SAE folder whose "
+        "metadata names the base SAE. --db DB writes each feature's meta-latents into a feature database.",
+    )
+    mt.add_argument("sae_dir", help="the base SAE folder (cfg.json + sae_weights.safetensors)")
+    mt.add_argument("--out", help="meta-SAE folder (default: SAE_DIR/meta)")
+    mt.add_argument("--db", help="feature database of SAE_DIR (from `saeforge index`) to add the meta-latents to")
+    mt.add_argument("--top", type=int, default=8, help="meta-latents kept per feature in the database (default 8)")
+    mt.add_argument("--batch-size", type=int, default=4096, help="decoder rows per step (at most F; default 4096)")
+    mt.add_argument("--force", action="store_true", help="replace an existing meta-SAE folder at --out")
+    add_config_options(mt, ["train"], BatchTopKConfig)
+    mt.set_defaults(func=cmd_meta)
 
     i = sub.add_parser(
         "index",

@@ -15,9 +15,13 @@
                                                      of firing windows peaking there; the artefact flag
     contexts_rest(same columns as contexts)          kind 'top' only: the top list with the first position
                                                      ignored, for features with windows peaking there
+    contexts_dec(same columns as contexts)           kind 'top' only: the top windows by the projection of x on
+                                                     the feature's unit decoder direction (acts = projections)
+    enc_dec(feature, n_enc, n_dec, jaccard)          overlap of the encoder's and the decoder's top windows
+    meta_latents(feature, rank, latent, activation)  a meta-SAE's strongest latents per feature (`saeforge meta`)
     map, tree                                        the dictionary map (dmap.py)
     explanations, scores, explanations_fts, llm_cache   added by `saeforge explain` (explain.py), on demand
-Databases built before first_position / contexts_rest / map / tree existed lack them; readers check (``has_table``).
+Databases built before first_position / contexts_rest / contexts_dec / enc_dec / map / tree existed lack them; readers check (``has_table``).
 
 The writer fills a temporary file and renames it into place when whole, so a file at the final name
 is always complete. The reader opens it read-only, one connection per thread.
@@ -56,6 +60,12 @@ CREATE TABLE contexts_rest (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank I
     interval INTEGER NOT NULL, window INTEGER NOT NULL, max_act REAL NOT NULL, max_pos INTEGER NOT NULL,
     max_token INTEGER NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, PRIMARY KEY (feature, kind, rank));
 """
+DECODER_SCHEMA = """
+CREATE TABLE contexts_dec (feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    interval INTEGER NOT NULL, window INTEGER NOT NULL, max_act REAL NOT NULL, max_pos INTEGER NOT NULL,
+    max_token INTEGER NOT NULL, tokens TEXT NOT NULL, acts TEXT NOT NULL, PRIMARY KEY (feature, kind, rank));
+CREATE TABLE enc_dec (feature INTEGER PRIMARY KEY, n_enc INTEGER NOT NULL, n_dec INTEGER NOT NULL, jaccard REAL);
+"""
 INDEXES = """
 CREATE INDEX features_density ON features(density);
 CREATE INDEX contexts_token ON contexts(max_token, kind);
@@ -78,6 +88,10 @@ def create(path: Path) -> sqlite3.Connection:
 
 def create_first_position(con: sqlite3.Connection) -> None:
     con.executescript(FIRST_SCHEMA)
+
+
+def create_decoder_view(con: sqlite3.Connection) -> None:
+    con.executescript(DECODER_SCHEMA)
 
 
 def write_meta(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
@@ -155,7 +169,6 @@ class FeatureDB:
         rest = exclude_first and bool(
             self.has_table("contexts_rest") and self.query("SELECT 1 FROM contexts_rest WHERE feature = ?", (idx,))
         )
-        contexts = []
         cols = "kind, rank, interval, window, max_act, max_pos, tokens, acts"
         rows = self.query(
             f"SELECT {cols} FROM {'contexts_rest' if rest else 'contexts'} WHERE feature = ? AND kind = 'top' "
@@ -164,21 +177,7 @@ class FeatureDB:
         ) + self.query(
             f"SELECT {cols} FROM contexts WHERE feature = ? AND kind = 'quantile' ORDER BY interval DESC, rank", (idx,)
         )
-        for kind, rank, interval, window, mact, pos, tokens, acts in rows:
-            ids = json.loads(tokens)
-            contexts.append(
-                {
-                    "kind": kind,
-                    "rank": rank,
-                    "interval": interval,
-                    "window": window,
-                    "max_act": mact,
-                    "max_pos": pos,
-                    "token_ids": ids,
-                    "tokens": self.texts(ids),
-                    "acts": json.loads(acts),
-                }
-            )
+        contexts = self._contexts(rows)
         logits = {1: [], -1: []}
         for sign, token, value in self.query(
             "SELECT sign, token, value FROM logits WHERE feature = ? ORDER BY sign DESC, rank", (idx,)
@@ -198,6 +197,46 @@ class FeatureDB:
             "neg": [(t, s, v) for (t, v), s in zip(logits[-1], self.texts(t for t, _ in logits[-1]))],
             "neighbours": [{"index": o, "cosine": c} for o, c in nbrs],
         }
+
+    def _contexts(self, rows: list[tuple]) -> list[dict[str, Any]]:
+        out = []
+        for kind, rank, interval, window, mact, pos, tokens, acts in rows:
+            ids = json.loads(tokens)
+            out.append(
+                {
+                    "kind": kind,
+                    "rank": rank,
+                    "interval": interval,
+                    "window": window,
+                    "max_act": mact,
+                    "max_pos": pos,
+                    "token_ids": ids,
+                    "tokens": self.texts(ids),
+                    "acts": json.loads(acts),
+                }
+            )
+        return out
+
+    def decoder_view(self, idx: int) -> dict[str, Any] | None:
+        """{decoder_contexts (max_act / acts are projections on the unit decoder direction), jaccard, n_enc,
+        n_dec}; None for a database built before decoder-projection contexts."""
+        if not self.has_table("contexts_dec"):
+            return None
+        rows = self.query(
+            "SELECT kind, rank, interval, window, max_act, max_pos, tokens, acts FROM contexts_dec "
+            "WHERE feature = ? ORDER BY rank",
+            (idx,),
+        )
+        stat = self.query("SELECT n_enc, n_dec, jaccard FROM enc_dec WHERE feature = ?", (idx,))
+        n_enc, n_dec, jac = stat[0] if stat else (0, 0, None)
+        return {"decoder_contexts": self._contexts(rows), "jaccard": jac, "n_enc": n_enc, "n_dec": n_dec}
+
+    def enc_dec_jaccard(self, idxs: list[int]) -> dict[int, float | None]:
+        """{feature: encoder/decoder top-context Jaccard}; {} for an older database."""
+        if not idxs or not self.has_table("enc_dec"):
+            return {}
+        q = f"SELECT feature, jaccard FROM enc_dec WHERE feature IN ({','.join('?' * len(idxs))})"
+        return dict(self.query(q, tuple(idxs)))
 
     def list_features(
         self,
@@ -317,6 +356,7 @@ class FeatureDB:
             except sqlite3.OperationalError:
                 pass
         first = self.first_position(idxs)
+        jac = self.enc_dec_jaccard(idxs)
         return [
             {
                 "index": i,
@@ -325,6 +365,7 @@ class FeatureDB:
                 "fire_count": c,
                 "peak_token": texts.get(peak[i]) if i in peak else None,
                 "explanation": expl.get(i),
+                "enc_dec_jaccard": jac.get(i),
                 **first.get(i, {"max_act_excl_first": None, "first_share": None, "first_flag": None}),
             }
             for i, d, m, c in rows

@@ -100,6 +100,9 @@ def _load_state(folder: Path, stats: FeatureStats, fingerprint: dict[str, Any]) 
     if (folder / "stats.safetensors").stat().st_size != state["tensor_bytes"]:
         return False  # tensors newer than the JSON: start over rather than mix two points in time
     stats.load(tensors, state["counters"])
+    if stats.top_dec is None and stats.n_windows > 0:
+        # the decoder-projection list would miss the windows already seen
+        raise DBError(f"{folder} predates decoder-projection contexts; delete it (or pass --restart) to start over")
     return True
 
 
@@ -153,6 +156,8 @@ def build_index(
         desc=f"index {sae_id}" + (" (resumed)" if resumed else ""),
     )
     t0 = time.perf_counter()
+    W_dec = sae.W_dec.detach()
+    unit_dec_DF = (W_dec / W_dec.float().norm(dim=1, keepdim=True).clamp(min=1e-12).to(W_dec.dtype)).T
     while True:
         batch = list(itertools.islice(windows, cfg.lm_batch_size))
         if not batch:
@@ -160,8 +165,11 @@ def build_index(
         for wa in window_activations(lm, hook, torch.stack(batch), data_cfg, cfg.lm_batch_size):
             with torch.no_grad():
                 S, Tw, D = wa.acts_STD.shape
-                f_STF = sae.encode(wa.acts_STD.to(sae.W_enc.device).reshape(-1, D)).float().cpu().reshape(S, Tw, -1)
-            stats.update(wa.tokens_ST, f_STF, wa.keep_ST)
+                x_ND = wa.acts_STD.to(sae.W_enc.device).reshape(-1, D)
+                f_STF = sae.encode(x_ND).float().cpu().reshape(S, Tw, -1)
+                # the decoder view: x . W_dec[i] / ||W_dec[i]||, the raw input (no b_dec subtracted)
+                proj_STF = (x_ND.to(unit_dec_DF.dtype) @ unit_dec_DF).float().cpu().reshape(S, Tw, -1)
+            stats.update(wa.tokens_ST, f_STF, wa.keep_ST, proj_STF)
         bar.update(len(batch) * T)
         if stats.n_updates % cfg.checkpoint_every == 0:
             _save_state(sdir, stats, fingerprint)
@@ -228,6 +236,10 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
         db.create_first_position(con)
         db.insert(con, "first_position", _first_rows(stats, cfg.first_ratio))
         db.insert(con, "contexts_rest", _rest_rows(stats, cfg))
+        if stats.top_dec is not None:
+            db.create_decoder_view(con)
+            db.insert(con, "contexts_dec", _top_rows(stats.top_dec, range(stats.F), cfg.left))
+            db.insert(con, "enc_dec", _enc_dec_rows(stats))
         map_method = dmap.write_map(con, W_dec, cfg.map_method, cfg.map_clusters, cfg.seed)
         db.write_meta(con, {"logit_lens": lensed is not None, "map_method": map_method})
         db.finish(con)
@@ -273,13 +285,31 @@ def _trim(tokens: list[int], acts: list[float], centre: int) -> tuple[list[int],
 def _rest_rows(stats: FeatureStats, cfg: IndexConfig):
     """Rows of contexts_rest: the top list with the first position after BOS ignored, stored only where it
     can differ from the plain one (features with a firing window that peaks at that position)."""
-    kept, centre = stats.top_rest, cfg.left
+    yield from _top_rows(stats.top_rest, (stats.peak_first_F > 0).nonzero().flatten().tolist(), cfg.left)
+
+
+def _top_rows(kept, features, centre: int):
+    """contexts-table rows (kind 'top', best first) of ``kept`` for ``features``."""
     value, window = kept.value_FK.tolist(), kept.window_FK.tolist()
     toks, acts = kept.tokens_FKL.tolist(), kept.acts_FKL.tolist()
-    for f in (stats.peak_first_F > 0).nonzero().flatten().tolist():
+    for f in features:
         for rank, k in enumerate(kept.ordered(f)):
             t, a, pos = _trim(toks[f][k], acts[f][k], centre)
             yield (f, "top", rank, -1, window[f][k], value[f][k], pos, t[pos], json.dumps(t), json.dumps(a))
+
+
+def jaccard(a: set[int], b: set[int]) -> float | None:
+    """|a & b| / |a | b|; None when both are empty (nothing to compare)."""
+    return len(a & b) / len(a | b) if a | b else None
+
+
+def _enc_dec_rows(stats: FeatureStats):
+    """(feature, n_enc, n_dec, jaccard): overlap of the windows of the encoder's and the decoder
+    projection's top lists (1 = the same contexts, 0 = none shared)."""
+    for f in range(stats.F):
+        enc = {int(stats.top.window_FK[f, k]) for k in stats.top.ordered(f)}
+        dec = {int(stats.top_dec.window_FK[f, k]) for k in stats.top_dec.ordered(f)}
+        yield (f, len(enc), len(dec), jaccard(enc, dec))
 
 
 def _context_rows(stats: FeatureStats, cfg: IndexConfig):

@@ -24,6 +24,7 @@ from saeforge.viewer.graphs import graphs_router
 from saeforge.viewer.jsoncache import JSONCache, encode
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.maproutes import map_router
+from saeforge.viewer.metadb import meta_for
 from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,15 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         out = neuronpedia_feature(d, f)
         # null in a database built before first-position statistics
         out["saeforge"]["first_position"] = d.first_position([index]).get(index)
+        # the decoder view and meta-latents: null in a database built without them
+        view = d.decoder_view(index)
+        out["decoder_contexts"] = view and [
+            {"tokens": c["tokens"], "values": c["acts"], "maxValue": c["max_act"], "maxValueTokenIndex": c["max_pos"]}
+            | {"window": c["window"]}
+            for c in view["decoder_contexts"]
+        ]
+        out["saeforge"]["encoder_decoder"] = view and {k: view[k] for k in ("jaccard", "n_enc", "n_dec")}
+        out["meta"] = meta_for(d, index)
         return out
 
     @app.get(

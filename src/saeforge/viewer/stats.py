@@ -13,6 +13,10 @@ Each LM pass gives latents f_STF for S windows of T tokens. Per feature we keep:
 Both "keep the best k" lists use one merge: topk over the kept and the new candidates; admitted
 entries overwrite evicted slots, so only changes cost anything. The work is on nonzero latents only.
 Payload per kept context: token ids [L] (-1 outside the window) and activations [L] of that feature.
+
+The decoder view (Pearce on absorption): with ``proj_STF`` (x . W_dec[i] / ||W_dec[i]|| at every token) a
+third list keeps the top-k windows by the max projection on each feature's decoder direction, with the
+projections as the payload: the contexts the direction "reads" whether or not the encoder fires there.
 """
 
 from __future__ import annotations
@@ -134,14 +138,18 @@ class FeatureStats:
         self.top = Kept.empty(d_sae, top_k, L)
         self.top_rest = Kept.empty(d_sae, top_k, L)  # the same, with the first position ignored
         self.sample = Kept.empty(d_sae, sample, L)
+        self.top_dec: Kept | None = None  # decoder-projection contexts, made on the first update that has them
 
     # ---- one LM pass -------------------------------------------------------------------
-    def update(self, tokens_ST: Tensor, f_STF: Tensor, keep_ST: Tensor) -> None:
+    def update(self, tokens_ST: Tensor, f_STF: Tensor, keep_ST: Tensor, proj_STF: Tensor | None = None) -> None:
         """Fold in latents ``f_STF`` (float32, cpu, >= 0) of windows ``tokens_ST``; ``keep_ST`` False = ignore.
 
         Works on the nonzero entries only (latents are sparse: TopK-32 of 4608 is 0.7%); ``f_STF`` is
-        zeroed in place at ignored positions.
+        zeroed in place at ignored positions. ``proj_STF`` (dense, any sign): decoder projections for the
+        decoder-view list.
         """
+        if proj_STF is not None:
+            self._update_decoder(tokens_ST, proj_STF, keep_ST)
         S, T, F = f_STF.shape
         f_NF = f_STF.view(-1, F)
         f_NF[~keep_ST.reshape(-1)] = 0.0
@@ -201,6 +209,27 @@ class FeatureStats:
         self.sample.merge((-key_FS).masked_fill(~fires_FS, NEG_INF), value_FS, window_FS, snippets)
         self.n_updates += 1
 
+    def _update_decoder(self, tokens_ST: Tensor, proj_STF: Tensor, keep_ST: Tensor) -> None:
+        """Top windows by max projection over kept positions (dense: projections are rarely 0)."""
+        S, T, F = proj_STF.shape
+        if self.top_dec is None:
+            self.top_dec = Kept.empty(F, self.top.score_FK.shape[1], self.left + 1 + self.right)
+        masked_STF = proj_STF.masked_fill(~keep_ST[:, :, None], NEG_INF)
+        wmax_SF, wpos_SF = masked_STF.max(dim=1)  # first position of the max on ties
+        offs_L = torch.arange(-self.left, self.right + 1)
+
+        def snippets(s_M: Tensor, f_M: Tensor) -> tuple[Tensor, Tensor]:
+            pos_ML = wpos_SF[s_M, f_M][:, None] + offs_L
+            inside = (pos_ML >= 0) & (pos_ML < T)
+            row_ML = s_M[:, None] * T + pos_ML.clamp(0, T - 1)
+            toks = tokens_ST.reshape(-1).take(row_ML).to(torch.int32).masked_fill(~inside, -1)
+            vals = proj_STF.reshape(-1).take(row_ML * F + f_M[:, None]).masked_fill(~inside, 0.0)
+            return toks, vals
+
+        window_FS = torch.arange(self.n_windows, self.n_windows + S).expand(F, S)
+        value_FS = wmax_SF.T.contiguous()
+        self.top_dec.merge(value_FS, value_FS.masked_fill(value_FS == NEG_INF, 0.0), window_FS, snippets)
+
     def _histogram(self, j_M: Tensor, v_M: Tensor) -> None:
         chunk_max_F = torch.zeros(self.F).scatter_reduce_(0, j_M, v_M, "amax")
         fresh = (self.hist_width_F == 0) & (chunk_max_F > 0)
@@ -226,6 +255,7 @@ class FeatureStats:
             **self.top.tensors("top"),
             **self.top_rest.tensors("top_rest"),
             **self.sample.tensors("sample"),
+            **(self.top_dec.tensors("top_dec") if self.top_dec is not None else {}),
         }
         return tensors, {"n_tokens": self.n_tokens, "n_windows": self.n_windows, "n_updates": self.n_updates}
 
@@ -240,6 +270,7 @@ class FeatureStats:
         self.top = Kept.from_tensors(tensors, "top")
         self.top_rest = Kept.from_tensors(tensors, "top_rest")
         self.sample = Kept.from_tensors(tensors, "sample")
+        self.top_dec = Kept.from_tensors(tensors, "top_dec") if "top_dec.score_FK" in tensors else None
         self.n_tokens, self.n_windows, self.n_updates = (
             counters["n_tokens"],
             counters["n_windows"],

@@ -109,6 +109,8 @@ async function featurePage() {
     target.appendChild(row);
   }
   if (!f.activations.length) $("top").appendChild(el("p", "this feature never fired on the indexed tokens", "note"));
+  decoderView(f);
+  metaLatents(f.meta, model, sae);
   $("frun").addEventListener("click", async () => {
     const out = $("fout");
     out.textContent = "running…";
@@ -122,6 +124,48 @@ async function featurePage() {
     } catch (e) { fail(out, e); }
   });
   steerPanel(model, sae, index);
+}
+
+// Encoder vs decoder view: the decoder-projection top contexts and their overlap with the encoder's.
+function decoderView(f) {
+  const ed = f.saeforge.encoder_decoder;
+  if (!f.decoder_contexts) {
+    $("encdec").textContent = "Not in this database: rebuild it with `saeforge index` to get them.";
+    return;
+  }
+  const windows = new Set(f.activations.filter((a) => a.kind === "top").map((a) => a.window));
+  $("encdec").textContent = ed && ed.jaccard !== null
+    ? `Overlap with the encoder's top windows: Jaccard ${fmt(ed.jaccard)} (${ed.n_enc} encoder, ${ed.n_dec} decoder windows).`
+    : "";
+  const scale = Math.max(...f.decoder_contexts.map((c) => c.maxValue), 1e-9);
+  for (const c of f.decoder_contexts) {
+    const row = tokenSpans(c.tokens, c.values, scale, c.maxValueTokenIndex);
+    row.prepend(el("span", fmt(c.maxValue), "ctxval"));
+    if (windows.has(c.window)) row.prepend(el("span", "both", "ctxval"));
+    $("dectop").appendChild(row);
+  }
+}
+
+// Meta-latents (`saeforge meta --db`): each with links to the features that share it.
+function metaLatents(meta, model, sae) {
+  if (!meta) {
+    $("metanote").textContent = "no meta-SAE in this database: add one with `saeforge meta SAE_DIR --db DB`";
+    return;
+  }
+  const body = $("meta").querySelector("tbody");
+  for (const m of meta) {
+    const tr = el("tr");
+    tr.appendChild(el("td", `meta ${m.latent}`));
+    tr.appendChild(el("td", fmt(m.activation)));
+    const td = el("td");
+    for (const o of m.shared_with) {
+      td.appendChild(link(featureUrl(model, sae, o.index), `#${o.index}`));
+      td.appendChild(document.createTextNode(" "));
+    }
+    tr.appendChild(td);
+    body.appendChild(tr);
+  }
+  if (!meta.length) $("metanote").textContent = "no meta-latent fires on this feature's decoder direction";
 }
 
 // The first-position artefact: the flag and the toggle that reloads the page without that position.
@@ -220,7 +264,7 @@ async function indexPage() {
         const xfirst = $("xfirst").checked && f.max_act_excl_first !== null;
         // the first-position artefact: flagged features peak right after BOS (the share of their windows says how often)
         const first = f.first_flag ? `artefact (${fmt(100 * f.first_share, 2)}%)` : "";
-        for (const v of [fmt(f.density), fmt(xfirst ? f.max_act_excl_first : f.max_act), first, f.peak_token === null ? "" : JSON.stringify(f.peak_token),
+        for (const v of [fmt(f.density), fmt(xfirst ? f.max_act_excl_first : f.max_act), first, fmt(f.enc_dec_jaccard, 2), f.peak_token === null ? "" : JSON.stringify(f.peak_token),
           f.matching_contexts ?? "", f.explanation ?? ""]) tr.appendChild(el("td", v));
         body.appendChild(tr);
       }
