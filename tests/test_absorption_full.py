@@ -103,3 +103,27 @@ def test_thresholds_are_respected_on_hand_made_words():
     assert run([1.2, 0.5, 0.5, 0.5, 0.0], f_=on)[1] == 0.0
     # a word the residual does not project onto positively is never absorbed
     assert _scores(-1.0, torch.tensor([0.0, 0.9, 0, 0, 0]), cos, f, [0]) == (False, 0.0)
+
+
+def test_on_a_tiny_model_the_prompt_reads_the_word_and_the_table_has_a_row_per_letter(tiny_model_dirs):
+    from saeforge.evals.splice import run_sae
+    from saeforge.groundtruth.absorption import first_letter_absorption, format_absorption, prompt_activations
+    from saeforge.models import capture, load_model, resolve_hook
+    from saeforge.saes.registry import config_class, sae_class
+
+    lm = load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    hook = resolve_hook(lm.model, "blocks.1.hook_resid_post")
+    sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=128, k=8))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    # the activation is read at the word, after BOS: the same as a direct forward of [BOS, word, suffix...]
+    word = lm.tokenizer.encode(" fox", add_special_tokens=False)[0]
+    suffix = lm.tokenizer.encode(" has the first letter:", add_special_tokens=False)
+    direct = capture(lm.model, [hook], torch.tensor([[lm.tokenizer.bos_token_id, word, *suffix]]))[hook.name][0, 1]
+    torch.testing.assert_close(prompt_activations(lm, hook, torch.tensor([word]))[0], direct.float())
+    r = first_letter_absorption(lm, hook, sae, lambda x: run_sae(sae, x)[0])
+    assert r["n_test"] == r["n_tokens"] // 5 and len(r["letters"]) >= 2  # the tiny vocabulary has a few letters
+    for v in r["letters"].values():
+        assert 1 <= len(v["main_latents"]) <= 10 and 0 <= v["probe_f1"] <= 1
+        assert v["full_absorption_rate"] is None or 0 <= v["full_absorption_rate"] <= v["miss_rate"]
+    table = format_absorption(r).splitlines()
+    assert len(table) == 1 + len(r["letters"]) + 1 + 1 and table[-2].startswith("mean")
