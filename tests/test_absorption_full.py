@@ -74,6 +74,7 @@ def test_feature_splitting_is_detected_when_two_latents_split_a_letter():
     assert sorted(c["main_latents"]) == [2, 5] and c["split"] and r["split_letters"] == 1
     # k=1 catches half of c's test words: F1 = 2 * 6 / (6 + 12); k=2 all of them; k=3 adds nothing
     assert c["f1_by_k"][0] == pytest.approx(2 / 3, abs=1e-3) and c["f1_by_k"][1] == pytest.approx(1.0)
+    assert c["main_f1"] == pytest.approx(1.0) and r["letters"]["b"]["main_f1"] == pytest.approx(1.0)
     # a larger jump threshold stops at one latent
     assert absorption_full(x, y, test, encode, W, f1_jump=0.5)["letters"]["c"]["main_latents"] in ([2], [5])
 

@@ -159,6 +159,7 @@ def absorption_full(
             "main_latents": mains[j],
             "split": len(mains[j]) > 1,
             "f1_by_k": [round(float(v), 4) for v in f1_LK[j]],
+            "main_f1": float(f1_LK[j, len(mains[j]) - 1]),
             "full_absorption_rate": full / n if n else None,
             "absorption_fraction": frac / n if n else None,
             "miss_rate": miss / n if n else None,
@@ -173,6 +174,7 @@ def absorption_full(
         "absorption_fraction": mean("absorption_fraction"),
         "split_letters": sum(v["split"] for v in scored),
         "mean_main_latents": (sum(len(v["main_latents"]) for v in scored) / len(scored)) if scored else None,
+        "main_f1": mean("main_f1"),  # low: the letter has no latent of its own, and "absorbed" means little
         "letters_scored": len(scored),
         "n_tokens": len(y_N),
         "n_test": int(test_N.sum()),
@@ -200,10 +202,16 @@ def format_absorption(result: dict) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:.3f}"
 
-    rows = [["letter", "probe F1", "TP", "main latents", "full abs", "abs frac", "miss"]]
+    rows = [["letter", "probe F1", "TP", "main latents", "main F1", "full abs", "abs frac", "miss"]]
     for name, v in result["letters"].items():
         rows.append(
-            [name, fmt(v["probe_f1"]), str(v["probe_true_positives"]), ",".join(map(str, v["main_latents"]))]
+            [
+                name,
+                fmt(v["probe_f1"]),
+                str(v["probe_true_positives"]),
+                ",".join(map(str, v["main_latents"])),
+                fmt(v["main_f1"]),
+            ]
             + [fmt(v["full_absorption_rate"]), fmt(v["absorption_fraction"]), fmt(v["miss_rate"])]
         )
     rows.append(
@@ -212,6 +220,7 @@ def format_absorption(result: dict) -> str:
             "",
             "",
             fmt(result["mean_main_latents"]),
+            fmt(result["main_f1"]),
             fmt(result["full_absorption"]),
             fmt(result["absorption_fraction"]),
             "",
@@ -223,7 +232,7 @@ def format_absorption(result: dict) -> str:
     ]
     lines.append(
         f"first-letter absorption (SAEBench): full {fmt(result['full_absorption'])}, fraction "
-        f"{fmt(result['absorption_fraction'])} over {result['letters_scored']} letters with probe F1 >= {MIN_PROBE_F1}; "
+        f"{fmt(result['absorption_fraction'])}, main latents' F1 {fmt(result['main_f1'])}, over {result['letters_scored']} letters with probe F1 >= {MIN_PROBE_F1}; "
         f"{result['split_letters']} split; {result['n_tokens']} words, {result['n_test']} tested"
     )
     return "\n".join(lines)
