@@ -51,7 +51,8 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     assert summary[0].split()[:3] == ["sae", "hook", "coverage"] and "blocks.1.hook_resid_post" in summary[2]
     tc = json.loads((tc_dir / "groundtruth.json").read_text())  # a transcoder: probed through its latents
     assert 0 < tc["coverage"]["coverage"] < 1 and tc["probing"]["sae"]["1"]["mean"] is not None
-    assert "error" in tc["tpp"]
+    assert "error" in tc["tpp"] and "error" in tc["absorption"]
+    assert "first-letter absorption (SAEBench)" in out and "full abs" in summary[0]
     # eval --report reads probe's JSON into a "Ground truth" section (evals sit below groundtruth: no import)
     capsys.readouterr()
     assert cli.main(["eval", str(sae_dir), "--report", "--quiet"]) == 0
@@ -67,6 +68,8 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     # the residual of a random model still carries the token's own identity: a dense probe beats chance (0.5)
     dense = result["probing"]["dense"]["per_property"]
     assert dense["cat_operator"] > 0.7
+    absorption = result["absorption"]  # SAEBench's first-letter task on the tiny vocabulary's words
+    assert absorption["letters_scored"] <= len(absorption["letters"]) and absorption["n_test"] >= 4
     category = result["tpp"]["groups"]["category"]
     assert category["classes"] >= 3 and category["tpp"] == pytest.approx(category["self_drop"] - category["other_drop"])
 

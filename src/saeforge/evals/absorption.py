@@ -1,5 +1,9 @@
 """Feature absorption on the first-letter task: a simplified version of SAEBench's, exactly as computed here.
 
+This is what `saeforge eval --report` shows (one multinomial probe, "any main latent fires" F1). SAEBench's
+full task, with per-letter probes, the F1-jump splitting rule, the full-absorption rate and the absorption
+fraction, is groundtruth/absorption.py, run by `saeforge probe`.
+
 1. Tokens: vocabulary entries that decode to an optional single leading space plus 2+ ASCII letters
    (" apple", "Token"); label = first letter, lower-cased (26 classes). At most ``per_letter`` per letter,
    picked by a seeded shuffle; letters with fewer than ``min_per_letter`` tokens are dropped.

@@ -7,7 +7,8 @@ labelled tokens are seen:
    (about ``probe_tokens`` labelled tokens' activations, drawn at random over the whole budget);
 2. coverage counts over all windows, precision counts over the even-numbered windows;
 3. the OR of the high-precision latents over the odd-numbered windows (reconstruction).
-Then, on the probing sample: k-sparse probing (probing.py) and TPP (tpp.py).
+Then, on the probing sample: k-sparse probing (probing.py) and TPP (tpp.py); and, on single-word
+vocabulary tokens rather than the corpus, SAEBench's first-letter absorption (absorption.py).
 Memory is one batch, the count tensors (O(P * d_sae * 10)) and the probing sample, whatever
 ``tokens`` is. A transcoder is probed through its latents (read from its input hook); the residual
 baselines use that input hook too.
@@ -28,6 +29,7 @@ from saeforge.evals.report import _json_safe, check_width
 from saeforge.evals.saved import groundtruth_path
 from saeforge.evals.setup import eval_setup_for
 from saeforge.evals.splice import run_sae
+from saeforge.groundtruth.absorption import first_letter_absorption, format_absorption
 from saeforge.groundtruth.labels import PROPERTIES, NoPythonError, check_offsets
 from saeforge.groundtruth.metrics import OrCounts, ThresholdCounts, coverage, reconstruction
 from saeforge.groundtruth.probing import KS, ProbeSample, k_sparse_probing
@@ -105,6 +107,11 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
         if cfg.model.hook_out
         else tpp_all(x_ND, encode, sae.W_dec, y_NP, v_NP, test_N)
     )
+    absorption = (
+        {"error": "absorption reads decoder directions in the probed hook; a transcoder's decoder writes another hook"}
+        if cfg.model.hook_out
+        else first_letter_absorption(lm, hook, sae, encode)
+    )
     return {
         "n_tokens": n_tokens,
         "n_windows": n_windows,
@@ -113,6 +120,7 @@ def probe(lm, sae, cfg: EvalSetup, tokens: int, probe_tokens: int, progress: boo
         "reconstruction": reconstruction(ors, PROPERTIES),
         "probing": probing,
         "tpp": tpp,
+        "absorption": absorption,
     }
 
 
@@ -217,6 +225,7 @@ def format_groundtruth(result: dict, ks: tuple[int, ...] = (1, 5, 20)) -> str:
         f"reconstruction {fmt(rec['reconstruction'])} at t {rec['t']}; {result['n_tokens']} tokens, "
         f"{pr['tokens']} probed (balanced accuracy, chance 0.5); TPP {_tpp_line(result.get('tpp', {}))}; documents: {d['code']} code, {d['prose']} prose, {d['unparseable']} unparseable (skipped)"
     )
+    lines.append(format_absorption(result.get("absorption", {})))
     return "\n".join(lines)
 
 
@@ -231,7 +240,7 @@ def format_summary(results: list[dict]) -> str:
         d = d if k is None else d.get(k, d.get(str(k)))
         return d["mean"]
 
-    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "dense", "TPP"]
+    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "dense", "TPP", "full abs"]
     rows = [head]
     for r in results:
         rows.append(
@@ -245,6 +254,7 @@ def format_summary(results: list[dict]) -> str:
                 fmt(probe_mean(r, "residual", 1)),
                 fmt(probe_mean(r, "dense")),
                 fmt(r.get("tpp", {}).get("mean")),
+                fmt(r.get("absorption", {}).get("full_absorption")),
             ]
         )
     widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
