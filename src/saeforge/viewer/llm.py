@@ -75,6 +75,7 @@ class LLMClient:
         if not cfg.url or not cfg.model:
             raise LLMError("the llm explainer needs --llm.url (e.g. http://127.0.0.1:8080/v1) and --llm.model")
         self.cfg = cfg
+        self.name = f"llm:{cfg.model}"  # the explainer id: another model is another explainer
         self.con = con  # opened with check_same_thread=False; every use holds self.lock
         self.lock = threading.Lock()
         self.sent = 0
