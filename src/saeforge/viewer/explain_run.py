@@ -65,9 +65,11 @@ def run_explain(
     progress: bool = True,
     local: LocalConfig | None = None,
     lm=None,
+    indices: list[int] | None = None,
 ) -> dict[str, Any]:
     """Explain and score the chosen features; returns counts {explainer, done, skipped, failed, requests,
-    stopped}. ``lm``: an already loaded model for the local explainer (else ``local.model`` is loaded)."""
+    stopped}. ``lm``: an already loaded model for the local explainer (else ``local.model`` is loaded);
+    ``indices``: these features instead of ``cfg.features`` (bench/explain.py draws them at random)."""
     from tqdm import tqdm
 
     d, con = open_rw(db_path)
@@ -77,7 +79,7 @@ def run_explain(
     elif cfg.explainer == "local":
         client = LocalChat(local or LocalConfig(), con, lm)
     name = client.name if client is not None else "baseline"  # another model: another explainer
-    todo_all = chosen_features(d, cfg.features)
+    todo_all = list(indices) if indices is not None else chosen_features(d, cfg.features)
     done_before = ex.explained(con, name)
     todo = [f for f in todo_all if f not in done_before]
     pool = ex.negative_pool(con)
