@@ -80,6 +80,8 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
     client = LocalChat(LocalConfig(model=args.local_model, max_new_tokens=args.max_new_tokens), con, lm) if lm else None
     per, texts, own = {}, {}, {}
     for i, name in enumerate(FEATURES):
+        if name not in args.known_latents.split(",") and FEATURES[i - 1] not in args.known_latents.split(","):
+            continue  # neither scored nor the wrong explanation of a scored latent
         f = d.feature(i)
         explain_ctx, held = ex.split_contexts(f)
         per[name] = held + ex.negatives(f, pool, d.texts, args.n_negatives, args.seed)
@@ -87,6 +89,8 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
             texts[name] = ex.baseline_explanation(explain_ctx, bg, total)
         else:
             texts[name] = RIGHT[name]
+            if name not in args.known_latents.split(","):
+                continue
             try:
                 own[name] = client.chat(explain_messages([c for c in explain_ctx if c.fires]), parse_explanation)
             except MalformedAnswer as e:
@@ -102,6 +106,8 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
 
     rows = []
     for i, name in enumerate(FEATURES):
+        if name not in args.known_latents.split(","):
+            continue
         wrong = texts[FEATURES[(i + 1) % len(FEATURES)]]
         rows.append(
             {"latent": name, "right": texts[name], "wrong": wrong, "right_scores": score(texts[name], per[name])}
@@ -126,6 +132,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("db", type=Path, help="feature database (saeforge index); a copy is written, not this file")
     p.add_argument("--features", type=int, default=200, help="random live features explained per backend")
+    p.add_argument("--local-features", type=int, default=200, help="of those, how many the local LM explains")
+    p.add_argument("--known-latents", default=",".join(FEATURES), help=f"latents of the known-feature gap: {FEATURES}")
     p.add_argument("--backends", default="baseline,local", help="comma-separated: baseline, local")
     p.add_argument("--local-model", default="smollm2-135m")
     p.add_argument("--max-new-tokens", type=int, default=LocalConfig().max_new_tokens)
@@ -147,9 +155,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 lm = load_model(args.local_model)
                 out["local_load_seconds"] = round(time.perf_counter() - t0, 1)
-            out[backend] = throughput(copy, backend, indices, args, lm)
-            out[backend]["known"] = known_gap(backend, args, lm, tmp)
+            out[backend] = throughput(
+                copy, backend, indices if backend == "baseline" else indices[: args.local_features], args, lm
+            )
             print(json.dumps({backend: out[backend]}, indent=1), flush=True)
+            out[backend]["known"] = known_gap(backend, args, lm, tmp)
+            print(json.dumps({f"{backend} known": out[backend]["known"]}, indent=1), flush=True)
     if args.out:
         from saeforge.io import atomic_write_text
 
