@@ -78,9 +78,10 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
     pool = ex.negative_pool(con)
     bg, total = ex.background(con, d.texts)
     client = LocalChat(LocalConfig(model=args.local_model, max_new_tokens=args.max_new_tokens), con, lm) if lm else None
+    chosen = args.known_latents.split(",") if client is not None else list(FEATURES)  # the baseline is free
     per, texts, own = {}, {}, {}
     for i, name in enumerate(FEATURES):
-        if name not in args.known_latents.split(",") and FEATURES[i - 1] not in args.known_latents.split(","):
+        if name not in chosen and FEATURES[i - 1] not in chosen:
             continue  # neither scored nor the wrong explanation of a scored latent
         f = d.feature(i)
         explain_ctx, held = ex.split_contexts(f)
@@ -89,7 +90,7 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
             texts[name] = ex.baseline_explanation(explain_ctx, bg, total)
         else:
             texts[name] = RIGHT[name]
-            if name not in args.known_latents.split(","):
+            if name not in chosen:
                 continue
             try:
                 own[name] = client.chat(explain_messages([c for c in explain_ctx if c.fires]), parse_explanation)
@@ -106,7 +107,7 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
 
     rows = []
     for i, name in enumerate(FEATURES):
-        if name not in args.known_latents.split(","):
+        if name not in chosen:
             continue
         wrong = texts[FEATURES[(i + 1) % len(FEATURES)]]
         rows.append(
@@ -133,7 +134,11 @@ def main() -> None:
     p.add_argument("db", type=Path, help="feature database (saeforge index); a copy is written, not this file")
     p.add_argument("--features", type=int, default=200, help="random live features explained per backend")
     p.add_argument("--local-features", type=int, default=200, help="of those, how many the local LM explains")
-    p.add_argument("--known-latents", default=",".join(FEATURES), help=f"latents of the known-feature gap: {FEATURES}")
+    p.add_argument(
+        "--known-latents",
+        default=",".join(FEATURES),
+        help=f"latents of the local LM's known-feature gap (the baseline scores all): {FEATURES}",
+    )
     p.add_argument("--backends", default="baseline,local", help="comma-separated: baseline, local")
     p.add_argument("--local-model", default="smollm2-135m")
     p.add_argument("--max-new-tokens", type=int, default=LocalConfig().max_new_tokens)
