@@ -16,6 +16,7 @@ from saeforge.viewer.explain_run import ExplainConfig, run_explain
 from saeforge.viewer.export import export_neuronpedia
 from saeforge.viewer.index import build_index
 from saeforge.viewer.llm import LLMConfig
+from saeforge.viewer.llm_local import LocalConfig
 from saeforge.viewer.metadb import add_meta_latents
 from saeforge.viewer.server import serve
 
@@ -79,10 +80,11 @@ def cmd_explain(ns: argparse.Namespace, base: dict) -> int:
         given.setdefault("explain", {})["features"] = ns.features
     cfg = from_dict(ExplainConfig, given.get("explain", {}), "explain")
     llm = from_dict(LLMConfig, given.get("llm", {}), "llm")
-    c = run_explain(ns.db, cfg, llm, progress=not ns.quiet)
+    local = from_dict(LocalConfig, given.get("local", {}), "local")
+    c = run_explain(ns.db, cfg, llm, progress=not ns.quiet, local=local)
     print(
         f"{c['explainer']}: {c['done']} features explained, {c['skipped']} already were, {c['failed']} failed "
-        f"(retried by the next run), {c['requests']} LLM requests"
+        f"(retried by the next run), {c['requests']} LLM requests / generations"
     )
     if c["stopped"]:
         print(f"stopped early: {c['stopped']}; run the same command again to continue (answers are cached)")
@@ -195,13 +197,14 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
     x = sub.add_parser(
         "explain",
-        help="explain features (baseline or an LLM) and score the explanations into the feature database",
+        help="explain features (baseline, an LLM API or an in-process LM) and score the explanations into the feature database",
         description="Writes explanations and simulation / detection scores into DB (shown by `saeforge serve`). "
         "Resumable: features already explained by the same explainer are skipped, LLM answers are cached.",
     )
     x.add_argument("db", help="feature database file (from `saeforge index`)")
-    x.add_argument("--explainer", choices=("baseline", "llm"), help="same as --explain.explainer")
+    x.add_argument("--explainer", choices=("baseline", "llm", "local"), help="same as --explain.explainer")
     x.add_argument("--features", help="same as --explain.features: all, or N most frequently firing")
     _section_options(x, "explain", ExplainConfig)
     _section_options(x, "llm", LLMConfig)
+    _section_options(x, "local", LocalConfig)
     x.set_defaults(func=cmd_explain)

@@ -18,18 +18,25 @@ from saeforge.config import F, check
 from saeforge.viewer import explain as ex
 from saeforge.viewer.db import FeatureDB
 from saeforge.viewer.llm import BudgetExhausted, LLMClient, LLMConfig, MalformedAnswer, llm_feature
+from saeforge.viewer.llm_local import LocalChat, LocalConfig
 
 
 @dataclass
 class ExplainConfig:
-    explainer: str = F("baseline", "baseline (top tokens, no LLM) or llm (an OpenAI-compatible API, --llm.*).")
+    explainer: str = F(
+        "baseline",
+        "baseline (top tokens, no LLM), llm (an OpenAI-compatible API, --llm.*) or local (an in-process LM, --local.*).",
+    )
     features: str = F("all", "Features to explain: all, or N for the N most frequently firing ones.")
     n_negatives: int = F(8, "Contexts of other features (true activation 0) added to each held-out set.")
     batch: int = F(16, "Features written per database transaction.")
     seed: int = F(0, "Seed for drawing negatives and shuffling the detection contexts.")
 
     def __post_init__(self) -> None:
-        check(self.explainer in ("baseline", "llm"), f"explain.explainer={self.explainer!r}: expected baseline or llm")
+        check(
+            self.explainer in ("baseline", "llm", "local"),
+            f"explain.explainer={self.explainer!r}: expected baseline, llm or local",
+        )
         check(
             self.features == "all" or (self.features.isdigit() and int(self.features) > 0),
             f"explain.features={self.features!r}: expected all or a positive count",
@@ -52,15 +59,27 @@ def chosen_features(d: FeatureDB, spec: str) -> list[int]:
 
 
 def run_explain(
-    db_path: str | Path, cfg: ExplainConfig, llm: LLMConfig | None = None, progress: bool = True
+    db_path: str | Path,
+    cfg: ExplainConfig,
+    llm: LLMConfig | None = None,
+    progress: bool = True,
+    local: LocalConfig | None = None,
+    lm=None,
+    indices: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Explain and score the chosen features; returns counts {done, skipped, failed, requests, stopped}."""
+    """Explain and score the chosen features; returns counts {explainer, done, skipped, failed, requests,
+    stopped}. ``lm``: an already loaded model for the local explainer (else ``local.model`` is loaded);
+    ``indices``: these features instead of ``cfg.features`` (bench/explain.py draws them at random)."""
     from tqdm import tqdm
 
     d, con = open_rw(db_path)
-    client = LLMClient(llm or LLMConfig(), con) if cfg.explainer == "llm" else None
-    name = f"llm:{client.cfg.model}" if client is not None else "baseline"  # another model: another explainer
-    todo_all = chosen_features(d, cfg.features)
+    client: LLMClient | None = None
+    if cfg.explainer == "llm":
+        client = LLMClient(llm or LLMConfig(), con)
+    elif cfg.explainer == "local":
+        client = LocalChat(local or LocalConfig(), con, lm)
+    name = client.name if client is not None else "baseline"  # another model: another explainer
+    todo_all = list(indices) if indices is not None else chosen_features(d, cfg.features)
     done_before = ex.explained(con, name)
     todo = [f for f in todo_all if f not in done_before]
     pool = ex.negative_pool(con)
@@ -87,7 +106,7 @@ def run_explain(
         "stopped": "",
     }
     bar = tqdm(total=len(todo), disable=not progress, desc=f"explain ({cfg.explainer})", unit="feature")
-    workers = llm.concurrency if client is not None and llm is not None else 1
+    workers = llm.concurrency if cfg.explainer == "llm" and llm is not None else 1
     with ThreadPoolExecutor(workers) as threads:
         for start in range(0, len(todo), cfg.batch):
             futures = [threads.submit(one, i) for i in todo[start : start + cfg.batch]]

@@ -75,6 +75,7 @@ class LLMClient:
         if not cfg.url or not cfg.model:
             raise LLMError("the llm explainer needs --llm.url (e.g. http://127.0.0.1:8080/v1) and --llm.model")
         self.cfg = cfg
+        self.name = f"llm:{cfg.model}"  # the explainer id: another model is another explainer
         self.con = con  # opened with check_same_thread=False; every use holds self.lock
         self.lock = threading.Lock()
         self.sent = 0
@@ -248,9 +249,15 @@ def fuzz_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
 
 def llm_feature(client: LLMClient, explain_ctx: list[Context], held: list[Context], seed: int) -> tuple[str, dict]:
     """(explanation, {simulation, detection, fuzzing}) for one feature through the LLM: one explain request,
-    one simulate request per held-out context, one detect and one fuzz request. Detection contexts and
-    fuzzing items are shuffled with ``seed`` so the firing / correct ones are not all first."""
+    then ``llm_scores``."""
     text = client.chat(explain_messages([c for c in explain_ctx if c.fires]), parse_explanation)
+    return text, llm_scores(client, text, held, seed)
+
+
+def llm_scores(client: LLMClient, text: str, held: list[Context], seed: int) -> dict[str, Any]:
+    """{simulation, detection, fuzzing} of explanation ``text`` on the held-out contexts: one simulate request
+    per context, one detect and one fuzz request. Detection contexts and fuzzing items are shuffled with
+    ``seed`` so the firing / correct ones are not all first."""
     preds = [client.chat(simulate_messages(text, c), parse_simulation(len(c.tokens))) for c in held]
     order = list(range(len(held)))
     random.Random(seed).shuffle(order)
@@ -258,9 +265,8 @@ def llm_feature(client: LLMClient, explain_ctx: list[Context], held: list[Contex
     said = client.chat(detect_messages(text, shuffled), parse_detection(len(shuffled)))
     items = fuzz_items(held, seed)
     fits = client.chat(fuzz_messages(text, [t for t, _ in items]), parse_detection(len(items))) if items else []
-    scores: dict[str, Any] = {
+    return {
         "simulation": simulation_score(preds, held),
         "detection": detection_score(said, shuffled),
         "fuzzing": balanced_accuracy([ok for _, ok in items], fits) if items else None,
     }
-    return text, scores
