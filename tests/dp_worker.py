@@ -11,6 +11,7 @@ state records the LM dtype and autocast flag that were used.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -79,3 +80,8 @@ def main(out: str, model: str, corpus: str, *archs: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    # As saeforge.cli does for torchrun workers: the results are saved, so skip the C++ static destructors
+    # (a gloo thread still joinable there can abort the process at exit on a loaded machine).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -14,10 +14,12 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from saeforge.activations.ranks import world_size_from_env
 from saeforge.config import SECTION_CLASSES, ConfigError, UserError, add_config_options, merged
 from saeforge.models import list_hooks, load_model
 from saeforge.saes.base import SAEConfig
@@ -127,10 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
-        return ns.func(ns, base)
+        rc = ns.func(ns, base)
     except UserError as e:
         print(f"saeforge: error: {e}", file=sys.stderr)
         return 2
+    if world_size_from_env() > 1:
+        # A torchrun worker whose work is done and saved: leave without C++ static destructors, where a
+        # gloo thread still joinable can abort the process ("terminate called without an active exception",
+        # seen once after a finished data-parallel sweep) and turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
