@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   train + evaluate an SAE on the bundled SmolLM2-135M (no hub access needed)
 #   make test   the checks (ruff, import layers) and the whole test suite
-# While working: `make test-fast` (the unit tests, ~2 min on 2 cores) and `make lint`.
+# While working: `make test-fast` (the unit tests: no end-to-end training, torchrun or browser) and `make lint`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
