@@ -186,8 +186,14 @@ def test_live_chunk_with_a_row_budget_is_a_prefix_and_runs_fewer_lm_batches(tiny
     act = ActivationsConfig(batch_size=64, lm_batch_size=4, shuffle_sequences=16)
     point = resolve_hook(lm, "blocks.1.hook_resid_post")
     full = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1)
-    seen, original = [], stream.capture  # counts the LM passes window_activations makes
-    monkeypatch.setattr(stream, "capture", lambda *a, **k: seen.append(1) or original(*a, **k))
+    seen, original = [], stream.capture  # counts the LM passes over windows (not the 2-token width probe)
+
+    def counting(model, points, tokens_ST, *a, **k):
+        if tokens_ST.shape[1] > 2:
+            seen.append(1)
+        return original(model, points, tokens_ST, *a, **k)
+
+    monkeypatch.setattr(stream, "capture", counting)
     part = ActivationStream(lm, point, data, act, seed=1)._load_chunk(1, rows_wanted=100)
     assert len(seen) == 1 and 100 <= len(part) <= 4 * 32 < len(full)  # one LM batch of 4 windows was enough
     torch.testing.assert_close(part, full[: len(part)], rtol=0, atol=0)

@@ -56,6 +56,25 @@ def test_one_hook_in_a_list_is_the_single_hook_stream(lm, corpus):
     )
 
 
+def test_buffer_mb_caps_the_windows_mixed_at_once_by_the_width_of_every_hook(lm, corpus):
+    """A row of two d=64 float32 hooks is 512 bytes, a 32-token window 16 KiB: 1 MB holds 64 windows, so
+    asking to mix 256 gives exactly the stream that mixes 64 (same chunks, same shuffles)."""
+    from dataclasses import replace
+
+    points = [resolve_hook(lm, HOOK_IN), resolve_hook(lm, HOOK_OUT)]
+    capped = ActivationStream(lm, points, corpus, replace(ACT, shuffle_sequences=256, buffer_mb=1), seed=2)
+    assert capped.chunk_sequences == 2**20 // (32 * 128 * 4) == 64
+    plain = ActivationStream(lm, points, corpus, replace(ACT, shuffle_sequences=64), seed=2)
+    assert plain.chunk_sequences == 64
+    uncapped = ActivationStream(lm, points, corpus, replace(ACT, shuffle_sequences=256), seed=2)
+    assert uncapped.chunk_sequences == 256
+    got, want = batches(capped, 40), batches(plain, 40)
+    assert capped.state_dict()["chunk"] == 1  # into the second chunk: 40 x 64 rows > 64 windows x 31 kept rows
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(batches(uncapped, 1)[0], want[0])
+
+
 def test_two_hook_stream_resumes_where_it_stopped(lm, corpus):
     points = [resolve_hook(lm, HOOK_IN), resolve_hook(lm, HOOK_OUT)]
     whole = batches(ActivationStream(lm, points, corpus, ACT, seed=0), 10)

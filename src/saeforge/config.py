@@ -114,6 +114,10 @@ class ActivationsConfig:
     batch_size: int = F(4096, "Activation rows (tokens) per SAE training batch.")
     lm_batch_size: int = F(16, "Sequences per language-model forward pass.")
     shuffle_sequences: int = F(512, "Sequences whose tokens are shuffled together before batching (the mixing buffer).")
+    buffer_mb: int = F(
+        1024,
+        "Most megabytes the mixing buffer may hold: with wide rows (many hooks, e.g. transcoders at every layer) fewer than shuffle_sequences sequences are mixed at a time.",
+    )
     cache: str = F(
         "", "Read activations from this cache folder (made by `saeforge cache`) instead of running the model."
     )
@@ -124,7 +128,7 @@ class ActivationsConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "lm_batch_size", "shuffle_sequences", "shard_rows"):
+        for name in ("batch_size", "lm_batch_size", "shuffle_sequences", "buffer_mb", "shard_rows"):
             check(getattr(self, name) > 0, f"activations.{name} must be positive")
 
 

@@ -68,6 +68,9 @@ class ShuffledBatcher:
         self.batch_size = batch_size
         self.seed = seed
         self.max_batches = max_batches
+        # float32 batches by default; None keeps the chunk's dtype (a sweep over many hooks converts each
+        # point's columns itself, so a 60-hook batch is not held in float32 whole)
+        self.out_dtype: torch.dtype | None = torch.float32
         self.state = BatcherState(batches_before=0)
 
     def state_dict(self) -> dict:
@@ -109,7 +112,7 @@ class ShuffledBatcher:
             for b in range(st.batch_in_chunk, n_batches):
                 batch_ND = _gather(carry_ND, rows_ND, perm[b * B : (b + 1) * B])
                 self.state = BatcherState(st.chunk, b + 1, st.carry_ND, st.batches_before)
-                yield batch_ND.float()
+                yield batch_ND if self.out_dtype is None else batch_ND.to(self.out_dtype)
                 del batch_ND
             rest = perm[n_batches * B :]
             before = None if st.batches_before is None else st.batches_before + n_batches

@@ -1,6 +1,7 @@
 """Live activations: corpus windows -> LM forward (stopped at the last hook) -> shuffled batches.
 
-The LM runs chunk by chunk (``shuffle_sequences`` windows at a time); rows at excluded
+The LM runs chunk by chunk (``shuffle_sequences`` windows at a time, fewer when their rows would
+pass ``buffer_mb``: 30 layers' MLP inputs and outputs are 60 hooks, a 69 KB bf16 row); rows at excluded
 positions (BOS, padding, special tokens) are dropped before shuffling. The position in the
 stream is a small state dict (see batcher.py), so training resumes without replaying the LM.
 
@@ -105,6 +106,7 @@ class ActivationStream:
         self._windows: Iterator[torch.Tensor] | None = None
         self._next_window = 0
         self._columns: dict[str, slice] | None = None
+        self._chunk_sequences: int | None = None
 
     @property
     def columns(self) -> dict[str, slice]:
@@ -115,6 +117,17 @@ class ActivationStream:
     @property
     def d_in(self) -> int:
         return max(s.stop for s in self.columns.values())
+
+    @property
+    def chunk_sequences(self) -> int:
+        """Windows per chunk: shuffle_sequences, or fewer when that many rows would pass buffer_mb.
+
+        Sized from the width of every hook point (not a rank's share of them), so all ranks agree."""
+        if self._chunk_sequences is None:
+            row_bytes = sum(hook_widths(self.lm, self.hook_points)) * self.lm.dtype.itemsize
+            fit = self.act_cfg.buffer_mb * 2**20 // (self.data_cfg.context_size * row_bytes)
+            self._chunk_sequences = max(1, min(self.act_cfg.shuffle_sequences, fit))
+        return self._chunk_sequences
 
     def _seek_windows(self, index: int) -> None:
         # Tokenising is cheap next to the LM, so a seek re-packs the corpus and skips ahead.
@@ -131,7 +144,7 @@ class ActivationStream:
         budget) only the shortest prefix of them that holds that many kept rows. Which positions are
         kept depends on the tokens alone, so the prefix is known before the LM runs, and it is the
         same in one process or split over ranks."""
-        S = self.act_cfg.shuffle_sequences
+        S = self.chunk_sequences
         self._seek_windows(chunk * S)
         windows = list(itertools.islice(self._windows, S))
         self._next_window += len(windows)

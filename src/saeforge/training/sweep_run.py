@@ -81,6 +81,9 @@ class SweepRun:
         self.mine = [i for i in range(len(cfgs)) if mode != "hooks" or self.owner[i] == ctx.rank]
         self.keep = [h for h in self.hooks if any(h in cfgs[i].model.hook_names() for i in self.mine)]
         self.source = self._build_source()
+        batcher = getattr(self.source, "batcher", None)
+        if batcher is not None:  # batches stay in the LM's dtype; _view gives each point float32 columns
+            batcher.out_dtype = None
         self.rows = None
         if mode == "data":
             self.rows = ranks.rank_rows(self.B, ctx)
@@ -162,7 +165,7 @@ class SweepRun:
         return torch.cat([x_ND[:, s] for s in m.cols], dim=1) if len(m.cols) > 1 else x_ND[:, m.cols[0]].contiguous()
 
     def _view(self, x_BD: torch.Tensor, m: _Member) -> torch.Tensor:
-        return self._columns(x_BD if self.rows is None else x_BD[self.rows], m)
+        return self._columns(x_BD if self.rows is None else x_BD[self.rows], m).float()
 
     def _own_position(self, state: dict | None, m: _Member) -> dict | None:
         """The position a separate run of this point would be at (its hooks' columns of the carried rows)."""
