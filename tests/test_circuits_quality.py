@@ -23,6 +23,7 @@ from saeforge.data import excluded_mask
 from saeforge.evals.report import heldout_windows
 from saeforge.evals.splice import spliced_ce_kl
 from saeforge.models import load_model, resolve_hook
+from saeforge.saes.formats import save_sae
 from saeforge.saes.registry import config_class, sae_class
 
 
@@ -208,3 +209,36 @@ def test_command_writes_replacement_json_once(tiny_model_dirs, data_cfg, tmp_pat
     assert json.loads((folder / "replacement.json").read_text())["n_sequences"] == 4
     assert main(["transcoder-eval", "--transcoders", str(tmp_path), "--device", "cpu"]) == 2
     assert "no transcoders.json" in capsys.readouterr().err
+
+
+def test_a_gpt2_set_with_its_errors_added_back_is_the_clean_model(tiny_model_dirs, data_cfg):
+    # no frozen attention or norms here, so any family with MLP hook points works (GPT-2: LayerNorm, biases)
+    gpt2 = load_model(str(tiny_model_dirs["gpt2"]), dtype="float32", device="cpu")
+    r = transcoder_quality(gpt2, random_transcoders(), data_cfg, EVAL, layers_alone=False, with_errors=True)
+    assert r["with_errors"]["kl"] < 1e-6 and r["with_errors"]["ce"] == pytest.approx(r["ce_clean"], abs=1e-5)
+    assert r["full"]["kl"] > 1e-3
+
+
+def test_command_on_a_per_layer_folder_uses_its_runs_split(tiny_model_dirs, data_cfg, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    folder, layers = tmp_path / "plt", {}
+    data = {"corpus": data_cfg.corpus, "context_size": 32, "holdout_fraction": 0.3}
+    for layer, sae in random_transcoders().items():
+        hooks = {"hook_name": f"blocks.{layer}.hook_mlp_in", "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
+        save_sae(sae, folder / f"l{layer}" / "sae", {"model_name": model, **hooks, "saeforge_config": {"data": data}})
+        layers[str(layer)] = f"l{layer}/sae"
+    manifest = {"format_version": 1, "model_name": model, "hook_in": "blocks.{layer}.hook_mlp_in",
+                "hook_out": "blocks.{layer}.hook_mlp_out", "layers": layers}  # fmt: skip
+    (folder / "transcoders.json").write_text(json.dumps(manifest))
+    out = tmp_path / "q.json"
+    args = ["transcoder-eval", "--transcoders", str(folder), "--eval.tokens", "64", "--eval.ce_tokens", "64",
+            "--eval.batch_size", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["kind"] == "plt" and r["context_size"] == 32 and r["n_sequences"] == 2 and len(r["alone"]) == 3
+    assert not (folder / "replacement.json").exists()
+    del manifest["layers"]["1"]
+    (folder / "transcoders.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "q2.json")]) == 2
+    assert "layers [1] have none" in capsys.readouterr().err
