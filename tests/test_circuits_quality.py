@@ -15,8 +15,9 @@ from test_circuits import random_transcoders
 from test_circuits_clt import random_clt
 
 from saeforge.circuits.clt import save_clt
+from saeforge.circuits.formats import export_circuit_tracer
 from saeforge.circuits.quality import transcoder_quality
-from saeforge.circuits.transcoders import TranscoderSetError
+from saeforge.circuits.transcoders import TranscoderSetError, load_transcoders
 from saeforge.cli import main
 from saeforge.config import DataConfig, EvalConfig
 from saeforge.data import excluded_mask
@@ -237,6 +238,13 @@ def test_command_on_a_per_layer_folder_uses_its_runs_split(tiny_model_dirs, data
     r = json.loads(out.read_text())
     assert r["kind"] == "plt" and r["context_size"] == 32 and r["n_sequences"] == 2 and len(r["alone"]) == 3
     assert not (folder / "replacement.json").exists()
+    # the same set in circuit-tracer's layout (bit for bit) gives the same numbers; it records no corpus
+    export_circuit_tracer(load_transcoders(folder), tmp_path / "ct")
+    ct_args = [*args[:2], str(tmp_path / "ct"), *args[3:-1], str(tmp_path / "ct.json")]
+    assert main([*ct_args, "--data.corpus", data_cfg.corpus, "--data.context_size", "32",
+                 "--data.holdout_fraction", "0.3"]) == 0  # fmt: skip
+    ct = json.loads((tmp_path / "ct.json").read_text())
+    assert ct["full"] == r["full"] and ct["layers"] == r["layers"]
     del manifest["layers"]["1"]
     (folder / "transcoders.json").write_text(json.dumps(manifest))
     capsys.readouterr()

@@ -33,9 +33,8 @@ latents are read and the predictions written at the right places.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from torch import Tensor
 
 from saeforge.circuits.clt import CrossLayerTranscoder
 from saeforge.circuits.replacement import CrossLayer, PerLayer
-from saeforge.circuits.transcoders import HOOK_IN, HOOK_OUT, TranscoderSet, TranscoderSetError
+from saeforge.circuits.transcoders import HOOK_IN, HOOK_OUT, TranscoderSet
 from saeforge.config import ConfigError, DataConfig, EvalConfig
 from saeforge.data import excluded_mask
 from saeforge.evals.metrics import ReconstructionStats
@@ -130,8 +129,8 @@ class _Splice:
         self,
         tokens_ST: Tensor,
         keep_ST: Tensor,
-        replace: set[int] = frozenset(),
-        zero: set[int] = frozenset(),
+        replace: Collection[int] = (),
+        zero: Collection[int] = (),
         errors: dict[int, Tensor] | None = None,
         record_errors: dict[int, Tensor] | None = None,
     ) -> Tensor:
@@ -271,14 +270,6 @@ def transcoder_quality(
     result["l0_total"] = sum(r["l0"] for r in result["layers"])
     result.update(replacement_ce_kl(lm, pred, data_cfg, eval_cfg, layers_alone, with_errors))
     return result
-
-
-def check_model(transcoder_model: str, lm_name: str, folder: str | Path) -> None:
-    if transcoder_model != lm_name:
-        raise TranscoderSetError(
-            f"the transcoders in {folder} were trained on {transcoder_model!r}, not {lm_name!r}: "
-            "evaluate them with their own model (drop --model.name)"
-        )
 
 
 def format_quality(r: dict[str, Any]) -> str:

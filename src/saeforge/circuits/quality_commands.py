@@ -1,8 +1,8 @@
 """``saeforge transcoder-eval``: per-layer EV / L0 and the full replacement model's CE / KL of a transcoder set.
 
 The corpus split and budgets: a per-layer set's first transcoder carries its run config (as for `saeforge eval`);
-a CLT folder records its data section in cfg.json (folders written before it did take the DataConfig defaults
-unless --data.* says otherwise). --data.* / --eval.* options override either.
+a CLT folder records its data section in cfg.json; circuit-tracer folders (config.yaml) and CLT folders written
+before that take the DataConfig defaults unless --data.* says otherwise. --data.* / --eval.* override either.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
         "text; writes DIR/replacement.json. See docs/circuits.md.",
     )
     q.add_argument(
-        "--transcoders", required=True, metavar="DIR", help="a folder made by `saeforge transcoders` or `saeforge clt`"
+        "--transcoders",
+        required=True,
+        metavar="DIR",
+        help="a folder made by `saeforge transcoders` or `saeforge clt`, or a circuit-tracer folder (config.yaml)",
     )
     q.add_argument(
         "--out", help="JSON file to write (default: DIR/replacement.json); never overwritten without --force"
@@ -41,7 +44,8 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
 
 
 def load_any(folder: str | Path):
-    """(a TranscoderSet or a CLT, the model name, the run's data section or None) of a transcoder folder."""
+    """(a TranscoderSet or a CLT, the model name, the run's data section or None) of a transcoder folder:
+    ours (transcoders.json, a CLT's cfg.json) or circuit-tracer's (config.yaml)."""
     from saeforge.circuits.clt import load_clt
     from saeforge.circuits.transcoders import load_transcoders
     from saeforge.saes.formats import read_cfg
@@ -50,6 +54,11 @@ def load_any(folder: str | Path):
     if (folder / "cfg.json").exists():
         clt, model_name = load_clt(folder)
         return clt, model_name, json.loads((folder / "cfg.json").read_text()).get("data")
+    if (folder / "config.yaml").exists():  # circuit-tracer's layout: it records no corpus
+        from saeforge.circuits.formats import read_circuit_tracer_folder
+
+        transcoders, model_name = read_circuit_tracer_folder(folder)
+        return transcoders, model_name, None
     tset = load_transcoders(folder)
     first = folder / json.loads((folder / "transcoders.json").read_text())["layers"][str(min(tset.saes))]
     data = ((read_cfg(first).get("metadata") or {}).get("saeforge_config") or {}).get("data")
