@@ -6,6 +6,7 @@ Every oracle here runs its own forward with plain module hooks and its own CE / 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import islice
 
@@ -106,6 +107,14 @@ def test_full_replacement_equals_a_hand_rolled_loop(lm, data_cfg, plt_case):
     assert r["full"]["ce_zero"] == pytest.approx(ce_zero, abs=1e-5)
     assert r["full"]["ce_score"] == pytest.approx((ce_zero - ce) / (ce_zero - ce_clean), abs=1e-4)
     assert r["full"]["kl_score"] == pytest.approx((kl_zero - kl) / kl_zero, rel=1e-4)  # random: far below 0
+    # mean ablation of every MLP: the means over the per-layer pass's kept tokens, taken by hand
+    ins, outs = mlp_io(lm, data_cfg)
+    means = {m: y.mean(0) for m, y in outs.items()}
+    ce_mean, kl_mean, _ = oracle_ce_kl(lm, data_cfg, lambda m, xs: means[m].expand_as(xs[m]))
+    assert r["full"]["ce_mean"] == pytest.approx(ce_mean, abs=1e-5) and r["full"]["kl_mean"] == pytest.approx(
+        kl_mean, abs=1e-5
+    )
+    assert r["full"]["ce_score_mean"] == pytest.approx((ce_mean - ce) / (ce_mean - ce_clean), rel=1e-4)
     # one layer alone: layer 1 replaced, the others clean
     ce1, kl1, _ = oracle_ce_kl(lm, data_cfg, lambda m, xs: flat(saes[m], xs[m]) if m == 1 else None)
     assert r["alone"][1]["ce"] == pytest.approx(ce1, abs=1e-5) and r["alone"][1]["kl"] == pytest.approx(kl1, abs=1e-5)
@@ -118,12 +127,11 @@ def test_full_replacement_equals_a_hand_rolled_loop(lm, data_cfg, plt_case):
         assert r["alone"][1][ours] == pytest.approx(ev[theirs], abs=1e-5)
 
 
-def test_per_layer_ev_by_hand(lm, data_cfg, plt_case):
-    saes, r = plt_case
+def mlp_io(lm, data_cfg):
+    """Every layer's MLP input and output at the kept positions of the per-layer pass's windows, by plain hooks."""
     tokens_ST = windows(lm, data_cfg, EVAL.tokens)
     keep_ST = ~excluded_mask(tokens_ST, lm.tokenizer, data_cfg)
     ins, outs = {}, {}
-    layers = lm.model.model.layers
 
     def rec(m):
         def fn(module, args, out):
@@ -131,11 +139,18 @@ def test_per_layer_ev_by_hand(lm, data_cfg, plt_case):
 
         return fn
 
-    handles = [layer.mlp.register_forward_hook(rec(m)) for m, layer in enumerate(layers)]
+    handles = [layer.mlp.register_forward_hook(rec(m)) for m, layer in enumerate(lm.model.model.layers)]
     with torch.no_grad():
         lm.model(input_ids=tokens_ST)
     for h in handles:
         h.remove()
+    return ins, outs
+
+
+def test_per_layer_ev_by_hand(lm, data_cfg, plt_case):
+    saes, r = plt_case
+    ins, outs = mlp_io(lm, data_cfg)
+    keep_ST = ~excluded_mask(windows(lm, data_cfg, EVAL.tokens), lm.tokenizer, data_cfg)
     for m, row in enumerate(r["layers"]):
         with torch.no_grad():
             y_hat, f = saes[m](ins[m]).double(), saes[m].encode(ins[m])
@@ -174,8 +189,9 @@ def test_clt_without_cross_layer_decoders_equals_its_diagonal_plts(lm, data_cfg)
             sae.W_dec.copy_(w[:, 0])
             sae.b_dec.copy_(clt.b_dec[layer])
             saes[layer] = sae.requires_grad_(False)
-    a = transcoder_quality(lm, clt, data_cfg, EVAL)
-    b = transcoder_quality(lm, saes, data_cfg, EVAL)
+    small = dataclasses.replace(EVAL, ce_tokens=64, mean_ablation=False)  # 2 windows: this test runs twice
+    a = transcoder_quality(lm, clt, data_cfg, small)
+    b = transcoder_quality(lm, saes, data_cfg, small)
     for ra, rb in zip(a["layers"], b["layers"], strict=True):
         assert ra["l0"] == rb["l0"] and ra["explained_variance"] == pytest.approx(rb["explained_variance"], abs=1e-6)
     for key in ("ce", "kl", "ce_zero", "ce_score"):
@@ -242,7 +258,7 @@ def test_command_on_a_per_layer_folder_uses_its_runs_split(tiny_model_dirs, data
     export_circuit_tracer(load_transcoders(folder), tmp_path / "ct")
     ct_args = [*args[:2], str(tmp_path / "ct"), *args[3:-1], str(tmp_path / "ct.json")]
     assert main([*ct_args, "--data.corpus", data_cfg.corpus, "--data.context_size", "32",
-                 "--data.holdout_fraction", "0.3"]) == 0  # fmt: skip
+                 "--data.holdout_fraction", "0.3", "--no-layers-alone"]) == 0  # fmt: skip
     ct = json.loads((tmp_path / "ct.json").read_text())
     assert ct["full"] == r["full"] and ct["layers"] == r["layers"]
     del manifest["layers"]["1"]

@@ -14,6 +14,8 @@ held-out windows of a corpus (the split evals use), two streamed passes:
      layer m sums its decoders from layers l <= m, each fed the replacement model's own layer-l input), as in
      circuit-tracer's replacement model;
    - *zero*: every MLP output zeroed at once (the CE score's baseline);
+   - *mean* (``eval_cfg.mean_ablation``): every MLP output replaced at once by its mean over pass 1's kept tokens
+     (SPECS' second baseline, as `saeforge eval` reports it for one hook);
    - and, with ``layers_alone``, for each layer m: only m replaced (earlier layers are clean, so a CLT's
      layer m then reads clean inputs), and only m zeroed: 2 L more forwards.
 
@@ -90,8 +92,11 @@ def _batches(lm, data_cfg: DataConfig, n_windows: int, batch_size: int) -> Itera
 
 
 @torch.inference_mode()
-def layer_stats(lm, pred: Predictor, data_cfg: DataConfig, eval_cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Pass 1: each layer's EV / FVU / L0 / dead latents against its real MLP output (clean inputs)."""
+def layer_stats(
+    lm, pred: Predictor, data_cfg: DataConfig, eval_cfg: EvalConfig
+) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
+    """Pass 1: each layer's EV / FVU / L0 / dead latents against its real MLP output (clean inputs), and each
+    layer's mean MLP output over the kept tokens (float32 [D], the mean-ablation baseline)."""
     L = pred.n_layers
     points = [resolve_hook(lm.model, HOOK_IN.format(layer=m)) for m in range(L)]
     points += [resolve_hook(lm.model, HOOK_OUT.format(layer=m)) for m in range(L)]
@@ -107,18 +112,20 @@ def layer_stats(lm, pred: Predictor, data_cfg: DataConfig, eval_cfg: EvalConfig)
             feats[m] = f_NF.to_sparse()
             y_hat_ND = pred.predict(m, feats, x_ND)
             stats[m].update(acts[points[L + m].name][keep_ST].float(), y_hat_ND, f_NF)
-    rows = []
+    rows, means = [], {}
     for m, s in enumerate(stats):
         r = s.result()
+        means[m] = r["mean_x"].float()
         rows.append(
             {"layer": m, "explained_variance": r["explained_variance"], "fvu": 1.0 - r["explained_variance"],
              "l0": r["l0"], "mse": r["mse"], "dead_fraction": r["dead_fraction"], "n_tokens": r["n_tokens"]}
         )  # fmt: skip
-    return rows
+    return rows, means
 
 
 class _Splice:
-    """Forward hooks on every MLP: record inputs (and latents), replace outputs of ``replace`` / ``zero`` layers."""
+    """Forward hooks on every MLP: record inputs (and latents), replace outputs of ``replace`` layers by their
+    predictions and of ``fill`` layers by a constant vector (zeros, means)."""
 
     def __init__(self, lm, pred: Predictor) -> None:
         self.lm, self.pred = lm, pred
@@ -130,7 +137,7 @@ class _Splice:
         tokens_ST: Tensor,
         keep_ST: Tensor,
         replace: Collection[int] = (),
-        zero: Collection[int] = (),
+        fill: dict[int, Tensor] | None = None,
         errors: dict[int, Tensor] | None = None,
         record_errors: dict[int, Tensor] | None = None,
     ) -> Tensor:
@@ -151,8 +158,8 @@ class _Splice:
             def fn(y_STD: Tensor) -> Tensor | None:
                 if record_errors is not None:
                     record_errors[m] = y_STD[keep_ST].float() - pred.predict(m, feats, xs[m])
-                if m in zero:
-                    new_ND = torch.zeros_like(y_STD[keep_ST])
+                if fill is not None and m in fill:
+                    new_ND = fill[m].to(y_STD.device).expand(int(keep_ST.sum()), -1)
                 elif m in replace:
                     new_ND = pred.predict(m, feats, xs[m])
                     if errors is not None:
@@ -183,14 +190,19 @@ def replacement_ce_kl(
     eval_cfg: EvalConfig,
     layers_alone: bool = True,
     with_errors: bool = False,
+    means: dict[int, Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Pass 2: CE/KL of the full replacement model, of all MLPs zeroed, and (``layers_alone``) of each layer alone."""
+    """Pass 2: CE/KL of the full replacement model, of all MLPs zeroed (and, given ``means``, mean-ablated), and
+    (``layers_alone``) of each layer alone."""
     L, splice = pred.n_layers, _Splice(lm, pred)
-    variants: dict[str, dict] = {"replacement": {"replace": set(range(L))}, "zero": {"zero": set(range(L))}}
+    zeros = {m: torch.zeros(lm.d_model) for m in range(L)}
+    variants: dict[str, dict] = {"replacement": {"replace": set(range(L))}, "zero": {"fill": zeros}}
+    if means is not None:
+        variants["mean"] = {"fill": means}
     if layers_alone:
         for m in range(L):
             variants[f"layer{m}"] = {"replace": {m}}
-            variants[f"layer{m}_zero"] = {"zero": {m}}
+            variants[f"layer{m}_zero"] = {"fill": {m: zeros[m]}}
     if with_errors:
         variants["with_errors"] = {"replace": set(range(L))}  # errors filled in per batch below
     ce = dict.fromkeys(["clean", *variants], 0.0)
@@ -231,6 +243,10 @@ def replacement_ce_kl(
 
     out: dict[str, Any] = {"ce_clean": ce["clean"], "n_predictions": n_pred, "n_sequences": n_seq,
                            "full": score("replacement", "zero")}  # fmt: skip
+    if means is not None:
+        out["full"].update({"ce_mean": ce["mean"], "kl_mean": kl["mean"],
+                            "ce_score_mean": _ratio(ce["mean"] - ce["replacement"], ce["mean"] - ce["clean"]),
+                            "kl_score_mean": _ratio(kl["mean"] - kl["replacement"], kl["mean"])})  # fmt: skip
     if layers_alone:
         out["alone"] = [{"layer": m, **score(f"layer{m}", f"layer{m}_zero")} for m in range(L)]
     if with_errors:
@@ -250,7 +266,9 @@ def transcoder_quality(
 
     ``transcoders``: a TranscoderSet (``load_transcoders``), {layer: transcoder SAE}, or a CLT (``load_clt``);
     it must have one transcoder per layer of ``lm``, each d_model -> d_model (TranscoderSetError otherwise).
-    Returns a JSON-ready dict; ``write_result`` saves it, ``format_quality`` prints it.
+    Returns a JSON-ready dict (`saeforge transcoder-eval` writes it as replacement.json); ``format_quality``
+    makes the table. The transcoders are moved to ``lm``'s device in place. ``eval_cfg.mean_ablation`` adds the
+    mean-ablation baseline to ``full`` (one more forward per CE batch).
     """
     pred = Predictor(lm, transcoders)
     folder = transcoders.folder if isinstance(transcoders, TranscoderSet) else None
@@ -263,12 +281,13 @@ def transcoder_quality(
         "context_size": data_cfg.context_size,
         "tokens_requested": eval_cfg.tokens,
         "ce_tokens_requested": eval_cfg.ce_tokens,
-        "baseline": "ce_zero / kl_zero: every MLP output zeroed at once (one layer's, for 'alone'); "
-        "excluded positions (BOS, EOS, pad) keep their real MLP output in every variant",
-        "layers": layer_stats(lm, pred, data_cfg, eval_cfg),
+        "baseline": "ce_zero / kl_zero: every MLP output zeroed at once (one layer's, for 'alone'); ce_mean / "
+        "kl_mean: every MLP output replaced at once by its mean over the per-layer pass's tokens; excluded positions (BOS, EOS, pad) keep their real MLP output in every variant",
     }
+    result["layers"], means = layer_stats(lm, pred, data_cfg, eval_cfg)
     result["l0_total"] = sum(r["l0"] for r in result["layers"])
-    result.update(replacement_ce_kl(lm, pred, data_cfg, eval_cfg, layers_alone, with_errors))
+    means = means if eval_cfg.mean_ablation else None
+    result.update(replacement_ce_kl(lm, pred, data_cfg, eval_cfg, layers_alone, with_errors, means))
     return result
 
 
@@ -294,6 +313,8 @@ def format_quality(r: dict[str, Any]) -> str:
     lines += [
         f"full replacement (every MLP replaced, no error terms): CE {f['ce']:.4f} (clean {r['ce_clean']:.4f}, every "
         f"MLP zeroed {f['ce_zero']:.4f}), CE score {f['ce_score']:.4f}, KL {f['kl']:.4f} (zeroed {f['kl_zero']:.4f}), "
-        f"KL score {f['kl_score']:.4f}; total L0 {r['l0_total']:.1f}"
+        f"KL score {f['kl_score']:.4f}"
+        + (f"; vs mean ablation: CE {f['ce_mean']:.4f}, CE score {f['ce_score_mean']:.4f}" if "ce_mean" in f else "")
+        + f"; total L0 {r['l0_total']:.1f}"
     ]
     return "\n".join(lines)
