@@ -57,7 +57,7 @@ RESULT = "replacement.json"
 
 
 class Predictor:
-    """Latents and predictions of a PLT set or a CLT, in float32 on the transcoders' device.
+    """Latents and predictions of a PLT set or a CLT, in float32 on the LM's device (the transcoders move there).
 
     ``features(l, x_ND)`` gives layer l's latents (dense f_NF); ``predict(m, feats, x_ND)`` sums the decoders
     into layer m from ``feats`` = {l: sparse f_NF} for l <= m, adds b_dec and (PLT) the skip term.
