@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "saeforge.groundtruth.commands",  # probe
     "saeforge.circuits.commands",  # transcoders, clt, graph
     "saeforge.circuits.sfc_commands",  # circuit, export-transcoders
+    "saeforge.circuits.quality_commands",  # transcoder-eval
     "saeforge.viewer.commands",  # index, serve, export-neuronpedia, explain, map
     "saeforge.toy",  # toy
 ]

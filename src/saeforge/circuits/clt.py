@@ -107,8 +107,11 @@ class CrossLayerTranscoder(nn.Module):
         return (err_L / var_L).sum()
 
 
-def save_clt(clt: CrossLayerTranscoder, folder: str | Path, model_name: str) -> Path:
-    """Write the folder whole (tmp folder + rename); refuse to replace an existing one."""
+def save_clt(clt: CrossLayerTranscoder, folder: str | Path, model_name: str, data: dict | None = None) -> Path:
+    """Write the folder whole (tmp folder + rename); refuse to replace an existing one.
+
+    ``data``: the training run's data section (a DataConfig as a dict), so `saeforge transcoder-eval` finds the
+    same held-out split."""
     folder = Path(folder)
     if folder.exists():
         raise ConfigError(f"{folder} exists: a CLT folder is never overwritten; pick another")
@@ -121,7 +124,7 @@ def save_clt(clt: CrossLayerTranscoder, folder: str | Path, model_name: str) -> 
         tensors["threshold"] = clt.threshold
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     cfg = {"architecture": "clt", "format_version": FORMAT_VERSION, **asdict(clt.cfg), "model_name": model_name,
-           "hook_in": HOOK_IN, "hook_out": HOOK_OUT}  # fmt: skip
+           "hook_in": HOOK_IN, "hook_out": HOOK_OUT, **({} if data is None else {"data": data})}  # fmt: skip
     (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tmp.rename(folder)
     return folder

@@ -122,7 +122,7 @@ def cmd_clt(ns: argparse.Namespace, base: dict) -> int:
     lm = load_model(model.name, dtype=model.dtype, device=model.device)
     cfg = from_dict(CLTConfig, {**d.get("clt", {}), "n_layers": lm.n_layers, "d_model": lm.d_model}, "clt")
     clt = train_clt(lm, cfg, data, act, ns.tokens)
-    folder = save_clt(clt, ns.out, model.name)
+    folder = save_clt(clt, ns.out, model.name, dataclasses.asdict(data))
     print(f"CLT ({lm.n_layers} layers x {cfg.d_sae} latents, k={cfg.k}) saved to {folder}")
     return 0
 
