@@ -143,3 +143,33 @@ def test_probe_of_a_transcoders_folder_and_of_a_folder_with_nothing_to_probe(
     assert cli.main(["probe", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "nothing to probe" in err and "sweep folder" in err and "Traceback" not in err
+
+
+def test_sparse_counts_equal_the_dense_reference():
+    from saeforge.groundtruth.metrics import OrCounts, ThresholdCounts
+
+    g = torch.Generator().manual_seed(0)
+    N, F, P = 700, 50, 4
+    f_NF = torch.randn(N, F, generator=g)
+    f_NF[torch.rand(N, F, generator=g) < 0.8] = 0  # sparse, with negative values left in
+    f_NF[:, 3] = -torch.rand(N, generator=g)  # a latent that never fires (max < 0)
+    f_NF[:5, 7] = torch.tensor([0.1, 0.2, 0.3, 0.25, 1.0])  # values exactly on thresholds t * max
+    y_NP = torch.rand(N, P, generator=g) < 0.3
+    v_NP = torch.rand(N, P, generator=g) < 0.9
+    max_F = f_NF.amax(0)
+    fast, ref = ThresholdCounts(P, max_F), ThresholdCounts(P, max_F, sparse=False)
+    for c in (fast, ref):
+        c.update(f_NF, y_NP, v_NP)
+    assert torch.equal(fast.tp_PFT, ref.tp_PFT) and torch.equal(fast.pp_PFT, ref.pp_PFT)
+    assert torch.equal(fast.pos_P, ref.pos_P) and torch.equal(fast.n_P, ref.n_P)
+    assert fast.pp_PFT[:, 3].sum() == 0 and fast.tp_PFT.sum() > 0
+    # hand check: latent 7 over rows 0..4 (max 1.0): a value equal to t * max does not fire
+    small = ThresholdCounts(1, torch.tensor([1.0]))
+    small.update(f_NF[:5, 7:8], torch.ones(5, 1, dtype=torch.bool), torch.ones(5, 1, dtype=torch.bool))
+    assert small.pp_PFT[0, 0, :4].tolist() == [5, 4, 3, 1]  # t = 0.3: only 1.0 (0.3 is not above 0.3)
+    chosen_PFT = fast.precise_PFT(0.3)
+    fast_or, ref_or = OrCounts(chosen_PFT, max_F), OrCounts(chosen_PFT, max_F, sparse=False)
+    for c in (fast_or, ref_or):
+        c.update(f_NF, y_NP, v_NP)
+    assert torch.equal(fast_or.tp_PT, ref_or.tp_PT) and torch.equal(fast_or.pp_PT, ref_or.pp_PT)
+    assert fast_or.pp_PT.sum() > 0
