@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from saeforge.config import EvalSetup
+from saeforge.config import ConfigError, EvalSetup
 from saeforge.evals.report import _json_safe, check_width
 from saeforge.evals.saved import groundtruth_path
 from saeforge.evals.setup import eval_setup_for
@@ -72,6 +72,11 @@ def probe_saved_many(
 
     ``lm``: the loaded model; loaded from the first SAE's config when None."""
     cfgs = [eval_setup_for(d, overrides) for d in sae_dirs]
+    models = {(c.model.name, c.model.random_init) for c in cfgs}
+    if len(models) > 1:  # one lm serves them all: SAEs of another model would be scored on the wrong one
+        raise ConfigError(
+            f"probe_saved_many: the SAEs come from several models {sorted(models)}; probe each model's apart"
+        )
     if lm is None:
         m = cfgs[0].model
         lm = load_model(m.name, dtype=m.dtype, device=m.device, random_init=m.random_init)
