@@ -173,3 +173,21 @@ def test_sparse_counts_equal_the_dense_reference():
         c.update(f_NF, y_NP, v_NP)
     assert torch.equal(fast_or.tp_PT, ref_or.tp_PT) and torch.equal(fast_or.pp_PT, ref_or.pp_PT)
     assert fast_or.pp_PT.sum() > 0
+
+
+def test_unfinished_sweeps_and_mixed_models_are_refused_before_any_work(tiny_model_dirs, code_corpus, tmp_path):
+    from saeforge.config import UserError
+    from saeforge.groundtruth.folders import NothingToProbeError, expand
+    from saeforge.groundtruth.run import probe_saved_many
+    from saeforge.training.sweep import PLAN_FILE
+
+    sweep = tmp_path / "sw"
+    _save_sae(sweep / "k=4" / "sae", tiny_model_dirs["llama"], code_corpus)
+    points = [{"sae": {"k": "4"}}, {"sae": {"k": "8"}}]
+    (sweep / PLAN_FILE).write_text(json.dumps({"base": {}, "points": points}))
+    with pytest.raises(NothingToProbeError, match=r"1 of 2 sweep points have no saved SAE yet \(k=8\).*--resume"):
+        expand(sweep)
+    assert expand(sweep / "k=4") == ([sweep / "k=4" / "sae"], False)  # a run folder: its sae/, no summary
+    other = _save_sae(tmp_path / "g" / "sae", tiny_model_dirs["gpt2"], code_corpus)
+    with pytest.raises(UserError, match="several models"):
+        probe_saved_many([sweep / "k=4" / "sae", other])
