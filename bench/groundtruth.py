@@ -1,15 +1,19 @@
 """Ground-truth metrics of several SAEs side by side, with the residual baselines and the time each took (not a test).
 
-For each SAE folder: the per-property table `saeforge probe` prints (coverage, reconstruction F1,
-k-sparse probing, TPP, first-letter absorption), then one summary table over all of them: coverage,
-reconstruction, 1- and 5-sparse probing accuracy of the latents and of residual dimensions (the
-baseline), the dense residual probe, TPP, SAEBench's full-absorption rate and absorption fraction, and
-the wall time of the whole probe. The random-weights control is an SAE trained with
+Arguments are SAE folders, run folders, sweep folders or transcoders folders (a folder expands to
+every SAE in it, as for `saeforge probe`). SAEs of one model are probed together by
+`groundtruth.run.probe_many`: one LM pass over the labelled tokens for every hook, the residual
+baselines once per hook. For each SAE: the per-property table `saeforge probe` prints, then one
+summary table over all of them: architecture, L0, coverage, reconstruction, 1- and 5-sparse probing
+accuracy of the latents and of residual dimensions (the baseline), the dense residual probe, TPP,
+SAEBench's full-absorption rate and absorption fraction, and the seconds from the previous SAE's
+result to this one's (the first SAE of a model also carries the shared LM pass and baselines; the
+total is printed at the end). The random-weights control is an SAE trained with
 `--model.random_init true` (its cfg.json carries the flag, so it is probed on the same random model);
 `--model.random_init true` here forces it for every folder given. Results go to --out (JSON), never
 into the SAE folders.
 
-    python bench/groundtruth.py runs/*/sae [--tokens 20000] [--probe-tokens 4000] [--out /tmp/groundtruth-bench.json]
+    python bench/groundtruth.py runs/*/sae runs/SWEEP [--tokens 20000] [--probe-tokens 4000] [--out /tmp/groundtruth-bench.json]
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import time
 from saeforge.config import add_config_options, overrides
 from saeforge.evals.report import _json_safe
 from saeforge.evals.setup import eval_setup_for
-from saeforge.groundtruth.run import format_groundtruth, probe
+from saeforge.groundtruth.folders import expand
+from saeforge.groundtruth.run import format_groundtruth, probe_many
 from saeforge.io import atomic_write_text
 from saeforge.models import load_model
 from saeforge.saes.formats import load_sae
@@ -39,6 +44,8 @@ def _row(r: dict, seconds: float) -> list[str]:
     return [
         r["sae"],
         r["hook"] + (" (random LM)" if r["random_init"] else ""),
+        r["architecture"],
+        f"{r['l0']:.1f}",
         fmt(r["coverage"]["coverage"]),
         fmt(r["reconstruction"]["reconstruction"]),
         acc("sae", 1),
@@ -55,38 +62,47 @@ def _row(r: dict, seconds: float) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sae_dirs", nargs="+")
+    ap.add_argument("dirs", nargs="+", help="SAE, run, sweep or transcoders folders")
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--probe-tokens", type=int, default=4000)
     ap.add_argument("--out", default="/tmp/groundtruth-bench.json")
     add_config_options(ap, ["model", "data", "eval"], None)
     ns = ap.parse_args()
-    head = ["sae", "hook", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "res k=5", "dense", "TPP"]
-    rows, results, models = [head + ["full abs", "abs frac", "seconds"]], [], {}
-    for sae_dir in ns.sae_dirs:
-        t0 = time.perf_counter()
-        cfg = eval_setup_for(sae_dir, overrides(ns))
-        key = (cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.random_init)
-        if key not in models:
-            models.clear()
-            models[key] = load_model(
-                cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, random_init=cfg.model.random_init
-            )
-        lm = models[key]
-        sae = load_sae(sae_dir, device=str(lm.device))
-        r = probe(lm, sae, cfg, ns.tokens, ns.probe_tokens, progress=False)
-        seconds = time.perf_counter() - t0
-        r = {"sae": str(sae_dir), "hook": cfg.model.hook, "random_init": cfg.model.random_init, "seconds": seconds, **r}
-        print(f"== {sae_dir} ({cfg.model.hook}, {seconds:.0f} s)")
+    sae_dirs = [s for d in ns.dirs for s in expand(d)[0]]
+    cfgs = [eval_setup_for(d, overrides(ns)) for d in sae_dirs]
+    by_model: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        m = cfg.model
+        by_model.setdefault((m.name, m.dtype, m.device, m.random_init), []).append(i)
+    head = ["sae", "hook", "arch", "L0", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "res k=5", "dense"]
+    head += ["TPP", "full abs", "abs frac", "seconds"]
+    results: list = [None] * len(sae_dirs)
+    start = time.perf_counter()
+    for (name, dtype, device, random_init), idx in by_model.items():
+        lm = load_model(name, dtype=dtype, device=device, random_init=random_init)
+        saes = [(load_sae(sae_dirs[i], device=str(lm.device)), cfgs[i]) for i in idx]
+        last = [time.perf_counter()]
+
+        def done(j: int, r: dict, idx=idx, last=last) -> None:  # defaults bind this model's group
+            now = time.perf_counter()
+            i, m = idx[j], cfgs[idx[j]].model
+            results[i] = {"sae": str(sae_dirs[i]), "hook": m.hook, "random_init": m.random_init, **r}
+            results[i]["seconds"] = now - last[0]
+            last[0] = now
+
+        probe_many(lm, saes, ns.tokens, ns.probe_tokens, progress=False, on_result=done)
+        del lm
+    for r in results:
+        print(f"== {r['sae']} ({r['hook']}, {r['seconds']:.0f} s)")
         print(format_groundtruth(r))
-        rows.append(_row(r, seconds))
-        results.append(r)
-    widths = [max(len(row[j]) for row in rows) for j in range(len(head) + 3)]
+    rows = [head] + [_row(r, r["seconds"]) for r in results]
+    widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
     print(
         "\n".join(
-            "  ".join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))) for row in rows
+            "  ".join(v.ljust(w) if j < 3 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))) for row in rows
         )
     )
+    print(f"{len(results)} SAEs in {time.perf_counter() - start:.0f} s")
     atomic_write_text(ns.out, json.dumps(_json_safe(results), indent=2) + "\n")
     print(f"wrote {ns.out}")
 

@@ -48,7 +48,9 @@ def test_probe_command_end_to_end(tiny_model_dirs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("cat_docstring") == 2 and "coverage" in out and out.count("wrote") == 2
     summary = out.splitlines()[-3:]  # a sweep-style summary: one line per SAE
-    assert summary[0].split()[:3] == ["sae", "hook", "coverage"] and "blocks.1.hook_resid_post" in summary[2]
+    assert (
+        summary[0].split()[:5] == ["sae", "hook", "arch", "L0", "coverage"] and "blocks.1.hook_resid_post" in summary[2]
+    )
     tc = json.loads((tc_dir / "groundtruth.json").read_text())  # a transcoder: probed through its latents
     assert 0 < tc["coverage"]["coverage"] < 1 and tc["probing"]["sae"]["1"]["mean"] is not None
     assert "error" in tc["tpp"] and "error" in tc["absorption"]

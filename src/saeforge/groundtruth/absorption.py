@@ -46,20 +46,27 @@ F1_JUMP, MAX_K, MIN_PROBE_F1 = 0.03, 10, 0.6
 COS_FULL, COS_FRACTION, PROJ_FRACTION, MAX_ABSORBERS, EPS = 0.025, 0.1, 0.4, 3, 1e-8
 
 
-@torch.inference_mode()
 def prompt_activations(lm, hook, ids_N: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """x_ND: the hook's activation at the word of ``[BOS] word SUFFIX`` for each token id."""
+    return prompt_activations_many(lm, [hook], ids_N, batch_size)[hook.name]
+
+
+@torch.inference_mode()
+def prompt_activations_many(lm, hooks: list, ids_N: torch.Tensor, batch_size: int = 128) -> dict:
+    """``prompt_activations`` for several hooks in one LM pass: hook name -> x_ND."""
     suffix = lm.tokenizer.encode(SUFFIX, add_special_tokens=False)
     bos = lm.tokenizer.bos_token_id
     head = [] if bos is None else [bos]
-    out = []
+    out: dict[str, list] = {h.name: [] for h in hooks}
     for a in range(0, len(ids_N), batch_size):
         word = ids_N[a : a + batch_size, None]
         tok = torch.cat(
             [torch.tensor(head).expand(len(word), -1).long(), word, torch.tensor(suffix).expand(len(word), -1)], 1
         )
-        out.append(capture(lm.model, [hook], tok.to(lm.device))[hook.name][:, len(head)].float().cpu())
-    return torch.cat(out)
+        acts = capture(lm.model, hooks, tok.to(lm.device))
+        for h in hooks:
+            out[h.name].append(acts[h.name][:, len(head)].float().cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def _f1(pred_PN: torch.Tensor, true_PN: torch.Tensor) -> torch.Tensor:
@@ -116,6 +123,21 @@ def _scores(
     return full, min(1.0, max(0.0, absorbed / (absorbed + m)))
 
 
+def letter_probes(x_ND: torch.Tensor, y_N: torch.Tensor, test_N: torch.Tensor) -> tuple:
+    """Step 3: (letters, y_LN, probe logits_LN, probe test F1_L, unit probe directions p_LD in x's units)."""
+    letters = sorted(set(y_N.tolist()))
+    y_LN = torch.stack([y_N == c for c in letters])
+    probe = fit_logistic(x_ND, y_LN, _balanced(y_LN, ~test_N))
+    with torch.no_grad():
+        logit_LN = probe(x_ND)
+    probe_f1_L = _f1((logit_LN > 0) & test_N, y_LN & test_N)
+    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():  # the probe is linear: its weight in x's units is the logit's gradient
+        w_LD = torch.stack([torch.autograd.grad(probe(x0)[j].sum(), x0)[0][0] for j in range(len(letters))])
+    p_LD = (w_LD / w_LD.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    return letters, y_LN, logit_LN, probe_f1_L, p_LD
+
+
 def absorption_full(
     x_ND: torch.Tensor,
     y_N: torch.Tensor,
@@ -124,19 +146,12 @@ def absorption_full(
     W_dec_FD: torch.Tensor,
     max_k: int = MAX_K,
     f1_jump: float = F1_JUMP,
+    probes: tuple | None = None,
 ) -> dict:
-    """Steps 3-5 on activations ``x_ND`` with letter indices ``y_N`` (0..25); ``test_N`` marks test rows."""
-    letters = sorted(set(y_N.tolist()))
-    y_LN = torch.stack([y_N == c for c in letters])
-    train_N = ~test_N
-    probe = fit_logistic(x_ND, y_LN, _balanced(y_LN, train_N))
-    with torch.no_grad():
-        logit_LN = probe(x_ND)
-    probe_f1_L = _f1((logit_LN > 0) & test_N, y_LN & test_N)
-    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():  # the probe is linear: its weight in x's units is the logit's gradient
-        w_LD = torch.stack([torch.autograd.grad(probe(x0)[j].sum(), x0)[0][0] for j in range(len(letters))])
-    p_LD = (w_LD / w_LD.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    """Steps 3-5 on activations ``x_ND`` with letter indices ``y_N`` (0..25); ``test_N`` marks test rows.
+
+    ``probes``: ``letter_probes`` of the same rows (step 3 reads only the residual), when SAEs share them."""
+    letters, y_LN, logit_LN, probe_f1_L, p_LD = letter_probes(x_ND, y_N, test_N) if probes is None else probes
     with torch.no_grad():
         f_NF = encode(x_ND).float().cpu()
     mains, f1_LK = main_latents(f_NF, y_LN, test_N, max_k, f1_jump)
@@ -182,16 +197,29 @@ def absorption_full(
     }
 
 
-def first_letter_absorption(lm, hook, sae, encode, per_letter: int = 100, seed: int = 0) -> dict:
-    """The whole task for ``sae`` at ``hook`` of ``lm``, or {"error": why} when the vocabulary is too small."""
+def letter_words(lm, hooks: list, per_letter: int = 100, seed: int = 0) -> dict:
+    """Steps 1-3 for each hook, in one LM pass over the prompts: hook name -> (x_ND, y_N, test_N, probes),
+    or {"error": why} when the vocabulary is too small (a result to report, not a failure of the run)."""
     try:
         ids_N, y_N = first_letter_tokens(lm.tokenizer, per_letter, seed=seed)
-    except ValueError as e:  # a tiny vocabulary: a result to report, not a failure of the probe run
+    except ValueError as e:
         return {"error": str(e)}
-    x_ND = prompt_activations(lm, hook, ids_N).clone()  # a normal tensor: the probes' autograd refuses inference ones
     test_N = torch.zeros(len(y_N), dtype=torch.bool)
     test_N[torch.randperm(len(y_N), generator=torch.Generator().manual_seed(seed + 1))[: len(y_N) // 5]] = True
-    return absorption_full(x_ND, y_N, test_N, encode, sae.W_dec)
+    x = prompt_activations_many(lm, hooks, ids_N)
+    # normal tensors: the probes' autograd refuses inference ones
+    return {h.name: (x[h.name].clone(), y_N, test_N, letter_probes(x[h.name].clone(), y_N, test_N)) for h in hooks}
+
+
+def first_letter_absorption(lm, hook, sae, encode, per_letter: int = 100, seed: int = 0, words=None) -> dict:
+    """The whole task for ``sae`` at ``hook`` of ``lm``, or {"error": why} when the vocabulary is too small.
+
+    ``words``: ``letter_words(lm, [hook, ...])``, when several SAEs share it."""
+    words = letter_words(lm, [hook], per_letter, seed) if words is None else words
+    if "error" in words:
+        return {"error": words["error"]}
+    x_ND, y_N, test_N, probes = words[hook.name]
+    return absorption_full(x_ND, y_N, test_N, encode, sae.W_dec, probes=probes)
 
 
 def format_absorption(result: dict) -> str:

@@ -29,10 +29,32 @@ def _fire_NF(f_NF: torch.Tensor, max_F: torch.Tensor, t: float) -> torch.Tensor:
     return ((f_NF > t * max_F) & (max_F > 0)).float()
 
 
-class ThresholdCounts:
-    """Per (property, latent, threshold) true positives and predicted positives among valid tokens."""
+def _levels(f_NF: torch.Tensor, max_F: torch.Tensor, thresholds: list[float]):
+    """The firing entries (row n, latent i) and how many thresholds each passes.
 
-    def __init__(self, n_props: int, max_F: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLDS):
+    Every threshold t * max_i is >= 0 and grows with t (for max_i > 0), so only f > 0 can fire, and
+    an entry that passes t_j passes every smaller t: it fires exactly at the first ``level`` thresholds.
+    The comparisons are the ones ``_fire_NF`` makes (the same float32 products t * max_F).
+    """
+    n_E, i_E = ((f_NF > 0) & (max_F > 0)).nonzero(as_tuple=True)
+    f_E, max_E = f_NF[n_E, i_E], max_F[i_E]
+    level_E = torch.zeros(len(n_E), dtype=torch.long)
+    for t in thresholds:
+        level_E += f_E > t * max_E
+    return n_E, i_E, level_E
+
+
+class ThresholdCounts:
+    """Per (property, latent, threshold) true positives and predicted positives among valid tokens.
+
+    ``sparse`` (default): counts only the firing entries (a TopK SAE's k of F per token: O(nnz * P)
+    instead of O(N * F * T * P) work); ``sparse=False`` is the plain reference (tests compare them).
+    """
+
+    def __init__(
+        self, n_props: int, max_F: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLDS, sparse: bool = True
+    ):
+        self.sparse = sparse
         self.max_F = max_F.float().cpu()
         self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
         F, T = len(max_F), len(thresholds)
@@ -46,6 +68,22 @@ class ThresholdCounts:
             self._update(f_NF[a : a + ROWS], y_NP[a : a + ROWS], valid_NP[a : a + ROWS])
 
     def _update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
+        if not self.sparse:
+            return self._update_dense(f_NF, y_NP, valid_NP)
+        f_NF, y_NP, valid_NP = f_NF.float().cpu(), y_NP.cpu(), valid_NP.cpu()
+        n_E, i_E, level_E = _levels(f_NF, self.max_F, self.thresholds.tolist())
+        F, T = self.max_F.shape[0], len(self.thresholds)
+        bucket_E = i_E * T + (level_E - 1)  # level >= 1: every firing entry passes t = 0
+        for total_PFT, rows_NP in ((self.tp_PFT, y_NP & valid_NP), (self.pp_PFT, valid_NP)):
+            acc = torch.zeros(F * T, rows_NP.shape[1], dtype=torch.float64)
+            acc.index_add_(0, bucket_E, rows_NP[n_E].double())
+            # an entry at level L counts at thresholds 0 .. L-1: a reversed cumulative sum over t
+            acc_FTP = acc.view(F, T, -1).flip(1).cumsum(1).flip(1)
+            total_PFT += acc_FTP.permute(2, 0, 1)
+        self.pos_P += (y_NP & valid_NP).double().sum(0)
+        self.n_P += valid_NP.double().sum(0)
+
+    def _update_dense(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
         f_NF = f_NF.float().cpu()
         yv_PN = (y_NP & valid_NP).float().cpu().T
         v_PN = valid_NP.float().cpu().T
@@ -67,9 +105,18 @@ class ThresholdCounts:
 
 
 class OrCounts:
-    """F1 of the OR of a chosen latent set per (property, threshold): reconstruction's test side."""
+    """F1 of the OR of a chosen latent set per (property, threshold): reconstruction's test side.
 
-    def __init__(self, chosen_PFT: torch.Tensor, max_F: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLDS):
+    ``sparse`` as for ThresholdCounts: only the firing entries (default), or the plain reference."""
+
+    def __init__(
+        self,
+        chosen_PFT: torch.Tensor,
+        max_F: torch.Tensor,
+        thresholds: tuple[float, ...] = THRESHOLDS,
+        sparse: bool = True,
+    ):
+        self.sparse = sparse
         self.chosen_PFT = chosen_PFT.float()
         self.max_F = max_F.float().cpu()
         self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
@@ -83,6 +130,21 @@ class OrCounts:
             self._update(f_NF[a : a + ROWS], y_NP[a : a + ROWS], valid_NP[a : a + ROWS])
 
     def _update(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
+        if not self.sparse:
+            return self._update_dense(f_NF, y_NP, valid_NP)
+        f_NF, v_NP, y_NP = f_NF.float().cpu(), valid_NP.cpu(), y_NP.cpu()
+        n_E, i_E, level_E = _levels(f_NF, self.max_F, self.thresholds.tolist())
+        T = len(self.thresholds)
+        fires_ET = torch.arange(T)[None] < level_E[:, None]
+        # row n predicts p at t_j when any latent firing there at t_j is chosen for (p, t_j)
+        hits_NTP = torch.zeros(len(f_NF), T, self.chosen_PFT.shape[0])
+        hits_NTP.index_add_(0, n_E, self.chosen_PFT.permute(1, 2, 0)[i_E] * fires_ET[:, :, None])
+        pred_NTP = hits_NTP > 0
+        self.tp_PT += (pred_NTP & (y_NP & v_NP)[:, None]).double().sum(0).T
+        self.pp_PT += (pred_NTP & v_NP[:, None]).double().sum(0).T
+        self.pos_P += (y_NP & v_NP).double().sum(0)
+
+    def _update_dense(self, f_NF: torch.Tensor, y_NP: torch.Tensor, valid_NP: torch.Tensor) -> None:
         f_NF = f_NF.float().cpu()
         v_NP, y_NP = valid_NP.cpu(), y_NP.cpu()
         for j, t in enumerate(self.thresholds.tolist()):

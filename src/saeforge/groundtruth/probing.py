@@ -128,19 +128,17 @@ def k_sparse_probing(
     ks: tuple[int, ...] = KS,
     test_N: torch.Tensor | None = None,
     chunk: int = 1024,
+    baselines: dict | None = None,
 ) -> dict:
     """Balanced accuracy per property and k of SAE-latent and residual-dimension probes, and the dense probe.
 
-    ``test_N``: which rows test (default: the last 1 - TRAIN_FRACTION of them).
+    ``test_N``: which rows test (default: the last 1 - TRAIN_FRACTION of them). ``baselines``: what
+    ``residual_baselines`` returns for these same rows (computed here when None), so SAEs probed on
+    the same sample share them.
     """
     N = len(x_ND)
     encode = torch.no_grad()(encode)  # the SAE's parameters need no graph here
-    split = torch.arange(N) < int(N * TRAIN_FRACTION) if test_N is None else ~test_N
-    n_train = int(split.sum())
-    train_NP, test_NP = valid_NP & split[:, None], valid_NP & ~split[:, None]
-    # both classes needed on both sides: balanced accuracy needs a positive and a negative test row
-    both = (y_NP & train_NP).any(0) & (~y_NP & train_NP).any(0) & (y_NP & test_NP).any(0) & (~y_NP & test_NP).any(0)
-    usable_P = both.tolist()
+    train_NP, test_NP, usable_P = _split(N, valid_NP, y_NP, test_N)
     # latent class sums, encoding in chunks so the sample's full f (N x F) is never held
     sums = None
     for a in range(0, N, chunk):
@@ -152,25 +150,55 @@ def k_sparse_probing(
     f_NC = torch.cat([encode(x_ND[a : a + chunk]).float().cpu()[:, cols] for a in range(0, N, chunk)])
     where = {int(c): j for j, c in enumerate(cols.tolist())}
     top_local_PK = top_PK.clone().apply_(lambda c: where[c])
-    top_res_PK = _top_k_by_mean_diff(*_class_sums(x_ND, y_NP, train_NP), k_max)
-    y_PN, train_PN, test_PN = y_NP.T, train_NP.T, test_NP.T
-    out: dict = {"tokens": N, "train_tokens": n_train, "sae": {}, "residual": {}}
-    for kind, feats_NC, top in (("sae", f_NC, top_local_PK), ("residual", x_ND, top_res_PK)):
-        # every k in one fit (fewer, larger L-BFGS calls): k < k_max pads with zero columns, which
-        # standardise to 0 and keep weight 0, so each block is exactly the k-feature probe
-        k_max = top.shape[1]
-        blocks = []
-        for k in ks:
-            X_PNK = torch.stack([feats_NC[:, top[p, : min(k, k_max)]] for p in range(len(names))])
-            blocks.append(torch.nn.functional.pad(X_PNK, (0, k_max - X_PNK.shape[2])))
-        acc = _accuracy(
-            torch.cat(blocks), y_PN.repeat(len(ks), 1), train_PN.repeat(len(ks), 1), test_PN.repeat(len(ks), 1)
-        )
-        for j, k in enumerate(ks):
-            out[kind][k] = _per_prop(acc[j * len(names) : (j + 1) * len(names)], usable_P, names)
-    out["dense"] = _per_prop(_accuracy(x_ND, y_PN, train_PN, test_PN), usable_P, names)
+    if baselines is None:
+        baselines = residual_baselines(x_ND, y_NP, valid_NP, names, ks, test_N)
+    out: dict = {"tokens": N, "train_tokens": _n_train(N, test_N)}
+    out["sae"] = _k_probes(f_NC, top_local_PK, y_NP, train_NP, test_NP, usable_P, names, ks)
+    out["residual"], out["dense"] = baselines["residual"], baselines["dense"]
     out["top_latents"] = {n: top_PK[p, : min(5, k_max)].tolist() for p, n in enumerate(names) if usable_P[p]}
     return out
+
+
+def residual_baselines(
+    x_ND: torch.Tensor,
+    y_NP: torch.Tensor,
+    valid_NP: torch.Tensor,
+    names: tuple[str, ...],
+    ks: tuple[int, ...] = KS,
+    test_N: torch.Tensor | None = None,
+) -> dict:
+    """The probes that depend only on the residual rows: k-sparse over residual dimensions, and dense."""
+    train_NP, test_NP, usable_P = _split(len(x_ND), valid_NP, y_NP, test_N)
+    top_res_PK = _top_k_by_mean_diff(*_class_sums(x_ND, y_NP, train_NP), max(ks))
+    residual = _k_probes(x_ND, top_res_PK, y_NP, train_NP, test_NP, usable_P, names, ks)
+    dense = _per_prop(_accuracy(x_ND, y_NP.T, train_NP.T, test_NP.T), usable_P, names)
+    return {"residual": residual, "dense": dense}
+
+
+def _n_train(N: int, test_N: torch.Tensor | None) -> int:
+    return int(N * TRAIN_FRACTION) if test_N is None else int((~test_N).sum())
+
+
+def _split(N: int, valid_NP: torch.Tensor, y_NP: torch.Tensor, test_N: torch.Tensor | None):
+    split = torch.arange(N) < int(N * TRAIN_FRACTION) if test_N is None else ~test_N
+    train_NP, test_NP = valid_NP & split[:, None], valid_NP & ~split[:, None]
+    # both classes needed on both sides: balanced accuracy needs a positive and a negative test row
+    both = (y_NP & train_NP).any(0) & (~y_NP & train_NP).any(0) & (y_NP & test_NP).any(0) & (~y_NP & test_NP).any(0)
+    return train_NP, test_NP, both.tolist()
+
+
+def _k_probes(feats_NC, top_PK, y_NP, train_NP, test_NP, usable_P, names, ks) -> dict:
+    """Balanced accuracy per k of the probes on each property's top-k columns ``top_PK`` of ``feats_NC``."""
+    # every k in one fit (fewer, larger L-BFGS calls): k < k_max pads with zero columns, which
+    # standardise to 0 and keep weight 0, so each block is exactly the k-feature probe
+    k_max = top_PK.shape[1]
+    y_PN, train_PN, test_PN = y_NP.T, train_NP.T, test_NP.T
+    blocks = []
+    for k in ks:
+        X_PNK = torch.stack([feats_NC[:, top_PK[p, : min(k, k_max)]] for p in range(len(names))])
+        blocks.append(torch.nn.functional.pad(X_PNK, (0, k_max - X_PNK.shape[2])))
+    acc = _accuracy(torch.cat(blocks), y_PN.repeat(len(ks), 1), train_PN.repeat(len(ks), 1), test_PN.repeat(len(ks), 1))
+    return {k: _per_prop(acc[j * len(names) : (j + 1) * len(names)], usable_P, names) for j, k in enumerate(ks)}
 
 
 def _per_prop(acc_P: torch.Tensor, usable_P: list[bool], names: tuple[str, ...]) -> dict:

@@ -16,6 +16,7 @@ probed hook, not for transcoders.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,41 @@ GROUPS = {
 N_ABLATE = 20
 
 
+@dataclass
+class ClassProbes:
+    """Step 1, which depends only on the residual rows: one-vs-rest probes and their clean test accuracy."""
+
+    keep_C: torch.Tensor
+    y_CN: torch.Tensor
+    train_N: torch.Tensor
+    test_N: torch.Tensor
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    w_CD: torch.Tensor  # probe weights in x's units
+    clean_C: torch.Tensor
+
+    def acc_C(self, x: torch.Tensor) -> torch.Tensor:
+        test_N = self.test_N
+        return (((self.predict(x) > 0) == self.y_CN) & test_N).double().sum(1) / test_N.double().sum().clamp_min(1)
+
+
+def class_probes(x_ND: torch.Tensor, y_NC: torch.Tensor, valid_N: torch.Tensor, test_N: torch.Tensor):
+    """Step 1 for one multi-class property: ``ClassProbes``, or a dict saying why TPP is undefined."""
+    train_N, test_N = valid_N & ~test_N, valid_N & test_N
+    keep_C = (y_NC & train_N[:, None]).any(0) & (~y_NC & train_N[:, None]).any(0) & (y_NC & test_N[:, None]).any(0)
+    C = int(keep_C.sum())
+    if C < 2:
+        return {"tpp": None, "classes": int(C), "reason": "fewer than two classes with training and test rows"}
+    y_CN = y_NC[:, keep_C].T
+    predict = fit_logistic(x_ND, y_CN, train_N[None].expand(C, -1).double())
+    # probe weights in x's units: the logits' gradient with respect to x (the probe is linear)
+    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        w_CD = torch.stack([torch.autograd.grad(predict(x0)[c].sum(), x0, retain_graph=True)[0][0] for c in range(C)])
+    probes = ClassProbes(keep_C, y_CN, train_N, test_N, predict, w_CD, torch.empty(0))
+    probes.clean_C = probes.acc_C(x_ND)
+    return probes
+
+
 def tpp(
     x_ND: torch.Tensor,
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -39,26 +75,18 @@ def tpp(
     test_N: torch.Tensor,
     n_ablate: int = N_ABLATE,
     chunk: int = 1024,
+    probes: ClassProbes | dict | None = None,
 ) -> dict:
-    """TPP of one multi-class property: ``y_NC`` one-hot-ish classes, rows used where ``valid_N``."""
+    """TPP of one multi-class property: ``y_NC`` one-hot-ish classes, rows used where ``valid_N``.
+
+    ``probes``: ``class_probes`` of these rows, when several SAEs share them."""
+    probes = class_probes(x_ND, y_NC, valid_N, test_N) if probes is None else probes
+    if isinstance(probes, dict):
+        return probes
     encode = torch.no_grad()(encode)
     W = W_dec_FD.detach().float().cpu()
-    train_N, test_N = valid_N & ~test_N, valid_N & test_N
-    keep_C = (y_NC & train_N[:, None]).any(0) & (~y_NC & train_N[:, None]).any(0) & (y_NC & test_N[:, None]).any(0)
-    C = int(keep_C.sum())
-    if C < 2:
-        return {"tpp": None, "classes": int(C), "reason": "fewer than two classes with training and test rows"}
-    y_CN = y_NC[:, keep_C].T
-    predict = fit_logistic(x_ND, y_CN, train_N[None].expand(C, -1).double())
-
-    def acc_C(x):
-        return (((predict(x) > 0) == y_CN) & test_N).double().sum(1) / test_N.double().sum().clamp_min(1)
-
-    # probe weights in x's units: the logits' gradient with respect to x (the probe is linear)
-    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        w_CD = torch.stack([torch.autograd.grad(predict(x0)[c].sum(), x0, retain_graph=True)[0][0] for c in range(C)])
-    proj_CF = w_CD.float() @ W.T  # W_dec[j] . w_c
+    y_CN, train_N, C = probes.y_CN, probes.train_N, len(probes.y_CN)
+    proj_CF = probes.w_CD.float() @ W.T  # W_dec[j] . w_c
     attr_CF = torch.zeros_like(proj_CF)
     for a in range(0, len(x_ND), chunk):
         f_NF = encode(x_ND[a : a + chunk]).float().cpu()
@@ -66,12 +94,11 @@ def tpp(
         attr_CF += (pos_CN @ f_NF) * proj_CF
     attr_CF /= (y_CN & train_N).float().sum(1, keepdim=True).clamp_min(1)
     top_CK = attr_CF.topk(min(n_ablate, attr_CF.shape[1]), dim=1).indices
-    clean_C = acc_C(x_ND)
     d_CC = torch.zeros(C, C, dtype=torch.float64)
     for i in range(C):
         cols = top_CK[i]
         removed_ND = torch.cat([encode(x_ND[a : a + chunk]).float().cpu()[:, cols] for a in range(0, len(x_ND), chunk)])
-        d_CC[i] = clean_C - acc_C(x_ND - removed_ND @ W[cols])
+        d_CC[i] = probes.clean_C - probes.acc_C(x_ND - removed_ND @ W[cols])
     off = ~torch.eye(C, dtype=torch.bool)
     return {
         "tpp": float(d_CC.diagonal().mean() - d_CC[off].mean()),
@@ -82,13 +109,24 @@ def tpp(
     }
 
 
-def tpp_all(x_ND, encode, W_dec_FD, y_NP, valid_NP, test_N, n_ablate: int = N_ABLATE) -> dict:
-    """TPP per group of GROUPS, and their mean."""
+def _group(y_NP: torch.Tensor, valid_NP: torch.Tensor, names: tuple[str, ...]):
+    idx = [PROPERTIES.index(n) for n in names]
+    y_NC = y_NP[:, idx]
+    valid_N = valid_NP[:, idx].all(1) & y_NC.any(1)  # code tokens that have a class (whitespace has no category)
+    return y_NC, valid_N
+
+
+def tpp_probes(x_ND, y_NP, valid_NP, test_N) -> dict:
+    """``class_probes`` of every group of GROUPS: the residual-only part of ``tpp_all``, to share between SAEs."""
+    return {group: class_probes(x_ND, *_group(y_NP, valid_NP, names), test_N) for group, names in GROUPS.items()}
+
+
+def tpp_all(x_ND, encode, W_dec_FD, y_NP, valid_NP, test_N, n_ablate: int = N_ABLATE, probes=None) -> dict:
+    """TPP per group of GROUPS, and their mean; ``probes``: ``tpp_probes`` of the same rows, if already fitted."""
+    probes = tpp_probes(x_ND, y_NP, valid_NP, test_N) if probes is None else probes
     out = {}
     for group, names in GROUPS.items():
-        idx = [PROPERTIES.index(n) for n in names]
-        y_NC = y_NP[:, idx]
-        valid_N = valid_NP[:, idx].all(1) & y_NC.any(1)  # code tokens that have a class (whitespace has no category)
-        out[group] = tpp(x_ND, encode, W_dec_FD, y_NC, valid_N, test_N, n_ablate)
+        y_NC, valid_N = _group(y_NP, valid_NP, names)
+        out[group] = tpp(x_ND, encode, W_dec_FD, y_NC, valid_N, test_N, n_ablate, probes=probes[group])
     vals = [g["tpp"] for g in out.values() if g["tpp"] is not None]
     return {"mean": (sum(vals) / len(vals) if vals else None), "groups": out}
