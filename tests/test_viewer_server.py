@@ -65,9 +65,8 @@ def server(built):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(list(built["dbs"].values())), host="127.0.0.1", port=port, log_level="warning")
-    )
+    built["app"] = app = create_app(list(built["dbs"].values()))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -153,6 +152,24 @@ def test_feature_json_is_neuronpedia_shaped_and_consistent(http, built):
         )
     quant = [a for a in f["activations"] if a["kind"] == "quantile"]
     assert quant and all(a["binMin"] <= a["maxValue"] <= a["binMax"] for a in quant)
+
+
+def test_a_repeated_feature_request_is_the_cached_bytes_with_the_same_headers(http, built):
+    cache = built["app"].state.json_cache
+    idx = http.get("/api/features/llama/a", params={"sort": "index", "limit": 1}).json()["features"][0]["index"]
+    hits, misses, peeked = cache.hits, cache.misses, cache.peeked
+    first, again = (http.get(f"/api/feature/llama/a/{idx}") for _ in range(2))
+    # built once by the app, then answered by the middleware from the cache
+    assert (cache.hits, cache.misses, cache.peeked) == (hits + 1, misses + 1, peeked + 1)
+    assert first.status_code == again.status_code == 200 and again.content == first.content
+    for h in ("content-type", "content-length"):
+        assert again.headers[h] == first.headers[h]
+    assert first.headers["content-type"] == "application/json"
+    # a query string, an unknown SAE, a non-numeric index and a trailing slash all reach the app's own routes
+    assert http.get(f"/api/feature/llama/a/{idx}", params={"exclude_first": "false"}).content == first.content
+    assert http.get(f"/api/feature/llama/nope/{idx}").status_code == 404
+    assert http.get("/api/feature/llama/a/x1").status_code == 422
+    assert http.get(f"/api/feature/llama/a/{idx}/").status_code in (307, 404)
 
 
 def test_feature_list_sorts_and_pages(http, built):

@@ -51,6 +51,7 @@ class JSONCache:
         self._data: OrderedDict[Hashable, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        self.peeked = 0  # the hits found by peek (FeatureHits' answers, which never reach the app)
 
     def lookup(self, path: Path, key: Hashable) -> tuple[Hashable, bytes | None]:
         """(full key, bytes or None); the full key is what ``store`` takes after a miss."""
@@ -63,6 +64,17 @@ class JSONCache:
                 self.hits += 1
                 self._data.move_to_end(full)
             return full, body
+
+    def peek(self, path: Path, key: Hashable) -> bytes | None:
+        """The bytes if held (counted as a hit), else None (not counted: the caller's ``lookup`` counts the miss)."""
+        full = (str(path), generation(path), key)
+        with self._lock:
+            body = self._data.get(full)
+            if body is not None:
+                self.hits += 1
+                self.peeked += 1
+                self._data.move_to_end(full)
+            return body
 
     def store(self, full: Hashable, body: bytes) -> None:
         with self._lock:
@@ -77,3 +89,32 @@ class JSONCache:
             body = encode(build())
             self.store(full, body)
         return body
+
+
+class FeatureHits:
+    """ASGI middleware: ``GET /api/feature/{model}/{sae}/{index}`` with no query string, whose JSON the cache
+    already holds, is answered here, before FastAPI's routing, validation and response classes (most of the
+    server's time on a hit). Everything else, misses included, goes on to the app, which builds, caches and
+    documents the same response. ``lookup(model, sae, index)`` returns the cached bytes or None."""
+
+    PREFIX = "/api/feature/"
+
+    def __init__(self, app, lookup: Callable[[str, str, int], bytes | None]):
+        self.app, self.lookup = app, lookup
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and not scope.get("query_string")
+            and scope["path"].startswith(self.PREFIX)
+        ):
+            parts = scope["path"][len(self.PREFIX) :].split("/")
+            if len(parts) == 3 and parts[2].isascii() and parts[2].isdigit():
+                body = self.lookup(parts[0], parts[1], int(parts[2]))
+                if body is not None:
+                    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)

@@ -21,7 +21,7 @@ from typing import Any
 from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.db import DBError, FeatureDB
 from saeforge.viewer.graphs import graphs_router
-from saeforge.viewer.jsoncache import JSONCache, encode
+from saeforge.viewer.jsoncache import FeatureHits, JSONCache, encode
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.maproutes import map_router
 from saeforge.viewer.metadb import meta_for
@@ -342,6 +342,12 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
             "minValue": min(values),
         }
 
+    def cached_feature(model: str, sae: str, index: int) -> bytes | None:
+        d = dbs.get((model, sae))
+        return None if d is None else json_cache.peek(d.path, ("feature", index, False))
+
+    app.add_middleware(FeatureHits, lookup=cached_feature)
+    app.state.json_cache = json_cache  # read by tests and benchmarks (hits, misses)
     app.include_router(steer_router(get_feature, runner))
     app.include_router(graphs_router(graphs, [d.meta for d in dbs.values()], NotFound))
     app.include_router(map_router(get_db))
