@@ -163,6 +163,8 @@ class ReplacementModel:
         """
         B = embeds_BTD.shape[0]
         mlp_in: list[Tensor | None] = [None] * self.n_layers
+        # one unbind, not a select per layer: each select's backward zero-fills a whole [B, L, T, D] gradient
+        errors_L_BTD = errors_BLTD.unbind(1)
 
         def frozen_qk(module, args, out):
             return state.frozen_qk[module].expand(B, *out.shape[1:])
@@ -184,7 +186,7 @@ class ReplacementModel:
                 mlp_in[layer] = x_BTD
                 if layer == stop_at_layer:
                     raise _StopForward
-                y_BTD = errors_BLTD[:, layer] + self.mlps.b_dec(layer)
+                y_BTD = errors_L_BTD[layer] + self.mlps.b_dec(layer)
                 for pos_n, W_nD, sel in writers:
                     y_BTD = y_BTD.index_add(1, pos_n, acts_BN[:, sel, None] * W_nD)
                 return self.mlps.skip(layer, y_BTD, x_BTD)
