@@ -174,12 +174,18 @@ class ReplacementModel:
             return module.weight * (x.float() * state.norm_scale[module]).to(x.dtype)
 
         def replace_mlp(layer: int):
-            writers = []  # (positions, decoder rows, which features) of every earlier-or-same layer writing here
+            # every earlier-or-same layer writing here: (one-hot positions [T, n], decoder rows [n, D], the
+            # features' span of the layer-major node list). A matmul through the one-hot, not an index_add of
+            # a [B, n, D] product: its backward is then a [B*T, D] x [D, n] matmul, not a gather of B*n*D
+            writers = []
             for src in range(layer + 1):
                 W_FD = self.mlps.decoder(src, layer)
                 sel = (state.layer_N == src).nonzero().flatten()
                 if W_FD is not None and sel.numel():
-                    writers.append((state.pos_N[sel], W_FD[state.idx_N[sel]], sel))
+                    lo, hi = int(sel[0]), int(sel[-1]) + 1  # contiguous: prepare() sorts features by layer
+                    onehot_Tn = torch.zeros(state.n_pos, hi - lo, device=self.device)
+                    onehot_Tn[state.pos_N[lo:hi], torch.arange(hi - lo, device=self.device)] = 1.0
+                    writers.append((onehot_Tn, W_FD[state.idx_N[lo:hi]], lo, hi))
 
             def hook(module, args, out):
                 x_BTD = args[0]
@@ -187,8 +193,8 @@ class ReplacementModel:
                 if layer == stop_at_layer:
                     raise _StopForward
                 y_BTD = errors_L_BTD[layer] + self.mlps.b_dec(layer)
-                for pos_n, W_nD, sel in writers:
-                    y_BTD = y_BTD.index_add(1, pos_n, acts_BN[:, sel, None] * W_nD)
+                for onehot_Tn, W_nD, lo, hi in writers:
+                    y_BTD = y_BTD + (acts_BN[:, None, lo:hi] * onehot_Tn) @ W_nD
                 return self.mlps.skip(layer, y_BTD, x_BTD)
 
             return hook
