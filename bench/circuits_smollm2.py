@@ -6,7 +6,7 @@ a `saeforge transcoders` folder (--transcoders DIR) or, by default, seeded rando
 (exactness and cost do not depend on training; the scores do, so they are printed only for a real set).
 Prints the graph's time, the process's peak RSS (resource.getrusage) and the load average (shared cores).
 Run: .venv/bin/python bench/circuits_smollm2.py [--transcoders DIR] [--prompt TEXT | --prompt-tokens 16]
-     [--batch-size N] [--max-feature-nodes N]
+     [--batch-size N] [--max-feature-nodes N] [--k K] [--threads N]
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ def main() -> None:
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--prompt-tokens", type=int, help="cut a long fixed text to this many tokens (BOS included)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 can win on busy cores)")
     ap.add_argument("--k", type=int, default=4, help="active features per token of the random transcoders")
     ap.add_argument("--max-feature-nodes", type=int, help="rows for this many features only (default: all)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tset = load_transcoders(args.transcoders) if args.transcoders else None
     lm = load_model(tset.model_name if tset else "smollm2-135m", dtype="float32", device="cpu")
     rm = ReplacementModel(lm, tset or random_set(lm.n_layers, lm.d_model, k=args.k))
