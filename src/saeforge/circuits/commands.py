@@ -58,6 +58,12 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     g.add_argument("--node-threshold", type=float, default=0.8, help="influence fraction of nodes kept (default 0.8)")
     g.add_argument("--edge-threshold", type=float, default=0.98, help="influence fraction of edges kept (default 0.98)")
     g.add_argument("--batch-size", type=int, default=16, help="targets per backward pass (default 16)")
+    g.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        metavar="N",
+        help="compute rows for the N features most influential on the logits only (default: every active feature)",
+    )
     g.set_defaults(func=cmd_graph)
 
     h = sub.add_parser("graph-html", help="write the self-contained HTML view of a graph JSON (FILE.json -> FILE.html)")
@@ -144,17 +150,19 @@ def cmd_graph(ns: argparse.Namespace, base: dict) -> int:
             raise UsageError(f"{path} exists: give another --out (a graph is never overwritten)")
     if ns.batch_size < 1:
         raise UsageError(f"--batch-size {ns.batch_size}: expected at least 1")
+    if ns.max_feature_nodes is not None and ns.max_feature_nodes < 0:
+        raise UsageError(f"--max-feature-nodes {ns.max_feature_nodes}: expected 0 or more (omit it for every feature)")
     transcoders, lm = _load_set(ns)
     d = build_graph_json(
         lm, transcoders, ns.prompt, ns.node_threshold, ns.edge_threshold, ns.batch_size, slug=out.stem,
-        folder=ns.transcoders,
+        folder=ns.transcoders, max_feature_nodes=ns.max_feature_nodes,
     )  # fmt: skip
     atomic_write_text(out, json.dumps(d) + "\n")
     atomic_write_text(html, graph_html(d))
     s, c = d["metadata"]["scores"], d["metadata"]["counts"]
     print(
         f"graph of {len(d['metadata']['prompt_tokens'])} tokens: {c['kept_nodes']} nodes and {c['kept_links']} links "
-        f"kept (of {c['features']} features); replacement score {s['replacement']:.3f}, completeness "
+        f"kept (of {c['features']} features, {c['visited_features']} with rows); replacement score {s['replacement']:.3f}, completeness "
         f"{s['completeness']:.3f}; written to {out} (view: {html})"
     )
     return 0

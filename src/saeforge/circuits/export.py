@@ -10,8 +10,9 @@ Node ids: a feature ``"{layer}_{feature}_{pos}"``, an embedding ``"E_{token id}_
 choice: circuit-tracer's ``"0_{layer}_{pos}"`` is also the id of layer 0's feature number ``layer`` at that
 position, so links could not tell the two apart. ``influence`` is circuit-tracer's cumulative score: the
 share of total influence held by the nodes at least as influential as this one (the pruning keeps nodes
-up to ``node_threshold`` of it). saeforge adds ``input_value`` to nodes and ``scores``/``counts`` to the
-metadata; readers ignore keys they do not know.
+up to ``node_threshold`` of it). saeforge adds ``input_value`` to nodes (None for a feature whose row was not
+computed) and ``scores``/``counts``/``batch_size``/``max_feature_nodes`` to the metadata; readers ignore keys
+they do not know.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def node_records(g: Graph, tokens: list[str], logit_texts: list[str], p: Pruned)
                          token_prob=prob, is_target_logit=k == 0, clerp=f'Output "{logit_texts[k]}" (p={prob:.3f})'))  # fmt: skip
     for i, rec in enumerate(out):
         rec["influence"] = float(p.cumulative_n[i])
-        rec["input_value"] = float(g.value_n[i]) if _is_target(g, i) else None
+        visited = i >= g.n_features or bool(g.visited_N[i])
+        rec["input_value"] = float(g.value_n[i]) if _is_target(g, i) and visited else None
         rec["kept"] = bool(p.node_mask_n[i])
     return out
 
@@ -82,7 +84,8 @@ def graph_json(g: Graph, p: Pruned, meta: dict[str, Any], tokens: list[str], log
 
 
 def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                     batch_size: int = 16, slug: str = "graph", folder: str = "") -> dict:  # fmt: skip
+                     batch_size: int = 16, slug: str = "graph", folder: str = "",
+                     max_feature_nodes: int | None = None) -> dict:  # fmt: skip
     """Prompt -> attribution graph -> pruned -> the JSON dict (``lm`` a LoadedModel in float32)."""
     if not prompt.strip():
         raise UsageError("--prompt is empty: give the text whose next token the graph should explain")
@@ -91,7 +94,7 @@ def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, 
             raise UsageError(f"--{name.replace('_', '-')} {v}: expected a fraction in (0, 1]")
     rm = ReplacementModel(lm, transcoders)
     ids_T = prompt_ids(lm.tokenizer, prompt)[0]
-    g = attribute(rm, ids_T, batch_size=batch_size)
+    g = attribute(rm, ids_T, batch_size=batch_size, max_feature_nodes=max_feature_nodes)
     w = g.logit_weights()
     p = prune(g.adjacency_nn, w, g.n_features, g.n_pos + g.n_logits, node_threshold, edge_threshold)
     replacement, completeness = scores(g.adjacency_nn, w, g.n_features, g.n_errors, g.n_pos)
@@ -108,6 +111,8 @@ def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, 
         "node_threshold": node_threshold,
         "schema_version": SCHEMA_VERSION,
         "edge_threshold": edge_threshold,
+        "batch_size": batch_size,
+        "max_feature_nodes": max_feature_nodes,
         "scores": {
             "replacement": replacement,
             "completeness": completeness,
@@ -116,6 +121,7 @@ def build_graph_json(lm, transcoders, prompt: str, node_threshold: float = 0.8, 
         },
         "counts": {
             "features": g.n_features,
+            "visited_features": int(g.visited_N.sum()),
             "errors": g.n_errors,
             "embeddings": g.n_pos,
             "logits": g.n_logits,

@@ -10,8 +10,18 @@ edge is then grad . vector). The input of a feature is its encoder pre-activatio
 logit minus the mean logit. Because the frozen model is affine, a target's input is exactly the sum of
 its row plus a bias (b_enc and the transcoders' b_dec carried forward), which ``bias_N`` holds.
 
-Each target needs one backward pass; they are batched by running ``batch_size`` copies of the prompt, one
-target per copy, and backpropagating the sum once.
+Each target needs one backward pass; they are batched as circuit-tracer does: ONE forward of ``batch_size``
+copies of the prompt (the node values are leaves), the autograd graph kept, then per batch of targets one
+``autograd.grad`` of the sum of its targets' values, target i read from copy i (grads are returned, not
+accumulated, so the leaves serve every batch). A feature at layer l depends on layers < l only: autograd
+walks that much, and features are numbered layer-major, so low-layer batches are cheap. The LM head runs at
+the last position only.
+
+``max_feature_nodes`` (circuit-tracer's option): rows are computed for the logits first, then for features
+in order of their influence on the logits as far as the rows computed so far show it
+(prune.partial_influence, recomputed every ``update_interval`` batches), until that many features have a row.
+A feature without a row (``visited_N`` False) is still a node and a source: its edges into computed rows are
+exact, its own row is empty and its value 0.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saeforge.circuits.prune import partial_influence
 from saeforge.circuits.replacement import PromptState, ReplacementModel
+from saeforge.config import UsageError
 
 
 @dataclass
@@ -39,6 +51,8 @@ class Graph:
     adjacency_nn: Tensor  # [target, source]
     value_n: Tensor  # each node's input in the clean linear model (features: pre-activation; logits: demeaned)
     bias_n: Tensor  # value - row sum: the part no node explains (zero for embedding and error rows)
+    visited_N: Tensor  # bool per feature: its row was computed (all True unless max_feature_nodes cut it)
+    max_feature_nodes: int | None = None  # the cap attribute() ran with (None: every feature)
 
     @property
     def n_features(self) -> int:
@@ -102,8 +116,14 @@ def attribute(
     batch_size: int = 16,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    update_interval: int = 4,
 ) -> Graph:
-    """The full (unpruned) attribution graph of one prompt."""
+    """The attribution graph of one prompt: every feature's row, or the ``max_feature_nodes`` most influential."""
+    if batch_size < 1:
+        raise UsageError(f"batch_size {batch_size}: expected at least 1")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise UsageError(f"max_feature_nodes {max_feature_nodes}: expected 0 or more (or None for every feature)")
     state = rm.prepare(input_ids_T)
     N, L, T = state.act_N.shape[0], rm.n_layers, state.n_pos
     logit_tokens_K, logit_probs_K = salient_logits(state.logits_TV[-1], max_n_logits, desired_logit_prob)
@@ -111,35 +131,52 @@ def attribute(
     n = N + L * T + T + K
     A = torch.zeros(n, n)
     value = torch.zeros(n)
-    targets = list(range(N + K))  # features, then logits (numbered N..N+K-1 here)
-    for start in range(0, len(targets), batch_size):
-        chunk = targets[start : start + batch_size]
-        e_BTD, a_BN, err_BLTD = rm.clean_inputs(state, len(chunk))
-        # features come layer-major: a batch of features only needs the forward up to its last layer's MLP input
-        stop = int(state.layer_N[chunk[-1]]) if chunk[-1] < N else None
-        logits_BTV, mlp_in = rm.forward_linear(state, e_BTD, a_BN, err_BLTD, stop_at_layer=stop)
-        rows = list(enumerate(chunk))
-        v = target_values(rm, state, logits_BTV, mlp_in, rows, logit_tokens_K, N)
+    B = min(batch_size, max(N, K))
+    leaves = rm.clean_inputs(state, B)
+    e_BTD, a_BN, err_BLTD = leaves
+    logits_B1V, mlp_in = rm.forward_linear(state, e_BTD, a_BN, err_BLTD, last_logits_only=True)
+
+    def run(chunk: list[int]) -> None:
+        """Rows of targets ``chunk`` (features 0..N-1, logits N..N+K-1), one backward over the kept forward."""
+        m = len(chunk)
+        v = target_values(rm, state, logits_B1V, mlp_in, list(enumerate(chunk)), logit_tokens_K, N)
         # a layer-0 target depends on no feature and no error node: those gradients are zeros
         g_e, g_a, g_err = torch.autograd.grad(
-            v.sum(), [e_BTD, a_BN, err_BLTD], allow_unused=True, materialize_grads=True
+            v.sum(), leaves, retain_graph=True, allow_unused=True, materialize_grads=True
         )
         with torch.no_grad():
             edges = torch.cat(
-                [
-                    g_a * a_BN,
-                    (g_err * err_BLTD).sum(-1).flatten(1),
-                    (g_e * e_BTD).sum(-1),
-                ],
+                [g_a[:m] * a_BN[:m], (g_err[:m] * err_BLTD[:m]).sum(-1).flatten(1), (g_e[:m] * e_BTD[:m]).sum(-1)],
                 dim=1,
             )
             node = [t if t < N else t + L * T + T for t in chunk]
-            A[node, : N + L * T + T] = edges.detach().float().cpu()
+            A[node, : N + L * T + T] = edges.float().cpu()
             value[node] = v.detach().float().cpu()
+
+    logit_targets = list(range(N, N + K))
+    for start in range(0, K, B):
+        run(logit_targets[start : start + B])
+    visited = torch.zeros(N, dtype=torch.bool)
+    cap = N if max_feature_nodes is None else min(max_feature_nodes, N)
+    w = torch.zeros(n)
+    w[-K:] = logit_probs_K.float().cpu()
+    while int(visited.sum()) < cap:
+        if cap == N:
+            chosen = torch.arange(N)  # all of them: no ranking needed
+        else:
+            known = torch.cat([visited.nonzero().flatten(), torch.arange(n - K, n)])
+            inf_N = partial_influence(A, known, w)[:N]
+            inf_N[visited] = -1.0  # influence is >= 0: visited features rank last
+            order = inf_N.sort(descending=True, stable=True).indices  # ties: the lower node first
+            chosen = order[: min(B * update_interval, cap - int(visited.sum()))].sort().values
+        # layer-major within the group: a batch's backward reaches only its highest layer
+        for start in range(0, chosen.numel(), B):
+            run(chosen[start : start + B].tolist())
+        visited[chosen] = True
     bias = torch.zeros(n)
     bias[:N] = value[:N] - A[:N].sum(1)
     bias[-K:] = value[-K:] - A[-K:].sum(1)
     return Graph(
         state.input_ids_T.cpu(), state.layer_N.cpu(), state.pos_N.cpu(), state.idx_N.cpu(), state.act_N.cpu(),
-        L, logit_tokens_K.cpu(), logit_probs_K.cpu(), A, value, bias,
+        L, logit_tokens_K.cpu(), logit_probs_K.cpu(), A, value, bias, visited, max_feature_nodes,
     )  # fmt: skip

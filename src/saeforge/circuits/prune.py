@@ -45,6 +45,24 @@ def influence(A_nn: Tensor, weights_n: Tensor, max_terms: int = 10_000) -> Tenso
     raise ValueError("A is not nilpotent: the influence series did not end (is the graph acyclic?)")
 
 
+def partial_influence(A_nn: Tensor, rows: Tensor, weights_n: Tensor, max_terms: int = 10_000) -> Tensor:
+    """``influence(normalize(A'), w)`` where A' keeps only the rows ``rows`` of A (the others taken as empty).
+
+    What the rows computed so far say of each node's influence on the logits (circuit-tracer's
+    compute_partial_influences): attribute() ranks the features still without a row by it. Works on the
+    [rows, n] block only, so it costs O(depth x rows x n), not n^2. ``rows`` must hold every node with a weight.
+    """
+    M_rn = normalize(A_nn[rows])
+    term = weights_n
+    total = torch.zeros_like(weights_n)
+    for _ in range(max_terms):
+        term = term[rows] @ M_rn
+        if not term.any():
+            return total
+        total += term
+    raise ValueError("A is not nilpotent: the influence series did not end (is the graph acyclic?)")
+
+
 def influence_solve(A_nn: Tensor, weights_n: Tensor) -> Tensor:
     """The same as a matrix inverse, the reference: solve x (I - A) = w A in float64."""
     A = A_nn.double()

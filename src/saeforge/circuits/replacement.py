@@ -151,16 +151,20 @@ class ReplacementModel:
         acts_BN: Tensor,
         errors_BLTD: Tensor,
         stop_at_layer: int | None = None,
+        last_logits_only: bool = False,
     ) -> tuple[Tensor | None, list[Tensor | None]]:
         """(logits_BTV, [mlp_in_BTD per layer]) of the frozen model, differentiable in its three inputs.
 
         Row b of the batch is one copy of the prompt with its own node values, so one backward through a
         sum of per-row targets gives each target's gradient in its own row. ``stop_at_layer``: stop once
         that layer's MLP input is known (logits None; later layers' inputs None): feature targets need
-        nothing after their own layer's MLP input.
+        nothing after their own layer's MLP input. ``last_logits_only``: logits [B, 1, V] of the last
+        position alone (the LM head is D x V: at every position it would dominate a small model's cost).
         """
         B = embeds_BTD.shape[0]
         mlp_in: list[Tensor | None] = [None] * self.n_layers
+        # one unbind, not a select per layer: each select's backward zero-fills a whole [B, L, T, D] gradient
+        errors_L_BTD = errors_BLTD.unbind(1)
 
         def frozen_qk(module, args, out):
             return state.frozen_qk[module].expand(B, *out.shape[1:])
@@ -170,21 +174,27 @@ class ReplacementModel:
             return module.weight * (x.float() * state.norm_scale[module]).to(x.dtype)
 
         def replace_mlp(layer: int):
-            writers = []  # (positions, decoder rows, which features) of every earlier-or-same layer writing here
+            # every earlier-or-same layer writing here: (one-hot positions [T, n], decoder rows [n, D], the
+            # features' span of the layer-major node list). A matmul through the one-hot, not an index_add of
+            # a [B, n, D] product: its backward is then a [B*T, D] x [D, n] matmul, not a gather of B*n*D
+            writers = []
             for src in range(layer + 1):
                 W_FD = self.mlps.decoder(src, layer)
                 sel = (state.layer_N == src).nonzero().flatten()
                 if W_FD is not None and sel.numel():
-                    writers.append((state.pos_N[sel], W_FD[state.idx_N[sel]], sel))
+                    lo, hi = int(sel[0]), int(sel[-1]) + 1  # contiguous: prepare() sorts features by layer
+                    onehot_Tn = torch.zeros(state.n_pos, hi - lo, device=self.device)
+                    onehot_Tn[state.pos_N[lo:hi], torch.arange(hi - lo, device=self.device)] = 1.0
+                    writers.append((onehot_Tn, W_FD[state.idx_N[lo:hi]], lo, hi))
 
             def hook(module, args, out):
                 x_BTD = args[0]
                 mlp_in[layer] = x_BTD
                 if layer == stop_at_layer:
                     raise _StopForward
-                y_BTD = errors_BLTD[:, layer] + self.mlps.b_dec(layer)
-                for pos_n, W_nD, sel in writers:
-                    y_BTD = y_BTD.index_add(1, pos_n, acts_BN[:, sel, None] * W_nD)
+                y_BTD = errors_L_BTD[layer] + self.mlps.b_dec(layer)
+                for onehot_Tn, W_nD, lo, hi in writers:
+                    y_BTD = y_BTD + (acts_BN[:, None, lo:hi] * onehot_Tn) @ W_nD
                 return self.mlps.skip(layer, y_BTD, x_BTD)
 
             return hook
@@ -194,7 +204,8 @@ class ReplacementModel:
         logits_BTV = None
         with _forward_hooks(hooks):
             try:
-                logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False).logits
+                keep = 1 if last_logits_only else 0  # transformers' logits_to_keep: 0 = all positions
+                logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False, logits_to_keep=keep).logits
             except _StopForward:
                 pass
         return logits_BTV, mlp_in
@@ -213,13 +224,26 @@ class ReplacementModel:
         return x_TD @ W_DF + b_F
 
     def feature_pre_acts(self, state: PromptState, mlp_in: list[Tensor], rows: list[tuple[int, int]]) -> Tensor:
-        """Encoder pre-activations: ``rows`` = [(batch row, feature node n)] -> tensor [len(rows)]."""
-        out = []
-        for b, n in rows:
-            layer, pos, idx = int(state.layer_N[n]), int(state.pos_N[n]), int(state.idx_N[n])
+        """Encoder pre-activations: ``rows`` = [(batch row, feature node n)] -> tensor [len(rows)].
+
+        One gather per layer (the rows' MLP inputs, the features' encoder columns) rather than a dot
+        product per row, which was several tiny ops per target: tens of thousands for a 7,680-feature graph.
+        """
+        if not rows:
+            return torch.zeros(0, device=self.device)
+        b_R = torch.tensor([b for b, _ in rows], device=self.device)
+        n_R = torch.tensor([n for _, n in rows], device=self.device)
+        layer_R = state.layer_N[n_R]
+        parts, order = [], []
+        for layer in layer_R.unique().tolist():
+            sel = (layer_R == layer).nonzero().flatten()
             W_DF, b_F = self.mlps.encoder(layer)
-            out.append(mlp_in[layer][b, pos] @ W_DF[:, idx] + b_F[idx])
-        return torch.stack(out) if out else torch.zeros(0, device=self.device)
+            idx = state.idx_N[n_R[sel]]
+            x_RD = mlp_in[layer][b_R[sel], state.pos_N[n_R[sel]]]
+            parts.append((x_RD * W_DF[:, idx].T).sum(-1) + b_F[idx])
+            order.append(sel)
+        out = torch.cat(parts)
+        return out[torch.cat(order).argsort()]  # back to the order of ``rows``
 
 
 class PerLayer:
