@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError, UsageError
-from saeforge.models import hf_model, load_model
+from saeforge.models import load_model
 from saeforge.saes.formats import load_sae, read_cfg
 
 
@@ -59,8 +59,3 @@ def single_token(tokenizer: Any, text: str) -> int:
             "(often with a leading space, e.g. ' Paris')"
         )
     return int(ids[0])
-
-
-def model_device(model: Any) -> torch.device:
-    p = next(hf_model(model).parameters(), None)
-    return p.device if p is not None else torch.device("cpu")

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeforge.analysis.common import model_device, prompt_ids
+from saeforge.analysis.common import prompt_ids
 from saeforge.analysis.splice import Splice, spliced
 from saeforge.config import UsageError
+from saeforge.models.hooks import model_device
 from saeforge.models.layout import hf_model
 
 

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeforge.analysis.common import model_device, prompt_ids
+from saeforge.analysis.common import prompt_ids
 from saeforge.analysis.splice import Edit, Splice, SpliceState, check_feature, sae_hook_name, spliced
 from saeforge.config import F, UsageError
 from saeforge.models import hf_model
+from saeforge.models.hooks import model_device
 
 _FIRES_RE = re.compile(r"^fires:(\d+)(?:>(-?[0-9.eE+-]+))?$")
 

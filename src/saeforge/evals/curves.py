@@ -19,7 +19,7 @@ from typing import Any
 
 from saeforge.config import UsageError
 from saeforge.evals import svg
-from saeforge.evals.html import _page, write_html
+from saeforge.evals.html import html_page, write_html
 
 METRICS = "metrics.jsonl"  # training.trainer.METRICS (not importable from here: training is a layer above)
 SWEEP_MARKERS = ("sweep_plan.json", "sweep.json")  # training.sweep.PLAN_FILE, training.sweep_run.SWEEP_FILE
@@ -166,7 +166,7 @@ def render_training(folder: str | Path) -> str:
     several = len(runs) > 1 or not (folder / METRICS).exists()
     kind = "sweep" if any((folder / m).exists() for m in SWEEP_MARKERS) else "runs"
     title = f"Training: {folder.resolve().name}" + (f" ({kind} of {len(runs)})" if several else "")
-    return _page(title, [f"<h1>{escape(title)}</h1>", *training_section(runs)])
+    return html_page(title, [f"<h1>{escape(title)}</h1>", *training_section(runs)])
 
 
 def write_training_report(folder: str | Path, out: str | Path | None = None) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.evals import svg
-from saeforge.evals.report import _ROWS
+from saeforge.evals.report import metrics_rows
 from saeforge.io import atomic_write_text
 
 CSS = """
@@ -29,7 +29,7 @@ svg.plot .bar { fill: #1f77b4; } .note { color: #666; font-size: 12px; max-width
 """
 
 
-def _page(title: str, body: list[str]) -> str:
+def html_page(title: str, body: list[str]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
@@ -46,11 +46,6 @@ def _num(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return escape(str(v))
-
-
-def metrics_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows: the text table's rows (report._ROWS), so page and terminal agree."""
-    return [(label, fmt(m) if fmt is not str else str(m[key])) for label, key, fmt in _ROWS if key in m]
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -310,7 +305,7 @@ def render_report(
     body += groundtruth_section(m)
     body += dictionary_section(m.get("dictionaries", []))
     body += sections
-    return _page(f"SAE report: {name}", body)
+    return html_page(f"SAE report: {name}", body)
 
 
 def render_compare(
@@ -334,7 +329,7 @@ def render_compare(
     if pos:
         body += ["<h2>By position in the context</h2>", '<div class="plots">', *pos, "</div>"]
     body += dictionary_section(pairs)
-    return _page("SAE comparison", body)
+    return html_page("SAE comparison", body)
 
 
 def write_html(text: str, path: str | Path) -> Path:

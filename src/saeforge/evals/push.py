@@ -6,7 +6,7 @@ and how to load the SAE here (``hf://``) and in SAELens. With ``--path P`` the f
 SAEs in one repo) and so does the card (P/README.md), so one SAE's card never replaces another's; the
 Hub shows only the root README.md as the repo's card.
 
-The card lives in evals because its table is the eval table (evals/html.py ``metrics_rows``).
+The card lives in evals because its table is the eval table (evals/report.py ``metrics_rows``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.config import UsageError
-from saeforge.evals.html import metrics_rows
+from saeforge.evals.report import metrics_rows
 from saeforge.saes.formats import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, MissingSAEError, architecture_of, read_cfg
 from saeforge.saes.hub import HubError, is_remote
 

@@ -267,7 +267,7 @@ def _pct(m: dict[str, Any], key: str) -> str:
 
 
 # (label, key that must be present, formatter)
-_ROWS: list[tuple[str, str, Any]] = [
+METRIC_ROWS: list[tuple[str, str, Any]] = [
     ("model", "model", str),
     ("hook", "hook", str),
     ("output hook (transcoder)", "hook_out", str),
@@ -337,11 +337,18 @@ _ROWS: list[tuple[str, str, Any]] = [
 ]
 
 
+def metrics_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of whatever ``metrics`` holds: the text table's and the HTML report's, so they agree."""
+    return [
+        (label, fmt(metrics) if fmt is not str else str(metrics[key]))
+        for label, key, fmt in METRIC_ROWS
+        if key in metrics
+    ]
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """A plain two-column text table (metric, value) of whatever ``metrics`` holds."""
-    rows = [
-        (label, fmt(metrics) if fmt is not str else str(metrics[key])) for label, key, fmt in _ROWS if key in metrics
-    ]
+    rows = metrics_rows(metrics)
     width = max(len("metric"), *(len(label) for label, _ in rows))
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 5}"]
     lines += [f"{label:<{width}}  {value}" for label, value in rows]

@@ -204,8 +204,9 @@ def patched(model: Any, fns: Mapping[str | HookPoint, HookFn]) -> Iterator[dict[
             handle.remove()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (CPU when it has none); an HF model or a ``LoadedModel``."""
+    param = next(hf_model(model).parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
@@ -240,7 +241,7 @@ def capture(
 
         return record
 
-    device = _model_device(model)
+    device = model_device(model)
     input_ids_ST = input_ids_ST.to(device)
     if attention_mask_ST is not None:
         attention_mask_ST = attention_mask_ST.to(device)
