@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
@@ -33,39 +34,9 @@ def corpus(text_corpus):
 
 
 def train_args(model_dir, corpus, out, name, tokens=60_000):
-    return [
-        "train",
-        "--model",
-        model_dir,
-        "--hook",
-        HOOK,
-        "--corpus",
-        corpus,
-        "--data.context_size",
-        64,
-        "--data.holdout_fraction",
-        0.2,
-        "--tokens",
-        tokens,
-        "--activations.batch_size",
-        256,
-        "--activations.shuffle_sequences",
-        64,
-        "--sae.d_sae",
-        4096,
-        "--sae.k",
-        8,
-        "--train.checkpoint_every_steps",
-        10,
-        "--train.log_every_steps",
-        5,
-        "--train.out_dir",
-        out,
-        "--name",
-        name,
-        "--no-eval",
-        "--quiet",
-    ]
+    options = {"hook": HOOK, "tokens": tokens, "activations.shuffle_sequences": 64, "sae.d_sae": 4096, "sae.k": 8}
+    options |= {"train.checkpoint_every_steps": 10, "train.log_every_steps": 5}
+    return tiny.train_args(model_dir, corpus, out, name, options, "--no-eval", "--quiet")
 
 
 def test_hooks_lists_canonical_names(tiny_model_dirs):

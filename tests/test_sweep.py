@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 
 from saeforge.cli import main
@@ -49,31 +50,18 @@ def test_point_configs_switch_architecture_and_name_bad_fields():
 
 
 def test_sweep_points_equal_separate_runs_and_write_a_summary(tiny_model_dirs, text_corpus, tmp_path, capsys):
-    common = [
-        "--model",
-        tiny_model_dirs["llama"],
-        "--hook",
-        "blocks.1.hook_resid_post",
-        "--corpus",
-        text_corpus,
-        "--data.context_size",
-        64,
-        "--data.holdout_fraction",
-        0.2,
-        "--tokens",
-        4096,
-        "--activations.batch_size",
-        256,
-        "--activations.shuffle_sequences",
-        32,
-        "--sae.d_sae",
-        128,
-        "--train.out_dir",
-        tmp_path,
-        "--quiet",
-    ]
-    args = ["train", *common, "--name", "sw", "--sweep", "sae.k=4,8", "--eval.tokens", 1024, "--eval.ce_tokens", 256]
-    assert main([str(a) for a in args]) == 0
+    options = {
+        "hook": "blocks.1.hook_resid_post",
+        "tokens": 4096,
+        "activations.shuffle_sequences": 32,
+        "sae.d_sae": 128,
+    }
+
+    def train(name, *extra):
+        return tiny.train_args(tiny_model_dirs["llama"], text_corpus, tmp_path, name, options, "--quiet", *extra)
+
+    args = train("sw", "--sweep", "sae.k=4,8", "--eval.tokens", 1024, "--eval.ce_tokens", 256)
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "k=4" in out and "k=8" in out and "explained_variance" in out
     summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
@@ -82,11 +70,11 @@ def test_sweep_points_equal_separate_runs_and_write_a_summary(tiny_model_dirs, t
     )
     assert [r["l0"] for r in summary["points"]] == [pytest.approx(4.0), pytest.approx(8.0)]
     # the same config trained alone gives the same SAE: the sweep shares batches, nothing else
-    assert main([str(a) for a in ["train", *common, "--name", "solo", "--sae.k", 8, "--no-eval"]]) == 0
+    assert main(train("solo", "--sae.k", 8, "--no-eval")) == 0
     swept, solo = formats.load_sae(tmp_path / "sw" / "k=8" / "sae"), formats.load_sae(tmp_path / "solo" / "sae")
     for name, p in solo.state_dict().items():
         torch.testing.assert_close(swept.state_dict()[name], p, rtol=0, atol=0, msg=name)
-    assert main([str(a) for a in args]) == 2  # an existing sweep folder is refused, not overwritten
+    assert main(args) == 2  # an existing sweep folder is refused, not overwritten
     assert "already exists: continue it with --resume" in capsys.readouterr().err
 
 

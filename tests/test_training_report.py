@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny
 
 from saeforge.cli import main
 
@@ -28,40 +29,9 @@ NOT_CURVES = {"step", "tokens", "elapsed_s", "source_s"}  # the x axis and the c
 
 
 def train(model, corpus, out, name, *extra):
-    args = [
-        "train",
-        "--model",
-        model,
-        "--hook",
-        HOOK,
-        "--corpus",
-        corpus,
-        "--data.context_size",
-        64,
-        "--data.holdout_fraction",
-        0.2,
-        "--tokens",
-        3072,
-        "--activations.batch_size",
-        256,
-        "--activations.shuffle_sequences",
-        32,
-        "--sae.d_sae",
-        128,
-        "--sae.k",
-        4,
-        "--train.log_every_steps",
-        2,
-        "--train.checkpoint_every_steps",
-        4,
-        "--train.out_dir",
-        out,
-        "--name",
-        name,
-        "--no-eval",
-        "--quiet",
-        *extra,
-    ]
+    options = {"hook": HOOK, "tokens": 3072, "activations.shuffle_sequences": 32, "sae.d_sae": 128, "sae.k": 4}
+    options |= {"train.log_every_steps": 2, "train.checkpoint_every_steps": 4}
+    args = tiny.train_args(model, corpus, out, name, options, "--no-eval", "--quiet", *extra)
     assert main([str(a) for a in args]) == 0
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import wandb
 from wandb.proto import wandb_internal_pb2 as pb  # wandb's own schema (the dev extra installs wandb)
 
@@ -82,37 +83,8 @@ def offline(tmp_path, monkeypatch):
 
 
 def tiny_train(model, corpus, out, *extra):
-    return [
-        "train",
-        "--model",
-        model,
-        "--hook",
-        HOOK,
-        "--corpus",
-        corpus,
-        "--data.context_size",
-        64,
-        "--data.holdout_fraction",
-        0.2,
-        "--tokens",
-        4096,
-        "--activations.batch_size",
-        256,
-        "--activations.shuffle_sequences",
-        16,
-        "--sae.d_sae",
-        128,
-        "--sae.k",
-        8,
-        "--train.log_every_steps",
-        5,
-        "--train.out_dir",
-        out,
-        "--name",
-        "run",
-        "--quiet",
-        *map(str, extra),
-    ]
+    options = {"hook": HOOK, "tokens": 4096, "activations.shuffle_sequences": 16, "sae.d_sae": 128, "sae.k": 8}
+    return tiny.train_args(model, corpus, out, "run", options | {"train.log_every_steps": 5}, "--quiet", *extra)
 
 
 @pytest.mark.slow

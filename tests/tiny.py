@@ -99,3 +99,20 @@ def save_tiny(folder: str | Path, family: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def train_args(model, corpus, out, name, options: dict, *flags) -> list[str]:
+    """`saeforge train` arguments for a quick run of a tiny model: 64-token windows with 20% held out,
+    batches of 256 rows, written to ``out/name``, then ``options`` as ``--key value`` (they replace
+    these defaults) and ``flags`` as given. Every value is a string, as ``cli.main`` receives them."""
+    base = {
+        "model": model,
+        "corpus": corpus,
+        "data.context_size": 64,
+        "data.holdout_fraction": 0.2,
+        "activations.batch_size": 256,
+        "train.out_dir": out,
+        "name": name,
+    }
+    args = ["train"] + [str(v) for key, value in (base | options).items() for v in (f"--{key}", value)]
+    return args + [str(f) for f in flags]
