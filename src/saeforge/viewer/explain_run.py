@@ -19,6 +19,7 @@ from saeforge.viewer import explain as ex
 from saeforge.viewer.db import FeatureDB
 from saeforge.viewer.llm import BudgetExhausted, LLMClient, LLMConfig, MalformedAnswer, llm_feature
 from saeforge.viewer.llm_local import LocalChat, LocalConfig
+from saeforge.viewer.local_scores import local_feature
 
 
 @dataclass
@@ -73,7 +74,7 @@ def run_explain(
     from tqdm import tqdm
 
     d, con = open_rw(db_path)
-    client: LLMClient | None = None
+    client: LLMClient | LocalChat | None = None
     if cfg.explainer == "llm":
         client = LLMClient(llm or LLMConfig(), con)
     elif cfg.explainer == "local":
@@ -93,7 +94,10 @@ def run_explain(
             text = ex.baseline_explanation(explain_ctx, bg, total)
             return idx, text, ex.baseline_scores(text, held)
         try:
-            text, scores = llm_feature(client, explain_ctx, held, cfg.seed + idx)
+            if isinstance(client, LocalChat):
+                text, scores = local_feature(client, explain_ctx, held, cfg.seed + idx)
+            else:
+                text, scores = llm_feature(client, explain_ctx, held, cfg.seed + idx)
         except MalformedAnswer:
             return None
         return idx, text, scores
