@@ -4,6 +4,8 @@ Resumable: features that already have an explanation from this explainer are ski
 written one batch of features per SQLite transaction, and the LLM's answers are cached as they arrive
 (llm.py), so a killed run started again asks nothing twice. A feature whose LLM answers were malformed
 (or failed after every retry) is counted as failed and left unexplained, to be retried by the next run.
+The local backend (local_scores.py) reads its answers from the model, so only a prompt over
+``--local.max_prompt_tokens`` fails a feature; its results are cached in the same table.
 """
 
 from __future__ import annotations
