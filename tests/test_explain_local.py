@@ -102,6 +102,27 @@ def test_prefilled_answer_is_greedy_stops_at_newline_and_always_parses(feature_d
     assert c.sent == 1
 
 
+def test_answer_ends_at_the_first_newline(feature_db, lm):
+    tok = lm.tokenizer
+    nl = tok.convert_tokens_to_ids("Ċ")  # the byte-level BPE's "\n"
+    c = _chat(feature_db, lm, max_new_tokens=10)
+    blank, stop = c.blank_and_stop_ids()
+    assert nl in blank and nl in stop and tok.eos_token_id in stop and tok.bos_token_id in blank
+    # make "\n" the model's favourite token everywhere: forbidden first, it ends the answer at the second step
+    handle = lm.model.lm_head.register_forward_hook(
+        lambda m, i, out: out.index_add(-1, torch.tensor([nl]), out[..., [nl]] * 0 + 1e4)
+    )
+    try:
+        text = c.complete(MSG, "EXPLANATION:")
+        ids = torch.tensor([tok(transcript(MSG) + "EXPLANATION:", add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = lm.model(ids).logits[0, -1]
+    finally:
+        handle.remove()
+    logits[blank] = -float("inf")
+    assert text == tok.decode([int(logits.argmax())]).strip() and text
+
+
 def test_yes_no_probabilities_equal_a_hand_softmax(feature_db, lm):
     c = _chat(feature_db, lm)
     tok = lm.tokenizer
