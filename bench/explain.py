@@ -1,11 +1,12 @@
 """Explanation throughput and quality per offline backend (not a test).
 
     python bench/explain.py FEATURES_DB [--features 200] [--backends baseline,local] [--out result.json]
+    python bench/explain.py FEATURES_DB --features 0 --backends local   # the known-feature gap only
 
 On a copy of FEATURES_DB (the original is not written): N random live features explained and scored by
 each backend through `saeforge explain`'s own code (viewer.explain_run.run_explain): explanations per
 minute (model load excluded), mean scores (baseline: simulation, detection; local: simulation,
-detection, fuzzing) and how many features failed (malformed answers). Then the known-feature gap: on
+detection, fuzzing and their AUCs, read from next-token probabilities: viewer/local_scores.py) and how many features failed (malformed answers). Then the known-feature gap: on
 tests/explainkit.py's database, whose latents are exact Python-syntax properties, each latent's right
 explanation and a wrong one (the next latent's) are scored on the same held-out contexts; gap = right -
 wrong. For the baseline both are its own explanations; for the local LM they are written by hand
@@ -31,8 +32,9 @@ from explainkit import FEATURES, build_db  # noqa: E402
 from saeforge.viewer import explain as ex  # noqa: E402
 from saeforge.viewer.db import FeatureDB  # noqa: E402
 from saeforge.viewer.explain_run import ExplainConfig, open_rw, run_explain  # noqa: E402
-from saeforge.viewer.llm import MalformedAnswer, explain_messages, llm_scores, parse_explanation  # noqa: E402
+from saeforge.viewer.llm import MalformedAnswer, explain_messages  # noqa: E402
 from saeforge.viewer.llm_local import LocalChat, LocalConfig  # noqa: E402
+from saeforge.viewer.local_scores import EXPLAIN_PREFIX, local_scores  # noqa: E402
 
 RIGHT = {
     "def name": "the name of a function, right after the keyword def",
@@ -93,7 +95,7 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
             if name not in chosen:
                 continue
             try:
-                own[name] = client.chat(explain_messages([c for c in explain_ctx if c.fires]), parse_explanation)
+                own[name] = client.complete(explain_messages([c for c in explain_ctx if c.fires]), EXPLAIN_PREFIX)
             except MalformedAnswer as e:
                 own[name] = f"(malformed: {e})"
 
@@ -101,7 +103,7 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
         if client is None:
             return ex.baseline_scores(text, held)
         try:
-            return llm_scores(client, text, held, args.seed)
+            return local_scores(client, text, held, args.seed)
         except MalformedAnswer:
             return None
 
@@ -117,11 +119,13 @@ def known_gap(backend: str, args, lm, tmp: Path) -> dict:
         if own:
             rows[-1]["own_explanation"] = own[name]
     gaps = {}
-    for scorer in ("simulation", "detection", "fuzzing"):
+    for scorer in ("simulation", "detection", "detection_auc", "fuzzing", "fuzzing_auc"):
         pairs = [
             (r["right_scores"][scorer], r["wrong_scores"][scorer])
             for r in rows
-            if r["right_scores"] and r["wrong_scores"] and r["right_scores"].get(scorer) is not None
+            if r["right_scores"]
+            and r["wrong_scores"]
+            and None not in (r["right_scores"].get(scorer), r["wrong_scores"].get(scorer))
         ]
         if pairs:
             gaps[scorer] = round(sum(a - b for a, b in pairs) / len(pairs), 4)
@@ -141,6 +145,7 @@ def main() -> None:
     )
     p.add_argument("--backends", default="baseline,local", help="comma-separated: baseline, local")
     p.add_argument("--local-model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu", help="device of the local LM (float32)")
     p.add_argument("--max-new-tokens", type=int, default=LocalConfig().max_new_tokens)
     p.add_argument("--n-negatives", type=int, default=ExplainConfig().n_negatives)
     p.add_argument("--seed", type=int, default=0)
@@ -158,7 +163,7 @@ def main() -> None:
                 from saeforge.models import load_model
 
                 t0 = time.perf_counter()
-                lm = load_model(args.local_model)
+                lm = load_model(args.local_model, "float32", args.device)
                 out["local_load_seconds"] = round(time.perf_counter() - t0, 1)
             out[backend] = throughput(
                 copy, backend, indices if backend == "baseline" else indices[: args.local_features], args, lm

@@ -84,7 +84,7 @@ def cmd_explain(ns: argparse.Namespace, base: dict) -> int:
     c = run_explain(ns.db, cfg, llm, progress=not ns.quiet, local=local)
     print(
         f"{c['explainer']}: {c['done']} features explained, {c['skipped']} already were, {c['failed']} failed "
-        f"(retried by the next run), {c['requests']} LLM requests / generations"
+        f"(retried by the next run), {c['requests']} LLM requests / local model calls"
     )
     if c["stopped"]:
         print(f"stopped early: {c['stopped']}; run the same command again to continue (answers are cached)")

@@ -4,6 +4,8 @@ Resumable: features that already have an explanation from this explainer are ski
 written one batch of features per SQLite transaction, and the LLM's answers are cached as they arrive
 (llm.py), so a killed run started again asks nothing twice. A feature whose LLM answers were malformed
 (or failed after every retry) is counted as failed and left unexplained, to be retried by the next run.
+The local backend (local_scores.py) reads its answers from the model, so only a prompt over
+``--local.max_prompt_tokens`` fails a feature; its results are cached in the same table.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from saeforge.viewer import explain as ex
 from saeforge.viewer.db import FeatureDB
 from saeforge.viewer.llm import BudgetExhausted, LLMClient, LLMConfig, MalformedAnswer, llm_feature
 from saeforge.viewer.llm_local import LocalChat, LocalConfig
+from saeforge.viewer.local_scores import local_feature
 
 
 @dataclass
@@ -73,7 +76,7 @@ def run_explain(
     from tqdm import tqdm
 
     d, con = open_rw(db_path)
-    client: LLMClient | None = None
+    client: LLMClient | LocalChat | None = None
     if cfg.explainer == "llm":
         client = LLMClient(llm or LLMConfig(), con)
     elif cfg.explainer == "local":
@@ -93,7 +96,10 @@ def run_explain(
             text = ex.baseline_explanation(explain_ctx, bg, total)
             return idx, text, ex.baseline_scores(text, held)
         try:
-            text, scores = llm_feature(client, explain_ctx, held, cfg.seed + idx)
+            if isinstance(client, LocalChat):
+                text, scores = local_feature(client, explain_ctx, held, cfg.seed + idx)
+            else:
+                text, scores = llm_feature(client, explain_ctx, held, cfg.seed + idx)
         except MalformedAnswer:
             return None
         return idx, text, scores
