@@ -2,7 +2,7 @@
 
 Checks that freezing attention (q/k outputs) and RMSNorm scales with forward hooks, with transcoder MLPs
 plus error nodes, reproduces the real logits on a 30-layer model, and times one graph. Transcoders are
-a `saeforge transcoders` folder (--transcoders DIR) or, by default, seeded random TopK transcoders
+a `saeforge transcoders` or `saeforge clt` folder (--transcoders DIR) or, by default, seeded random TopK transcoders
 (exactness and cost do not depend on training; the scores do, so they are printed only for a real set).
 Prints the graph's time, the process's peak RSS (resource.getrusage) and the load average (shared cores).
 With trained transcoders it also prints the replacement and completeness scores and the graph's top path:
@@ -19,10 +19,12 @@ import argparse
 import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from saeforge.analysis.common import prompt_ids
+from saeforge.circuits.clt import load_clt
 from saeforge.circuits.graph import attribute
 from saeforge.circuits.prune import prune, scores
 from saeforge.circuits.replacement import ReplacementModel
@@ -60,8 +62,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tset = load_transcoders(args.transcoders) if args.transcoders else None
-    lm = load_model(tset.model_name if tset else "smollm2-135m", dtype="float32", device="cpu")
+    tset, model_name = None, "smollm2-135m"
+    if args.transcoders and (Path(args.transcoders) / "cfg.json").exists():  # a `saeforge clt` folder
+        tset, model_name = load_clt(args.transcoders)
+    elif args.transcoders:
+        tset = load_transcoders(args.transcoders)
+        model_name = tset.model_name
+    lm = load_model(model_name, dtype="float32", device="cpu")
     rm = ReplacementModel(lm, tset or random_set(lm.n_layers, lm.d_model, k=args.k))
     prompts = [LONG_TEXT] if args.prompt_tokens else (args.prompt or ["The capital of France is"])
     for text in prompts:
