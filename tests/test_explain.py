@@ -43,6 +43,16 @@ def test_simulation_score_of_a_baseline_explanation_by_hand():
         ex.parse_baseline("function names")
 
 
+def test_baseline_clauses_whose_strings_hold_the_separators_read_back():
+    """A ";" or "," inside a JSON string is part of the token (Python source is full of both)."""
+    text = 'tokens: " otherwise", " Otherwise"; after: ";", ","'
+    assert ex.parse_baseline(text) == {"tokens": {" otherwise", " Otherwise"}, "after": {";", ","}}
+    assert ex.parse_baseline('tokens: "a;b"') == {"tokens": {"a;b"}}
+    for bad in ("", 'tokens: "a" after: "b"', 'tokens: "a";; after: "b"', 'tokens: "a"; words'):
+        with pytest.raises(ex.ExplanationFormatError):
+            ex.parse_baseline(bad)
+
+
 def test_baseline_finds_the_syntax_property_and_scores_it_above_a_wrong_one(feature_db):
     counts = run_explain(feature_db, ExplainConfig(), progress=False)
     assert counts["done"] == len(FEATURES) and counts["failed"] == 0

@@ -149,7 +149,8 @@ def baseline_explanation(contexts: Sequence[Context], bg: Counter, total: int) -
     return "; ".join(parts) if parts else "never fires"
 
 
-_CLAUSE = re.compile(r'\s*(tokens|after)\s*:\s*((?:"(?:[^"\\]|\\.)*"\s*,?\s*)+)')
+# one clause and the ";" after it (or the end); a ";" inside a JSON string belongs to the string
+_CLAUSE = re.compile(r'\s*(tokens|after)\s*:\s*((?:"(?:[^"\\]|\\.)*"\s*,?\s*)+)(?:;|$)')
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
@@ -158,14 +159,16 @@ def parse_baseline(text: str) -> dict[str, set[str]]:
     if text.strip() == "never fires":
         return {}
     out: dict[str, set[str]] = {}
-    for part in text.split(";"):
-        m = _CLAUSE.fullmatch(part)
+    pos = 0
+    while pos < len(text) or not out:
+        m = _CLAUSE.match(text, pos)
         if not m:
             raise ExplanationFormatError(
-                f"cannot read {part!r} of explanation {text!r}: the baseline simulator reads clauses like "
+                f"cannot read {text[pos:]!r} of explanation {text!r}: the baseline simulator reads clauses like "
                 '`tokens: " def", " class"; after: "("` (JSON strings) separated by ";"'
             )
         out[m.group(1)] = {json.loads(s) for s in _STRING.findall(m.group(2))}
+        pos = m.end()
     return out
 
 
