@@ -29,7 +29,7 @@ from saeforge.groundtruth.folders import expand
 from saeforge.groundtruth.run import format_groundtruth, probe_many
 from saeforge.io import atomic_write_text
 from saeforge.models import load_model
-from saeforge.saes.formats import load_sae
+from saeforge.saes.formats import load_sae, trained_architecture
 
 
 def _row(r: dict, seconds: float) -> list[str]:
@@ -87,6 +87,7 @@ def main() -> None:
             now = time.perf_counter()
             i, m = idx[j], cfgs[idx[j]].model
             results[i] = {"sae": str(sae_dirs[i]), "hook": m.hook, "random_init": m.random_init, **r}
+            results[i]["architecture"] = trained_architecture(sae_dirs[i])  # not the JumpReLU it is saved as
             results[i]["seconds"] = now - last[0]
             last[0] = now
 

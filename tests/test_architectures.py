@@ -243,6 +243,7 @@ def test_batchtopk_to_jumprelu_keeps_outputs_and_is_what_gets_saved(tmp_path, ar
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["saeforge_trained_as"]["architecture"] == arch
     assert cfg["metadata"]["saeforge_trained_as"]["k"] == 4
+    assert formats.trained_architecture(folder) == arch  # tables name what was trained, not the saved JumpReLU
     loaded = formats.load_sae(folder)
     with torch.no_grad():
         assert isinstance(loaded, JumpReLUSAE) and torch.equal(loaded(x), sae(x))

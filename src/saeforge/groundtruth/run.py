@@ -40,7 +40,7 @@ from saeforge.groundtruth.tables import format_groundtruth, format_summary
 from saeforge.groundtruth.tpp import tpp_all, tpp_probes
 from saeforge.io import atomic_write_text
 from saeforge.models import load_model, resolve_hook
-from saeforge.saes.formats import load_sae
+from saeforge.saes.formats import load_sae, trained_architecture
 
 DEFAULT_TOKENS = 50_000
 DEFAULT_PROBE_TOKENS = 4000
@@ -87,7 +87,8 @@ def probe_saved_many(
     def save(i: int, result: dict) -> None:
         cfg = cfgs[i]
         head = {"sae": str(sae_dirs[i]), "model": cfg.model.name, "hook": cfg.model.hook, "corpus": cfg.data.corpus}
-        result = {**head, **result}
+        # a BatchTopK SAE loads as the JumpReLU it is saved as: name what was trained
+        result = {**head, **result, "architecture": trained_architecture(sae_dirs[i])}
         path = groundtruth_path(sae_dirs[i], cfg.data.corpus)
         atomic_write_text(path, json.dumps(_json_safe(result), indent=2) + "\n")
         written[i] = (result, path)

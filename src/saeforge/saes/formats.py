@@ -222,6 +222,14 @@ def architecture_of(cfg: dict[str, Any]) -> str:
     return name
 
 
+def trained_architecture(folder: str | Path) -> str:
+    """The architecture an SAE was trained as: a BatchTopK or Matryoshka SAE is saved as (and loads as) the
+    JumpReLU it equals at inference, with its training config in ``metadata.saeforge_trained_as``."""
+    cfg = read_cfg(folder)
+    trained = (cfg.get("metadata") or {}).get("saeforge_trained_as") or {}
+    return trained.get("architecture") or architecture_of(cfg)
+
+
 def _saelens_transcoder_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     """skip for a folder SAELens wrote as a transcoder (its cfg.json has d_out but no "skip" of ours)."""
     arch = cfg.get("architecture")
