@@ -5,9 +5,10 @@ plus error nodes, reproduces the real logits on a 30-layer model, and times one 
 a `saeforge transcoders` or `saeforge clt` folder (--transcoders DIR) or, by default, seeded random TopK transcoders
 (exactness and cost do not depend on training; the scores do, so they are printed only for a real set).
 Prints the graph's time, the process's peak RSS (resource.getrusage) and the load average (shared cores).
-With trained transcoders it also prints the replacement and completeness scores and the graph's top path:
+With trained transcoders it also prints the replacement and completeness scores and the graph's top paths:
 from the most likely next token, the strongest kept incoming edge, node by node, until a token embedding,
-an error node or a node with no kept input; "reaches the prompt" when it ends at an embedding.
+an error node or a node with no kept input; "reaches the prompt" when it ends at an embedding. The second
+path skips error nodes (the strongest edge from a feature or an embedding at each step).
 Several --prompt options make several graphs in one run (the model and transcoders load once).
 Run: .venv/bin/python bench/circuits_smollm2.py [--transcoders DIR] [--prompt TEXT ...| --prompt-tokens 16]
      [--batch-size N] [--max-feature-nodes N] [--k K] [--threads N]
@@ -91,9 +92,13 @@ def node_label(g, n: int, tokenizer) -> str:
     return f"logit {tokenizer.decode(g.logit_tokens_K[n - g.n_pos : n - g.n_pos + 1])!r}"
 
 
-def top_path(g, edge_mask_nn, tokenizer) -> tuple[list[str], bool]:
-    """From the top logit, follow the strongest kept incoming edge until an embedding, error or dead end."""
+def top_path(g, edge_mask_nn, tokenizer, skip_errors: bool = False) -> tuple[list[str], bool]:
+    """From the top logit, follow the strongest kept incoming edge until an embedding, error or dead end
+    (``skip_errors``: the strongest edge from a feature or an embedding, so the path ends at an embedding
+    or where no such edge is left)."""
     A = g.adjacency_nn * edge_mask_nn
+    if skip_errors:
+        A[:, g.n_features : g.n_features + g.n_errors] = 0.0
     n, path, seen = g.logit_index(0), [], set()
     while n not in seen:
         seen.add(n)
@@ -135,9 +140,11 @@ def one_graph(lm, rm, ids_T, args, trained: bool) -> None:
         rep, comp = scores(g.adjacency_nn, g.logit_weights(), g.n_features, g.n_errors, g.n_pos)
         print(f"replacement score {rep:.3f}, completeness {comp:.3f}")
         top = lm.tokenizer.decode(g.logit_tokens_K[:1])
-        path, reaches = top_path(g, p.edge_mask_nn, lm.tokenizer)
-        print(f"top logit {top!r} (p = {float(g.logit_probs_K[0]):.3f}); top path "
-              f"{'reaches the prompt' if reaches else 'does not reach the prompt'}: " + " <- ".join(path))  # fmt: skip
+        print(f"top logit {top!r} (p = {float(g.logit_probs_K[0]):.3f})")
+        for skip in (False, True):
+            path, reaches = top_path(g, p.edge_mask_nn, lm.tokenizer, skip_errors=skip)
+            print(f"  top path{' without error nodes' if skip else ''} "
+                  f"{'reaches the prompt' if reaches else 'does not reach the prompt'}: " + " <- ".join(path))  # fmt: skip
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"total {time.perf_counter() - t0:.1f} s with pruning; peak RSS so far {peak_gb:.2f} GiB; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")  # fmt: skip
