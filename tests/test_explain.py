@@ -6,6 +6,7 @@ import json
 import math
 import sqlite3
 
+import loopback
 import pytest
 from explainkit import FEATURES, build_db
 
@@ -171,11 +172,7 @@ def test_cli_explain_baseline_and_its_errors(feature_db, capsys):
 
 @pytest.mark.browser
 def test_browser_feature_page_shows_a_hostile_explanation_as_text(feature_db, tmp_path):
-    import socket
-    import threading
-    import time
 
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from saeforge.viewer.server import create_app
@@ -183,36 +180,23 @@ def test_browser_feature_page_shows_a_hostile_explanation_as_text(feature_db, tm
     _, con = open_rw(feature_db)
     ex.write_results(con, "llm:gpt-x", [(1, HOSTILE, {"simulation": 0.25, "detection": 0.75})])
     con.close()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app([feature_db], live=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
+    with loopback.serve(app) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
             pg = browser.new_page()
             errors = []
             pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(f"http://127.0.0.1:{port}/feature/toy/py/1")
+            pg.goto(f"{url}/feature/toy/py/1")
             pg.wait_for_selector("#explanations tr.expl")
             cells = pg.locator("#explanations tr.expl td").all_text_contents()
             assert cells == [HOSTILE, "gpt-x", "0.250", "0.750", ""]  # no fuzzing score: an empty cell
             assert pg.evaluate("window.__pwned") is None and pg.locator("#explanations img").count() == 0
-            pg.goto(f"http://127.0.0.1:{port}/feature/toy/py/0")
+            pg.goto(f"{url}/feature/toy/py/0")
             pg.wait_for_selector("#explnote:not(:empty)")
             assert "saeforge explain" in pg.locator("#explnote").text_content()
             assert not errors, errors
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 @pytest.mark.slow

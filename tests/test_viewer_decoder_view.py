@@ -4,6 +4,7 @@ overlap with the encoder's top contexts, and meta-latents in the feature databas
 import itertools
 import sqlite3
 
+import loopback
 import pytest
 import torch
 
@@ -194,34 +195,21 @@ def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, with
 
 @pytest.mark.browser
 def test_browser_feature_page_shows_both_lists_and_meta_links(with_meta, tmp_path):
-    import socket
-    import threading
-    import time
 
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from saeforge.viewer.server import create_app
 
     d = FeatureDB(with_meta)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app([with_meta], live=False), port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
+    app = create_app([with_meta], live=False)
     i = next(i for i in range(d.d_sae) if d.decoder_view(i)["n_enc"] > 0)
     errors = []
-    try:
+    with loopback.serve(app) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
             page = browser.new_page()
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"http://127.0.0.1:{port}/feature/{d.meta['model_id']}/{d.meta['sae_id']}/{i}")
+            page.goto(f"{url}/feature/{d.meta['model_id']}/{d.meta['sae_id']}/{i}")
             page.wait_for_selector("#dectop .ctx")
             view = d.decoder_view(i)
             assert page.locator("#top .ctx").count() == view["n_enc"]
@@ -231,9 +219,6 @@ def test_browser_feature_page_shows_both_lists_and_meta_links(with_meta, tmp_pat
             assert page.locator("#meta tbody tr").count() == len(meta_for_feature(d, i))
             assert page.locator("#meta a").count() == shared
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
     assert errors == []
 
 

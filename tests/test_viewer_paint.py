@@ -1,10 +1,9 @@
 """How fast a feature page draws in headless Debian Chromium, from the browser's own performance timing:
 first contentful paint, and the moment the top contexts (which need the feature JSON) are in the DOM."""
 
-import socket
-import threading
 import time
 
+import loopback
 import pytest
 from explainkit import build_db
 
@@ -29,36 +28,22 @@ def poll(pg, expression: str, timeout_s: float = 10.0):
 
 @pytest.mark.browser
 def test_feature_page_paints_and_shows_contexts_quickly(tmp_path):
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from saeforge.viewer.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app([build_db(tmp_path / "f.db")], live=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
     timings = []
-    try:
+    with loopback.serve(app) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
             pg = browser.new_page()
             for idx in (1, 2, 1):  # a cold feature, another, then the first again (served from the cache)
-                pg.goto(f"http://127.0.0.1:{port}/feature/toy/py/{idx}")
+                pg.goto(f"{url}/feature/toy/py/{idx}")
                 drawn = poll(pg, CONTEXTS)
                 # the paint entry is queued after the frame it describes: wait for it rather than read it once
                 timings.append((poll(pg, PAINT), drawn))
             browser.close()
-    finally:
-        srv.should_exit = True
-        thread.join(10)
     print("feature page (first contentful paint ms, contexts drawn ms):", timings)
     for fcp, drawn in timings:
         # generous bounds for a loaded 2-core CI box; docs/benchmarks.md records measured values

@@ -2,13 +2,11 @@
 ``steer_generate`` call on the same tiny model and SAE, its errors, then the panel in headless Chromium."""
 
 import shutil
-import socket
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import httpx
+import loopback
 import pytest
 import torch
 
@@ -52,23 +50,11 @@ def built(tiny_model_dirs, text_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(built):
-    import uvicorn
-
     from saeforge.viewer.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(built["dbs"]), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    app = create_app(built["dbs"])
+    with loopback.serve(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
