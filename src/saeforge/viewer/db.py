@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,24 @@ def finish(con: sqlite3.Connection) -> None:
 
 def _like(q: str) -> str:
     return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+@contextmanager
+def write_transaction(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A connection to a finished database holding one write transaction (BEGIN IMMEDIATE): committed when
+    the block ends, rolled back if it raises, so a table added later (map, meta-latents) is there whole or
+    not at all."""
+    con = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
 
 
 class FeatureDB:

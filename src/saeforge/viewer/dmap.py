@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from saeforge.config import ConfigError
-from saeforge.viewer.db import DBError, FeatureDB
+from saeforge.viewer.db import DBError, FeatureDB, write_transaction
 
 UMAP_MIN = 256
 METHODS = ("auto", "pca", "umap", "none")
@@ -140,19 +140,11 @@ def add_map(db_path: str | Path, method: str = "auto", n_clusters: int = 16, see
         W_dec_FD = load_sae(local_sae_dir(d.meta["sae_dir"]), device="cpu").W_dec.detach()
     except OSError as e:
         raise DBError(f"cannot read the SAE folder {d.meta['sae_dir']} that {db_path} was built from ({e})") from e
-    con = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    with write_transaction(db_path) as con:
         con.execute("DROP TABLE IF EXISTS map")
         con.execute("DROP TABLE IF EXISTS tree")
         used = write_map(con, W_dec_FD, method, n_clusters, seed)
         con.execute("INSERT OR REPLACE INTO meta VALUES ('map_method', ?)", (json.dumps(used),))
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
     return used
 
 

@@ -8,14 +8,13 @@ each feature lists its meta-latents and, per latent, the other features that sha
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 from saeforge.saes.formats import load_sae, read_cfg
 from saeforge.saes.hub import local_sae_dir
 from saeforge.training.meta import is_meta_sae, meta_latents
-from saeforge.viewer.db import DBError, FeatureDB
+from saeforge.viewer.db import DBError, FeatureDB, write_transaction
 
 SCHEMA = """
 CREATE TABLE meta_latents (feature INTEGER NOT NULL, rank INTEGER NOT NULL, latent INTEGER NOT NULL,
@@ -48,9 +47,7 @@ def add_meta_latents(db_path: str | Path, meta_dir: str | Path, top: int = 8) ->
             f"{base.d_sae} features (database: {d.d_sae}); train the meta-SAE on that SAE"
         )
     rows = meta_latents(meta, base.W_dec, top)
-    con = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    with write_transaction(db_path) as con:
         con.execute("DROP TABLE IF EXISTS meta_latents")
         for stmt in SCHEMA.strip().split(";"):
             if stmt.strip():
@@ -58,12 +55,6 @@ def add_meta_latents(db_path: str | Path, meta_dir: str | Path, top: int = 8) ->
         con.executemany("INSERT INTO meta_latents VALUES (?, ?, ?, ?)", rows)
         info = {"dir": str(Path(meta_dir).resolve()), "d_sae": meta.d_sae, "base": read_cfg(meta_dir)["metadata"]}
         con.execute("INSERT OR REPLACE INTO meta VALUES ('meta_sae', ?)", (json.dumps(info),))
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
     return len(rows)
 
 
