@@ -183,7 +183,7 @@ def test_api_shows_both_lists_meta_latents_and_handles_old_databases(built, with
     old = tmp_path / "old.db"
     old.write_bytes(built["db"].read_bytes())
     con = sqlite3.connect(old)
-    con.executescript("DROP TABLE contexts_dec; DROP TABLE enc_dec;")
+    con.executescript("DROP TABLE contexts_dec; DROP TABLE enc_dec; DROP TABLE feature_json;")
     con.commit()
     con.close()
     client = TestClient(create_app([old], live=False))

@@ -35,7 +35,7 @@ def built(tiny_model_dirs, text_corpus, tmp_path_factory):
     shutil.copy(path, old)
     con = sqlite3.connect(old)
     con.executescript(
-        "DROP TABLE map; DROP TABLE tree; DROP TABLE first_position; UPDATE meta SET value = '\"old\"' "
+        "DROP TABLE map; DROP TABLE tree; DROP TABLE first_position; DROP TABLE feature_json; UPDATE meta SET value = '\"old\"' "
         "WHERE key = 'sae_id';"
     )
     con.commit()
@@ -137,6 +137,7 @@ def test_exclude_first_ranking_differs(tiny_model_dirs, tmp_path):
     lm = load_model(str(tiny_model_dirs["llama"]), device="cpu")
     sae = sae_class("topk")(config_class("topk")(d_in=64, d_sae=4, k=2))
     meta = {"format_version": db.FORMAT_VERSION, "model_id": "t", "sae_id": "p", "d_sae": 4, "sae_dir": "x"}
+    meta |= {"hook": "blocks.0.hook_resid_post", "n_tokens": 24}  # named by the feature JSON the index stores
     cfg = IndexConfig(top_k=2, per_interval=1, quantile_intervals=2, left=2, right=1, n_logits=2, n_neighbours=1)
     write_database(tmp_path / "p.db", _planted_stats(), lm, sae, meta, cfg)
     d = FeatureDB(tmp_path / "p.db")

@@ -157,6 +157,44 @@ def test_a_repeated_feature_request_is_the_cached_bytes_with_the_same_headers(ht
     assert http.get(f"/api/feature/llama/a/{idx}/").status_code in (307, 404)
 
 
+def test_stored_feature_json_is_the_json_built_from_the_tables(built, http, tmp_path):
+    """`saeforge index` stores each feature's index-time JSON (table feature_json): the bytes served from it equal
+    the bytes built from the tables without it, for every feature, before and after explanations and
+    meta-latents are added to the database."""
+    import shutil
+
+    from saeforge.viewer import explain, metadb
+    from saeforge.viewer.db import FeatureDB, write_transaction
+    from saeforge.viewer.explain_run import open_rw
+    from saeforge.viewer.featurejson import feature_bytes
+
+    stored, plain = tmp_path / "stored.db", tmp_path / "plain.db"
+    shutil.copy(built["dbs"]["a"], stored)
+    shutil.copy(stored, plain)
+    with write_transaction(plain) as con:
+        con.execute("DROP TABLE feature_json")
+    a, b = FeatureDB(stored), FeatureDB(plain)
+    assert not b.has_table("feature_json") and a.query("SELECT COUNT(*) FROM feature_json") == [(a.d_sae,)]
+    for i in range(a.d_sae):
+        assert feature_bytes(a, i) == feature_bytes(b, i), i
+    f, g = (r["index"] for r in a.list_features(limit=2))  # the two densest features
+    assert feature_bytes(a, f) == http.get(f"/api/feature/llama/a/{f}").content
+    assert feature_bytes(a, a.d_sae) is None and feature_bytes(b, a.d_sae) is None
+    for path in (stored, plain):  # what `saeforge explain` and `saeforge meta` add later
+        _, con = open_rw(path)
+        explain.write_results(con, "baseline", [(f, 'tokens: "<b>x"', {"simulation": 0.5})])
+        con.close()
+        with write_transaction(path) as con:
+            for stmt in filter(str.strip, metadb.SCHEMA.split(";")):
+                con.execute(stmt)
+            con.executemany("INSERT INTO meta_latents VALUES (?, ?, ?, ?)", [(f, 0, 2, 0.9), (g, 0, 2, 0.4)])
+    assert feature_bytes(a, f) == feature_bytes(b, f)
+    got = json.loads(feature_bytes(a, f))
+    assert [(e["description"], e["score"]) for e in got["explanations"]] == [('tokens: "<b>x"', 0.5)]
+    assert got["meta"] == [{"latent": 2, "activation": 0.9, "shared_with": [{"index": g, "activation": 0.4}]}]
+    assert got["activations"] == json.loads(feature_bytes(b, f))["activations"] != []
+
+
 def test_feature_list_sorts_and_pages(http, built):
     from saeforge.viewer.db import FeatureDB
 

@@ -9,6 +9,7 @@ dmap.py     the dictionary map: 2-D layout of decoder rows and their cosine clus
 metadb.py   a meta-SAE's latents per feature (table meta_latents) and who shares them
 maproutes.py  the map's API: map points, tree nodes, PCA of chosen features
 live.py     runs text through the LM and SAEs for the live box
+featurejson.py  the served feature JSON; its index-time part stored per feature at index time
 server.py   FastAPI app (pages + JSON API); fastapi/uvicorn are imported only there
 export.py   Neuronpedia upload files
 explain.py  explanation tables, baseline explainer, simulation / detection scores

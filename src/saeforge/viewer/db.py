@@ -20,8 +20,9 @@
     enc_dec(feature, n_enc, n_dec, jaccard)          overlap of the encoder's and the decoder's top windows
     meta_latents(feature, rank, latent, activation)  a meta-SAE's strongest latents per feature (`saeforge meta`)
     map, tree                                        the dictionary map (dmap.py)
+    feature_json(feature, body)                      each feature's index-time JSON, zlib-compressed (featurejson.py)
     explanations, scores, explanations_fts, llm_cache   added by `saeforge explain` (explain.py), on demand
-Databases built before first_position / contexts_rest / contexts_dec / enc_dec / map / tree existed lack them; readers check (``has_table``).
+Databases built before first_position / contexts_rest / contexts_dec / enc_dec / map / tree / feature_json existed lack them; readers check (``has_table``).
 
 The writer fills a temporary file and renames it into place when whole, so a file at the final name
 is always complete. The reader opens it read-only, one connection per thread.
@@ -158,6 +159,13 @@ class FeatureDB:
             con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
             self._local.con = con
         return con
+
+    def close(self) -> None:
+        """Close this thread's connection (a server never needs to; a writer that renames the file does)."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._con().execute(sql, args).fetchall()

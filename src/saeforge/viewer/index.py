@@ -29,7 +29,7 @@ from saeforge.io import atomic_path, atomic_write_text
 from saeforge.models import load_model, resolve_hook
 from saeforge.saes.formats import load_sae, read_cfg
 from saeforge.saes.hub import is_remote, local_sae_dir, output_dir
-from saeforge.viewer import db, dmap, lens
+from saeforge.viewer import db, dmap, featurejson, lens
 from saeforge.viewer.config import IndexConfig
 from saeforge.viewer.db import DBError
 from saeforge.viewer.stats import FeatureStats
@@ -243,6 +243,7 @@ def write_database(out: Path, stats: FeatureStats, lm, sae, meta: dict[str, Any]
         map_method = dmap.write_map(con, W_dec, cfg.map_method, cfg.map_clusters, cfg.seed)
         db.write_meta(con, {"logit_lens": lensed is not None, "map_method": map_method})
         db.finish(con)
+        featurejson.precompute(tmp)
         os.replace(tmp, out)
     finally:
         con.close()

@@ -20,11 +20,11 @@ from typing import Any
 
 from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.db import DBError, FeatureDB
+from saeforge.viewer.featurejson import feature_bytes, is_stored
 from saeforge.viewer.graphs import graphs_router
-from saeforge.viewer.jsoncache import FeatureHits, JSONCache, encode
+from saeforge.viewer.jsoncache import FeatureHits, JSONCache
 from saeforge.viewer.live import LiveError, LiveRunner
 from saeforge.viewer.maproutes import map_router
-from saeforge.viewer.metadb import meta_for
 from saeforge.viewer.steer import steer_router
 
 log = logging.getLogger(__name__)
@@ -36,76 +36,6 @@ PAGES = ("index.html", "feature.html", "live.html", "map.html")
 def _read_assets() -> dict[str, str]:
     root = resources.files("saeforge.viewer") / "static"
     return {name: (root / name).read_text(encoding="utf-8") for name in (*ASSETS, *PAGES)}
-
-
-def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
-    """One feature in the shape of Neuronpedia's /api/feature/{model}/{sae}/{index}, plus a saeforge block."""
-    m, width = dbx.meta, f["hist_width"]
-    acts = []
-    by_interval: dict[int, list[float]] = {}
-    for c in f["contexts"]:
-        if c["kind"] == "quantile":
-            by_interval.setdefault(c["interval"], []).append(c["max_act"])
-    n_sample = sum(len(v) for v in by_interval.values()) or 1
-    for c in f["contexts"]:
-        quant = c["kind"] == "quantile"
-        iv = by_interval.get(c["interval"], [])
-        acts.append(
-            {
-                "tokens": c["tokens"],
-                "values": c["acts"],
-                "maxValue": c["max_act"],
-                "maxValueTokenIndex": c["max_pos"],
-                "minValue": min(c["acts"]) if c["acts"] else 0.0,
-                "binMin": min(iv) if quant else None,
-                "binMax": max(iv) if quant else None,
-                "binContains": len(iv) / n_sample if quant else None,
-                "kind": c["kind"],
-                "interval": c["interval"],
-                "window": c["window"],
-            }
-        )
-    return {
-        "modelId": m["model_id"],
-        "layer": m["sae_id"],
-        "index": str(f["index"]),
-        "maxActApprox": f["max_act"],
-        "frac_nonzero": f["density"],
-        "pos_str": [s for _, s, _ in f["pos"]],
-        "pos_values": [v for _, _, v in f["pos"]],
-        "neg_str": [s for _, s, _ in f["neg"]],
-        "neg_values": [v for _, _, v in f["neg"]],
-        "freq_hist_data_bar_heights": f["hist"],
-        "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(f["hist"]))],
-        "topkCosSimIndices": [n["index"] for n in f["neighbours"]],
-        "topkCosSimValues": [n["cosine"] for n in f["neighbours"]],
-        "activations": acts,
-        "explanations": [neuronpedia_explanation(e) for e in dbx.explanations(f["index"])],
-        "saeforge": {
-            "hook": m["hook"],
-            "density": f["density"],
-            "fire_count": f["fire_count"],
-            "mean_act": f["mean_act"],
-            "hist_bin_width": width,
-            "n_tokens": m["n_tokens"],
-            "d_sae": m["d_sae"],
-            "pos_token_ids": [t for t, _, _ in f["pos"]],
-            "neg_token_ids": [t for t, _, _ in f["neg"]],
-        },
-    }
-
-
-def neuronpedia_explanation(e: dict[str, Any]) -> dict[str, Any]:
-    """One stored explanation as a Neuronpedia explanation object; ``score`` is the simulation score."""
-    kind, _, model = e["explainer"].partition(":")
-    return {
-        "description": e["text"],
-        "typeName": f"saeforge-{kind}",
-        "explanationModelName": model or kind,
-        "score": e["scores"].get("simulation"),
-        "scores": e["scores"],
-        "created": e["created"],
-    }
 
 
 def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path | None = None):
@@ -168,8 +98,13 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         d = get_db(model, sae)
         f = d.feature(index) if 0 <= index < d.d_sae else None
         if f is None:
-            raise NotFound(f"{model}/{sae} has features 0..{d.d_sae - 1}; there is no feature {index}")
+            raise no_feature(d, index)
         return d, f
+
+    def no_feature(d: FeatureDB, index: int) -> NotFound:
+        return NotFound(
+            f"{d.meta['model_id']}/{d.meta['sae_id']} has features 0..{d.d_sae - 1}; there is no feature {index}"
+        )
 
     # ---- pages -------------------------------------------------------------------------
     def page(name: str) -> HTMLResponse:
@@ -181,7 +116,9 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
 
     @app.get("/feature/{model}/{sae}/{index}", include_in_schema=False)
     def feature_page(model: str, sae: str, index: int):
-        get_feature(model, sae, index)
+        d = get_db(model, sae)  # a 404 for a feature that is not there, without reading the feature
+        if not (0 <= index < d.d_sae and d.query("SELECT 1 FROM features WHERE idx = ?", (index,))):
+            raise no_feature(d, index)
         return page("feature.html")
 
     @app.get("/live", include_in_schema=False)
@@ -239,24 +176,6 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
             raise HTTPException(422, str(e)) from e
         return {"total": d.d_sae, "offset": offset, "features": rows}
 
-    def feature_json(model: str, sae: str, index: int, exclude_first: bool) -> dict[str, Any]:
-        d, f = get_feature(model, sae, index)
-        if exclude_first:  # top contexts ranked without the first position after BOS, where stored
-            f = d.feature(index, exclude_first=True)
-        out = neuronpedia_feature(d, f)
-        # null in a database built before first-position statistics
-        out["saeforge"]["first_position"] = d.first_position([index]).get(index)
-        # the decoder view and meta-latents: null in a database built without them
-        view = d.decoder_view(index)
-        out["decoder_contexts"] = view and [
-            {"tokens": c["tokens"], "values": c["acts"], "maxValue": c["max_act"], "maxValueTokenIndex": c["max_pos"]}
-            | {"window": c["window"]}
-            for c in view["decoder_contexts"]
-        ]
-        out["saeforge"]["encoder_decoder"] = view and {k: view[k] for k in ("jaccard", "n_enc", "n_dec")}
-        out["meta"] = meta_for(d, index)
-        return out
-
     @app.get(
         "/api/feature/{model}/{sae}/{index}",
         summary="One feature, shaped like Neuronpedia's feature JSON",
@@ -264,12 +183,20 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
     )
     async def feature(model: str, sae: str, index: int, exclude_first: bool = False):
         # The hot path of the viewer: encoded JSON bytes from the cache (see jsoncache.py for when they are
-        # rebuilt); async so that a hit never waits for the thread pool, and a miss reads SQLite in it.
+        # rebuilt); async so that a hit never waits for the thread pool. A miss whose index-time part is stored
+        # (featurejson.py) costs a few indexed reads and a decompression, less than a trip through the thread
+        # pool, so it runs here; building the JSON from the tables takes milliseconds, so that runs in the pool.
         d = get_db(model, sae)
         full, body = json_cache.lookup(d.path, ("feature", index, exclude_first))
         if body is None:
-            out = await run_in_threadpool(feature_json, model, sae, index, exclude_first)
-            body = encode(out)
+            if not 0 <= index < d.d_sae:
+                raise no_feature(d, index)
+            if not exclude_first and is_stored(d):
+                body = feature_bytes(d, index)
+            else:
+                body = await run_in_threadpool(feature_bytes, d, index, exclude_first)
+            if body is None:
+                raise no_feature(d, index)
             json_cache.store(full, body)
         return Response(body, media_type="application/json")
 
