@@ -162,6 +162,7 @@ def test_stored_feature_json_is_the_json_built_from_the_tables(built, http, tmp_
     the bytes built from the tables without it, for every feature, before and after explanations and
     meta-latents are added to the database."""
     import shutil
+    import zlib
 
     from saeforge.viewer import explain, metadb
     from saeforge.viewer.db import FeatureDB, write_transaction
@@ -179,6 +180,12 @@ def test_stored_feature_json_is_the_json_built_from_the_tables(built, http, tmp_
         assert feature_bytes(a, i) == feature_bytes(b, i), i
     f, g = (r["index"] for r in a.list_features(limit=2))  # the two densest features
     assert feature_bytes(a, f) == http.get(f"/api/feature/llama/a/{f}").content
+    older = tmp_path / "older.db"  # stored by a saeforge whose JSON had another shape: built from the tables
+    shutil.copy(stored, older)
+    with write_transaction(older) as con:
+        con.execute("UPDATE feature_json SET body = ?", (zlib.compress(b'{"old":1}'),))
+        con.execute("UPDATE meta SET value = '0' WHERE key = 'feature_json_version'")
+    assert feature_bytes(FeatureDB(older), f) == feature_bytes(b, f)
     assert feature_bytes(a, a.d_sae) is None and feature_bytes(b, a.d_sae) is None
     for path in (stored, plain):  # what `saeforge explain` and `saeforge meta` add later
         _, con = open_rw(path)

@@ -18,6 +18,7 @@ from typing import Any
 
 from saeforge.io import atomic_write_text
 from saeforge.viewer.db import FeatureDB
+from saeforge.viewer.featurejson import logit_and_density_fields
 
 EMPTY_FIELDS = (
     "neuron_alignment_indices",
@@ -54,17 +55,10 @@ def feature_record(d: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
             {"bin_min": lo, "bin_max": hi, "bin_contains": share, "tokens": c["tokens"], "values": c["acts"]}
             for c in cs
         ]
-    w = f["hist_width"]
     return {
         "feature_index": f["index"],
         **{k: [] for k in EMPTY_FIELDS},
-        "pos_str": [s for _, s, _ in f["pos"]],
-        "pos_values": [v for _, _, v in f["pos"]],
-        "neg_str": [s for _, s, _ in f["neg"]],
-        "neg_values": [v for _, _, v in f["neg"]],
-        "frac_nonzero": f["density"],
-        "freq_hist_data_bar_heights": f["hist"],
-        "freq_hist_data_bar_values": [(i + 0.5) * w for i in range(len(f["hist"]))],
+        **logit_and_density_fields(f),
         "n_prompts_total": d.meta["n_windows"],
         "n_tokens_in_prompt": d.meta["context_size"],
         "dataset": d.meta["corpus"],

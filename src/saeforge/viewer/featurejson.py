@@ -7,7 +7,8 @@ encodes that part for every feature and stores it zlib-compressed in table ``fea
 for ~29 KB of JSON on the demo SAE); serving it is a primary-key read and a decompression instead of a dozen
 queries and ~1,000 JSON decodes. What later commands add to the database, ``explanations`` (``saeforge
 explain``) and ``meta`` (``saeforge meta``), is read per request and appended as the object's last two keys.
-A database without the table (built before it existed, or by hand) gets the same bytes built from its tables,
+A database without the table (built before it existed, or by hand), or whose table holds another version's
+shape (meta key ``feature_json_version``), gets the same bytes built from its tables,
 and so does every ``exclude_first`` request (a variant that only features peaking after BOS have).
 """
 
@@ -18,14 +19,33 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from saeforge.viewer import db
 from saeforge.viewer.db import FeatureDB
 from saeforge.viewer.jsoncache import encode
 from saeforge.viewer.metadb import meta_for
 
 TABLE = "feature_json"
+# The shape of the stored part. Raise it with any change to what index_part returns: a database stored under
+# another version is served from its tables (correct, slower) until `saeforge index` rebuilds it.
+VERSION = 1
 SCHEMA = f"CREATE TABLE {TABLE} (feature INTEGER PRIMARY KEY, body BLOB NOT NULL)"
 LEVEL = 6  # zlib level: 13% fewer bytes than 1 on the demo SAE for 0.4 ms more a feature at index time
 CHUNK = 256  # features encoded between commits (see precompute)
+
+
+def logit_and_density_fields(f: dict[str, Any]) -> dict[str, Any]:
+    """The logit-lens lists, density and activation histogram under the names Neuronpedia uses both in its
+    feature JSON and in its upload batches."""
+    width = f["hist_width"]
+    return {
+        "frac_nonzero": f["density"],
+        "pos_str": [s for _, s, _ in f["pos"]],
+        "pos_values": [v for _, _, v in f["pos"]],
+        "neg_str": [s for _, s, _ in f["neg"]],
+        "neg_values": [v for _, _, v in f["neg"]],
+        "freq_hist_data_bar_heights": f["hist"],
+        "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(f["hist"]))],
+    }
 
 
 def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
@@ -61,13 +81,7 @@ def neuronpedia_feature(dbx: FeatureDB, f: dict[str, Any]) -> dict[str, Any]:
         "layer": m["sae_id"],
         "index": str(f["index"]),
         "maxActApprox": f["max_act"],
-        "frac_nonzero": f["density"],
-        "pos_str": [s for _, s, _ in f["pos"]],
-        "pos_values": [v for _, _, v in f["pos"]],
-        "neg_str": [s for _, s, _ in f["neg"]],
-        "neg_values": [v for _, _, v in f["neg"]],
-        "freq_hist_data_bar_heights": f["hist"],
-        "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(f["hist"]))],
+        **logit_and_density_fields(f),
         "topkCosSimIndices": [n["index"] for n in f["neighbours"]],
         "topkCosSimValues": [n["cosine"] for n in f["neighbours"]],
         "activations": acts,
@@ -118,8 +132,8 @@ def index_part(d: FeatureDB, idx: int, exclude_first: bool = False) -> dict[str,
 
 
 def is_stored(d: FeatureDB) -> bool:
-    """Whether the database holds the index-time JSON (built by a `saeforge index` that wrote the table)."""
-    return d.has_table(TABLE)
+    """Whether the database holds the index-time JSON in this version's shape."""
+    return d.meta.get("feature_json_version") == VERSION and d.has_table(TABLE)
 
 
 def feature_bytes(d: FeatureDB, idx: int, exclude_first: bool = False) -> bytes | None:
@@ -160,6 +174,8 @@ def precompute(path: Path) -> int:
                     rows.append((i, zlib.compress(encode(part), LEVEL)))
             con.executemany(f"INSERT INTO {TABLE} VALUES (?, ?)", rows)
             con.commit()
+        db.write_meta(con, {"feature_json_version": VERSION})
+        con.commit()
     finally:
         con.close()
         d.close()
