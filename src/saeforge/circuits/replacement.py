@@ -150,15 +150,12 @@ class ReplacementModel:
         embeds_BTD: Tensor,
         acts_BN: Tensor,
         errors_BLTD: Tensor,
-        stop_at_layer: int | None = None,
         last_logits_only: bool = False,
-    ) -> tuple[Tensor | None, list[Tensor | None]]:
+    ) -> tuple[Tensor, list[Tensor]]:
         """(logits_BTV, [mlp_in_BTD per layer]) of the frozen model, differentiable in its three inputs.
 
         Row b of the batch is one copy of the prompt with its own node values, so one backward through a
-        sum of per-row targets gives each target's gradient in its own row. ``stop_at_layer``: stop once
-        that layer's MLP input is known (logits None; later layers' inputs None): feature targets need
-        nothing after their own layer's MLP input. ``last_logits_only``: logits [B, 1, V] of the last
+        sum of per-row targets gives each target's gradient in its own row. ``last_logits_only``: logits [B, 1, V] of the last
         position alone (the LM head is D x V: at every position it would dominate a small model's cost).
         """
         B = embeds_BTD.shape[0]
@@ -190,8 +187,6 @@ class ReplacementModel:
             def hook(module, args, out):
                 x_BTD = args[0]
                 mlp_in[layer] = x_BTD
-                if layer == stop_at_layer:
-                    raise _StopForward
                 y_BTD = errors_L_BTD[layer] + self.mlps.b_dec(layer)
                 for onehot_Tn, W_nD, lo, hi in writers:
                     y_BTD = y_BTD + (acts_BN[:, None, lo:hi] * onehot_Tn) @ W_nD
@@ -201,13 +196,9 @@ class ReplacementModel:
 
         hooks = [(m, frozen_qk) for m in self.qk] + [(m, frozen_norm) for m in self.norms]
         hooks += [(layer.mlp, replace_mlp(i)) for i, layer in enumerate(self.layers)]
-        logits_BTV = None
+        keep = 1 if last_logits_only else 0  # transformers' logits_to_keep: 0 = all positions
         with _forward_hooks(hooks):
-            try:
-                keep = 1 if last_logits_only else 0  # transformers' logits_to_keep: 0 = all positions
-                logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False, logits_to_keep=keep).logits
-            except _StopForward:
-                pass
+            logits_BTV = self.model(inputs_embeds=embeds_BTD, use_cache=False, logits_to_keep=keep).logits
         return logits_BTV, mlp_in
 
     def clean_inputs(self, state: PromptState, batch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -317,10 +308,6 @@ class CrossLayer:
 
     def skip(self, dst: int, y_BTD: Tensor, x_BTD: Tensor) -> Tensor:
         return y_BTD
-
-
-class _StopForward(Exception):
-    """Raised from the MLP hook of ``stop_at_layer``: the rest of the forward is not needed."""
 
 
 @contextmanager
