@@ -49,7 +49,7 @@ from saeforge.config import ConfigError, DataConfig, EvalConfig
 from saeforge.data import excluded_mask
 from saeforge.evals.metrics import ReconstructionStats
 from saeforge.evals.report import heldout_windows
-from saeforge.evals.splice import _ce_kl_sums, scored_positions
+from saeforge.evals.splice import ce_kl_sums, recovery_scores, scored_positions
 from saeforge.models.hooks import capture, patched, resolve_hook
 
 FORMAT_VERSION = 1
@@ -178,10 +178,6 @@ class _Splice:
             return self.lm.model(input_ids=tokens_ST, use_cache=False).logits
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den != 0 else math.nan
-
-
 @torch.inference_mode()
 def replacement_ce_kl(
     lm,
@@ -222,7 +218,7 @@ def replacement_ce_kl(
         logits_clean = splice.run(tokens_ST, ~excluded_ST, record_errors=errors)
         for i, (name, spec) in enumerate(variants.items()):
             logits_new = splice.run(tokens_ST, ~excluded_ST, errors=errors if name == "with_errors" else None, **spec)
-            ce_clean, ce_new, kl_new = _ce_kl_sums(logits_clean, logits_new, s_idx, t_idx, targets_N)
+            ce_clean, ce_new, kl_new = ce_kl_sums(logits_clean, logits_new, s_idx, t_idx, targets_N)
             del logits_new
             ce[name] += ce_new
             kl[name] += kl_new
@@ -237,16 +233,16 @@ def replacement_ce_kl(
     kl = {k: v / n_pred for k, v in kl.items()}
 
     def score(name: str, zero: str) -> dict[str, float]:
+        ce_score, kl_score = recovery_scores(ce[name], kl[name], ce[zero], kl[zero], ce["clean"])
         return {"ce": ce[name], "kl": kl[name], "ce_zero": ce[zero], "kl_zero": kl[zero],
-                "ce_score": _ratio(ce[zero] - ce[name], ce[zero] - ce["clean"]),
-                "kl_score": _ratio(kl[zero] - kl[name], kl[zero])}  # fmt: skip
+                "ce_score": ce_score, "kl_score": kl_score}  # fmt: skip
 
     out: dict[str, Any] = {"ce_clean": ce["clean"], "n_predictions": n_pred, "n_sequences": n_seq,
                            "full": score("replacement", "zero")}  # fmt: skip
     if means is not None:
+        mean_scores = recovery_scores(ce["replacement"], kl["replacement"], ce["mean"], kl["mean"], ce["clean"])
         out["full"].update({"ce_mean": ce["mean"], "kl_mean": kl["mean"],
-                            "ce_score_mean": _ratio(ce["mean"] - ce["replacement"], ce["mean"] - ce["clean"]),
-                            "kl_score_mean": _ratio(kl["mean"] - kl["replacement"], kl["mean"])})  # fmt: skip
+                            "ce_score_mean": mean_scores[0], "kl_score_mean": mean_scores[1]})  # fmt: skip
     if layers_alone:
         out["alone"] = [{"layer": m, **score(f"layer{m}", f"layer{m}_zero")} for m in range(L)]
     if with_errors:

@@ -142,7 +142,7 @@ def scored_positions(excluded_ST: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return scored_ST1.nonzero(as_tuple=True)
 
 
-def _ce_kl_sums(
+def ce_kl_sums(
     logits_clean_STV: torch.Tensor,
     logits_new_STV: torch.Tensor,
     s_idx: torch.Tensor,
@@ -175,6 +175,12 @@ def _ce_kl_sums(
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den != 0 else math.nan
+
+
+def recovery_scores(ce: float, kl: float, ce_base: float, kl_base: float, ce_clean: float) -> tuple[float, float]:
+    """(CE score, KL score) of a spliced model against an ablation baseline (SPECS): (CE_base - CE) /
+    (CE_base - CE_clean) and (KL_base - KL) / KL_base; NaN where the baseline equals the clean model."""
+    return _ratio(ce_base - ce, ce_base - ce_clean), _ratio(kl_base - kl, kl_base)
 
 
 @torch.inference_mode()
@@ -239,7 +245,7 @@ def spliced_ce_kl(
                 logits_new_STV = model(input_ids=tokens_ST, use_cache=False).logits
             # The clean per-position sum is the same for every variant: collect it with the first only.
             clean_T = (pos["clean"] if i == 0 else torch.zeros_like(pos["clean"])) if by_position else None
-            ce_clean, ce_new, kl = _ce_kl_sums(
+            ce_clean, ce_new, kl = ce_kl_sums(
                 logits_clean_STV, logits_new_STV, s_idx, t_idx, targets_N, clean_T, pos.get(name)
             )
             del logits_new_STV  # free before the next variant's forward: peak stays at two logits tensors
@@ -252,11 +258,10 @@ def spliced_ce_kl(
             "batches were given); evaluate on longer windows or more text"
         )
     out: dict[str, float] = {k: v / n_pred for k, v in sums.items() if k != "kl_clean"}
-    out["ce_score"] = _ratio(out["ce_zero"] - out["ce_sae"], out["ce_zero"] - out["ce_clean"])
-    out["kl_score"] = _ratio(out["kl_zero"] - out["kl_sae"], out["kl_zero"])
+    ce, kl, clean = out["ce_sae"], out["kl_sae"], out["ce_clean"]
+    out["ce_score"], out["kl_score"] = recovery_scores(ce, kl, out["ce_zero"], out["kl_zero"], clean)
     if "mean" in variants:
-        out["ce_score_mean"] = _ratio(out["ce_mean"] - out["ce_sae"], out["ce_mean"] - out["ce_clean"])
-        out["kl_score_mean"] = _ratio(out["kl_mean"] - out["kl_sae"], out["kl_mean"])
+        out["ce_score_mean"], out["kl_score_mean"] = recovery_scores(ce, kl, out["ce_mean"], out["kl_mean"], clean)
     out.update(ce_n_predictions=n_pred, ce_n_sequences=n_seq, ce_n_tokens=n_tok)
     if by_position:
         out["ce_by_position"] = {("ce_n" if k == "n" else f"ce_{k}"): v.tolist() for k, v in pos.items()}
