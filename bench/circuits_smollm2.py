@@ -20,16 +20,14 @@ import argparse
 import os
 import resource
 import time
-from pathlib import Path
 
 import torch
 
 from saeforge.analysis.common import prompt_ids
-from saeforge.circuits.clt import load_clt
+from saeforge.circuits.formats import load_transcoder_folder
 from saeforge.circuits.graph import attribute
 from saeforge.circuits.prune import prune, scores
 from saeforge.circuits.replacement import ReplacementModel
-from saeforge.circuits.transcoders import load_transcoders
 from saeforge.models import load_model
 from saeforge.saes.registry import config_class, sae_class
 
@@ -64,11 +62,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tset, model_name = None, "smollm2-135m"
-    if args.transcoders and (Path(args.transcoders) / "cfg.json").exists():  # a `saeforge clt` folder
-        tset, model_name = load_clt(args.transcoders)
-    elif args.transcoders:
-        tset = load_transcoders(args.transcoders)
-        model_name = tset.model_name
+    if args.transcoders:  # a `saeforge transcoders`, `saeforge clt` or circuit-tracer folder
+        tset, model_name, _ = load_transcoder_folder(args.transcoders)
     lm = load_model(model_name, dtype="float32", device="cpu")
     rm = ReplacementModel(lm, tset or random_set(lm.n_layers, lm.d_model, k=args.k))
     prompts = [LONG_TEXT] if args.prompt_tokens else (args.prompt or ["The capital of France is"])

@@ -190,20 +190,12 @@ def cmd_graph_html(ns: argparse.Namespace, base: dict) -> int:
 
 def _load_set(ns: argparse.Namespace):
     """(transcoders, the float32 model) from --transcoders / --model / --device."""
-    from saeforge.circuits.clt import load_clt
-    from saeforge.circuits.transcoders import TranscoderSetError, load_transcoders
+    from saeforge.circuits.formats import load_transcoder_folder
+    from saeforge.circuits.transcoders import TranscoderSetError
     from saeforge.models import load_model
 
     # on the CPU first: the model's loader says clearly if --device is absent; ReplacementModel moves them
-    if (Path(ns.transcoders) / "cfg.json").exists():
-        transcoders, model_name = load_clt(ns.transcoders)
-    elif (Path(ns.transcoders) / "config.yaml").exists():  # circuit-tracer's layout (circuits/formats.py)
-        from saeforge.circuits.formats import read_circuit_tracer_folder
-
-        transcoders, model_name = read_circuit_tracer_folder(ns.transcoders)
-    else:
-        transcoders = load_transcoders(ns.transcoders)
-        model_name = transcoders.model_name
+    transcoders, model_name, _ = load_transcoder_folder(ns.transcoders)
     if ns.model_name and ns.model_name != model_name:
         raise TranscoderSetError(
             f"the transcoders in {ns.transcoders} were trained on {model_name!r}, not {ns.model_name!r}: "

@@ -19,6 +19,7 @@ circuit-tracer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -237,3 +238,25 @@ def read_circuit_tracer_folder(
         return read_clt_circuit_tracer(folder, device)
     tset = read_circuit_tracer(folder, device)
     return tset, tset.model_name
+
+
+def load_transcoder_folder(folder: str | Path) -> tuple[TranscoderSet | CrossLayerTranscoder, str, dict | None]:
+    """(transcoders, model name, the training run's data section or None) of any transcoder folder: a
+    `saeforge clt` folder (cfg.json), a circuit-tracer folder (config.yaml: it records no corpus) or a
+    `saeforge transcoders` folder (transcoders.json). Loaded on the CPU; ReplacementModel and the quality
+    pass move them to the model's device."""
+    from saeforge.circuits.clt import load_clt
+    from saeforge.circuits.transcoders import MANIFEST, load_transcoders
+    from saeforge.saes.formats import read_cfg
+
+    folder = Path(folder)
+    if (folder / "cfg.json").exists():
+        clt, model_name = load_clt(folder)
+        return clt, model_name, json.loads((folder / "cfg.json").read_text()).get("data")
+    if (folder / "config.yaml").exists():
+        transcoders, model_name = read_circuit_tracer_folder(folder)
+        return transcoders, model_name, None
+    tset = load_transcoders(folder)
+    first = folder / json.loads((folder / MANIFEST).read_text())["layers"][str(min(tset.saes))]
+    data = ((read_cfg(first).get("metadata") or {}).get("saeforge_config") or {}).get("data")
+    return tset, tset.model_name, data

@@ -43,29 +43,8 @@ def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
     q.set_defaults(func=cmd_transcoder_eval)
 
 
-def load_any(folder: str | Path):
-    """(a TranscoderSet or a CLT, the model name, the run's data section or None) of a transcoder folder:
-    ours (transcoders.json, a CLT's cfg.json) or circuit-tracer's (config.yaml)."""
-    from saeforge.circuits.clt import load_clt
-    from saeforge.circuits.transcoders import load_transcoders
-    from saeforge.saes.formats import read_cfg
-
-    folder = Path(folder)
-    if (folder / "cfg.json").exists():
-        clt, model_name = load_clt(folder)
-        return clt, model_name, json.loads((folder / "cfg.json").read_text()).get("data")
-    if (folder / "config.yaml").exists():  # circuit-tracer's layout: it records no corpus
-        from saeforge.circuits.formats import read_circuit_tracer_folder
-
-        transcoders, model_name = read_circuit_tracer_folder(folder)
-        return transcoders, model_name, None
-    tset = load_transcoders(folder)
-    first = folder / json.loads((folder / "transcoders.json").read_text())["layers"][str(min(tset.saes))]
-    data = ((read_cfg(first).get("metadata") or {}).get("saeforge_config") or {}).get("data")
-    return tset, tset.model_name, data
-
-
 def cmd_transcoder_eval(ns: argparse.Namespace, base: dict) -> int:
+    from saeforge.circuits.formats import load_transcoder_folder
     from saeforge.circuits.quality import RESULT, format_quality, transcoder_quality
     from saeforge.io import atomic_write_text
     from saeforge.models import load_model
@@ -73,7 +52,7 @@ def cmd_transcoder_eval(ns: argparse.Namespace, base: dict) -> int:
     out = Path(ns.out) if ns.out else Path(ns.transcoders) / RESULT
     if out.exists() and not ns.force:
         raise UsageError(f"{out} exists: give another --out, or --force to replace it")
-    transcoders, model_name, data = load_any(ns.transcoders)
+    transcoders, model_name, data = load_transcoder_folder(ns.transcoders)
     given = overrides(ns)
     setup = EvalSetup.from_dict(
         {
