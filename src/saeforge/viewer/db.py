@@ -79,11 +79,17 @@ class DBError(UserError, ValueError):
     """A file that is not a whole saeforge feature database; the message says how to rebuild it."""
 
 
-def create(path: Path) -> sqlite3.Connection:
+def connect_unrenamed(path: Path) -> sqlite3.Connection:
+    """A writer for a database still under its temporary name: no journal, no syncs (a crash leaves a
+    temporary file that is discarded, never one at the final name)."""
     con = sqlite3.connect(path)
-    # Journal off while building: the file is a temporary until renamed, so a crash just discards it.
     con.execute("PRAGMA journal_mode=OFF")
     con.execute("PRAGMA synchronous=OFF")
+    return con
+
+
+def create(path: Path) -> sqlite3.Connection:
+    con = connect_unrenamed(path)
     con.executescript(SCHEMA)
     return con
 
@@ -169,6 +175,9 @@ class FeatureDB:
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._con().execute(sql, args).fetchall()
+
+    def has_feature(self, idx: int) -> bool:
+        return bool(self.query("SELECT 1 FROM features WHERE idx = ?", (idx,)))
 
     def has_table(self, name: str) -> bool:
         return bool(self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))

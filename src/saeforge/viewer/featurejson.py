@@ -14,7 +14,6 @@ and so does every ``exclude_first`` request (a variant that only features peakin
 
 from __future__ import annotations
 
-import sqlite3
 import zlib
 from pathlib import Path
 from typing import Any
@@ -136,14 +135,17 @@ def is_stored(d: FeatureDB) -> bool:
     return d.meta.get("feature_json_version") == VERSION and d.has_table(TABLE)
 
 
-def feature_bytes(d: FeatureDB, idx: int, exclude_first: bool = False) -> bytes | None:
+def feature_bytes(d: FeatureDB, idx: int, exclude_first: bool = False, stored_only: bool = False) -> bytes | None:
     """The served JSON of feature ``idx``: the index-time part (stored, or built) with ``explanations`` and
-    ``meta`` appended; None if there is no such feature."""
+    ``meta`` appended; None if there is no such feature. ``stored_only``: None rather than build the part
+    (milliseconds) when it is not stored, so a caller can build it elsewhere (the server, in its thread pool)."""
     stored = (
         None if exclude_first or not is_stored(d) else d.query(f"SELECT body FROM {TABLE} WHERE feature = ?", (idx,))
     )
     if stored:
         head = zlib.decompress(stored[0][0])
+    elif stored_only:
+        return None
     else:
         part = index_part(d, idx, exclude_first)
         if part is None:
@@ -160,10 +162,8 @@ def precompute(path: Path) -> int:
     (called by ``saeforge index`` before it renames the file into place); returns the number of features.
     Commits every CHUNK features, so that the reading connection never meets a write lock held across reads."""
     d = FeatureDB(path)
-    con = sqlite3.connect(path)
+    con = db.connect_unrenamed(path)
     try:
-        con.execute("PRAGMA journal_mode=OFF")  # a temporary file until renamed: a crash discards it
-        con.execute("PRAGMA synchronous=OFF")
         con.execute(SCHEMA)
         con.commit()
         for start in range(0, d.d_sae, CHUNK):

@@ -42,8 +42,8 @@ def generation(path: Path) -> tuple[int, ...]:
 
 
 class JSONCache:
-    """A thread-safe LRU of encoded responses: ``get(path, key, build)`` returns ``build()``'s JSON bytes,
-    computed once per (path, generation of path, key). ``maxsize`` bounds the entries (a feature's JSON is
+    """A thread-safe LRU of encoded responses, one per (path, generation of path, key): ``lookup`` then, on a
+    miss, ``store`` the bytes built. ``maxsize`` bounds the entries (a feature's JSON is
     ~10-100 KB, so the default 2048 holds up to ~200 MB on a large database)."""
 
     def __init__(self, maxsize: int = 2048):
@@ -56,23 +56,20 @@ class JSONCache:
     def lookup(self, path: Path, key: Hashable) -> tuple[Hashable, bytes | None]:
         """(full key, bytes or None); the full key is what ``store`` takes after a miss."""
         full = (str(path), generation(path), key)
-        with self._lock:
-            body = self._data.get(full)
-            if body is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._data.move_to_end(full)
-            return full, body
+        return full, self._find(full, peek=False)
 
     def peek(self, path: Path, key: Hashable) -> bytes | None:
         """The bytes if held (counted as a hit), else None (not counted: the caller's ``lookup`` counts the miss)."""
-        full = (str(path), generation(path), key)
+        return self._find((str(path), generation(path), key), peek=True)
+
+    def _find(self, full: Hashable, peek: bool) -> bytes | None:
         with self._lock:
             body = self._data.get(full)
-            if body is not None:
+            if body is None:
+                self.misses += not peek
+            else:
                 self.hits += 1
-                self.peeked += 1
+                self.peeked += peek
                 self._data.move_to_end(full)
             return body
 
@@ -82,13 +79,6 @@ class JSONCache:
             self._data.move_to_end(full)
             while len(self._data) > self.maxsize:
                 self._data.popitem(last=False)
-
-    def get(self, path: Path, key: Hashable, build: Callable[[], Any]) -> bytes:
-        full, body = self.lookup(path, key)
-        if body is None:
-            body = encode(build())
-            self.store(full, body)
-        return body
 
 
 class FeatureHits:

@@ -20,7 +20,7 @@ from typing import Any
 
 from saeforge.viewer.apierrors import error_responses
 from saeforge.viewer.db import DBError, FeatureDB
-from saeforge.viewer.featurejson import feature_bytes, is_stored
+from saeforge.viewer.featurejson import feature_bytes
 from saeforge.viewer.graphs import graphs_router
 from saeforge.viewer.jsoncache import FeatureHits, JSONCache
 from saeforge.viewer.live import LiveError, LiveRunner
@@ -117,7 +117,7 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
     @app.get("/feature/{model}/{sae}/{index}", include_in_schema=False)
     def feature_page(model: str, sae: str, index: int):
         d = get_db(model, sae)  # a 404 for a feature that is not there, without reading the feature
-        if not (0 <= index < d.d_sae and d.query("SELECT 1 FROM features WHERE idx = ?", (index,))):
+        if not (0 <= index < d.d_sae and d.has_feature(index)):
             raise no_feature(d, index)
         return page("feature.html")
 
@@ -191,9 +191,8 @@ def create_app(db_paths: list[str | Path], live: bool = True, graphs: str | Path
         if body is None:
             if not 0 <= index < d.d_sae:
                 raise no_feature(d, index)
-            if not exclude_first and is_stored(d):
-                body = feature_bytes(d, index)
-            else:
+            body = feature_bytes(d, index, exclude_first, stored_only=True)
+            if body is None:
                 body = await run_in_threadpool(feature_bytes, d, index, exclude_first)
             if body is None:
                 raise no_feature(d, index)
