@@ -24,6 +24,14 @@ def tiny_model_dirs(tmp_path_factory):
     return {fam: tiny.save_tiny(root / fam, fam) for fam in tiny.FAMILIES}
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_model_dirs):
+    """The tiny Llama in float32 on the CPU, loaded once per test module (a module may define its own lm)."""
+    from saeforge.models import load_model
+
+    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory):
     """A folder of real text nobody here wrote: a few standard-library modules' source, ~20 documents."""

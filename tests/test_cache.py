@@ -9,15 +9,10 @@ import torch
 import saeforge.activations.cache as cache_mod
 from saeforge.activations import CacheError, CacheReader, read_manifest, write_cache
 from saeforge.config import ActivationsConfig, DataConfig
-from saeforge.models import load_model, resolve_hook
+from saeforge.models import resolve_hook
 from saeforge.models.hooks import capture
 
 HOOK = "blocks.1.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

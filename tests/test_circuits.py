@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from saeforge.analysis.common import prompt_ids
 from saeforge.circuits.graph import attribute
 from saeforge.circuits.prune import cutoff, influence, influence_solve, normalize, prune, scores
 from saeforge.circuits.replacement import ReplacementError, ReplacementModel
@@ -43,11 +44,6 @@ def random_transcoders(n_layers=3, d=64, d_sae=96, k=6, skip=False, seed=0):
     return out
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "skip"])
 def rm(request, lm):
     return ReplacementModel(lm, random_transcoders(skip=request.param))
@@ -55,7 +51,7 @@ def rm(request, lm):
 
 @pytest.fixture(scope="module")
 def ids_T(lm):
-    return torch.tensor([lm.tokenizer.bos_token_id, *lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    return prompt_ids(lm.tokenizer, PROMPT)[0]
 
 
 @pytest.fixture(scope="module")

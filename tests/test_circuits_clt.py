@@ -16,7 +16,7 @@ from saeforge.circuits.replacement import ReplacementModel
 from saeforge.circuits.transcoders import TranscoderSetError
 from saeforge.cli import main
 from saeforge.config import ActivationsConfig, ConfigError, DataConfig
-from saeforge.models import load_model, resolve_hook
+from saeforge.models import resolve_hook
 
 
 def random_clt(n_layers=3, d=64, d_sae=64, k=5, scale=1.0):
@@ -29,11 +29,6 @@ def random_clt(n_layers=3, d=64, d_sae=64, k=5, scale=1.0):
             w.mul_(scale)
     clt.requires_grad_(False)
     return clt
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
 
 
 def test_forward_equals_a_plain_loop_over_layer_pairs():

@@ -12,18 +12,13 @@ import pytest
 import torch
 from test_circuits import PROMPT, random_transcoders
 
+from saeforge.analysis.common import prompt_ids
 from saeforge.circuits.export import build_graph_json
 from saeforge.circuits.graph import attribute, target_values
 from saeforge.circuits.prune import influence, normalize, partial_influence
 from saeforge.circuits.replacement import ReplacementModel
 from saeforge.cli import main
 from saeforge.config import UsageError
-from saeforge.models import load_model
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def rm(lm):
 
 @pytest.fixture(scope="module")
 def ids_T(lm):
-    return torch.tensor([lm.tokenizer.bos_token_id, *lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    return prompt_ids(lm.tokenizer, PROMPT)[0]
 
 
 @pytest.fixture(scope="module")

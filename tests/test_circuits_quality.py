@@ -30,11 +30,6 @@ from saeforge.saes.registry import config_class, sae_class
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def data_cfg(text_corpus):
     return DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.3)
 

@@ -21,15 +21,9 @@ from saeforge.circuits.intervene import InterventionError, intervene, parse_edit
 from saeforge.circuits.replacement import ReplacementModel
 from saeforge.circuits.transcoders import HOOK_IN, HOOK_OUT, MANIFEST
 from saeforge.cli import main
-from saeforge.models import load_model
 from saeforge.saes.formats import save_sae
 
 HOSTILE = '</script><img src=x onerror="window.__pwned=1">'
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def tsaes():
 
 @pytest.fixture(scope="module")
 def ids_T(lm):
-    return torch.tensor([lm.tokenizer.bos_token_id, *lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    return prompt_ids(lm.tokenizer, PROMPT)[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,6 @@ ACT = ActivationsConfig(batch_size=64, lm_batch_size=4, shuffle_sequences=8, sha
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def corpus(text_corpus):
     return DataConfig(corpus=str(text_corpus), context_size=32, holdout_fraction=0.2)
 
