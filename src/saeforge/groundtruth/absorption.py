@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from saeforge.evals.absorption import first_letter_tokens
-from saeforge.groundtruth.probing import fit_logistic
+from saeforge.groundtruth.probing import fit_logistic, probe_weights
 from saeforge.models.hooks import capture
 
 SUFFIX = " has the first letter:"
@@ -131,9 +131,7 @@ def letter_probes(x_ND: torch.Tensor, y_N: torch.Tensor, test_N: torch.Tensor) -
     with torch.no_grad():
         logit_LN = probe(x_ND)
     probe_f1_L = _f1((logit_LN > 0) & test_N, y_LN & test_N)
-    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():  # the probe is linear: its weight in x's units is the logit's gradient
-        w_LD = torch.stack([torch.autograd.grad(probe(x0)[j].sum(), x0)[0][0] for j in range(len(letters))])
+    w_LD = probe_weights(probe, x_ND.shape[1], len(letters))
     p_LD = (w_LD / w_LD.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
     return letters, y_LN, logit_LN, probe_f1_L, p_LD
 

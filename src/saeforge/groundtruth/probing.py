@@ -92,6 +92,14 @@ def fit_logistic(X: torch.Tensor, y_PN: torch.Tensor, w_PN: torch.Tensor, max_it
     return lambda X_: logits(standardise(X_), W, b)
 
 
+def probe_weights(predict, d_in: int, n_probes: int) -> torch.Tensor:
+    """w_PD: each probe of ``fit_logistic``'s ``predict`` as a direction in x's units (standardisation folded
+    in). The probes are linear, so a probe's weight is its logit's gradient with respect to x (taken at 0)."""
+    x0 = torch.zeros(1, d_in, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        return torch.stack([torch.autograd.grad(predict(x0)[p].sum(), x0)[0][0] for p in range(n_probes)])
+
+
 def _balanced_weights(y_PN: torch.Tensor, rows_PN: torch.Tensor) -> torch.Tensor:
     pos, neg = (y_PN & rows_PN).double(), (~y_PN & rows_PN).double()
     return pos / pos.sum(1, keepdim=True).clamp_min(1) + neg / neg.sum(1, keepdim=True).clamp_min(1)

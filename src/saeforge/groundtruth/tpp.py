@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from saeforge.groundtruth.labels import PROPERTIES
-from saeforge.groundtruth.probing import fit_logistic
+from saeforge.groundtruth.probing import fit_logistic, probe_weights
 
 GROUPS = {
     "category": ("cat_name", "cat_keyword", "cat_string", "cat_docstring", "cat_comment", "cat_number", "cat_operator"),
@@ -57,11 +57,9 @@ def class_probes(x_ND: torch.Tensor, y_NC: torch.Tensor, valid_N: torch.Tensor, 
         return {"tpp": None, "classes": int(C), "reason": "fewer than two classes with training and test rows"}
     y_CN = y_NC[:, keep_C].T
     predict = fit_logistic(x_ND, y_CN, train_N[None].expand(C, -1).double())
-    # probe weights in x's units: the logits' gradient with respect to x (the probe is linear)
-    x0 = torch.zeros(1, x_ND.shape[1], dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        w_CD = torch.stack([torch.autograd.grad(predict(x0)[c].sum(), x0, retain_graph=True)[0][0] for c in range(C)])
-    probes = ClassProbes(keep_C, y_CN, train_N, test_N, predict, w_CD, torch.empty(0))
+    probes = ClassProbes(
+        keep_C, y_CN, train_N, test_N, predict, probe_weights(predict, x_ND.shape[1], C), torch.empty(0)
+    )
     probes.clean_C = probes.acc_C(x_ND)
     return probes
 
