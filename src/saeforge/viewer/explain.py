@@ -69,6 +69,21 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def cached_answers(con: sqlite3.Connection, keys: Sequence[str]) -> list[str | None]:
+    """The stored answer of each key of ``llm_cache``, None where there is none."""
+    out = []
+    for k in keys:
+        row = con.execute("SELECT answer FROM llm_cache WHERE key = ?", (k,)).fetchone()
+        out.append(None if row is None else row[0])
+    return out
+
+
+def cache_answers(con: sqlite3.Connection, items: Sequence[tuple[str, str]]) -> None:
+    """Store (key, answer) pairs in ``llm_cache`` in one committed transaction, so a killed run keeps them."""
+    with con:
+        con.executemany("INSERT OR REPLACE INTO llm_cache VALUES (?, ?, ?)", [(k, a, now()) for k, a in items])
+
+
 @dataclass
 class Context:
     """One context of a feature: token texts, true activations of that feature, whether it is a negative."""

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from saeforge.config import F, UserError, check
-from saeforge.viewer.explain import Context, balanced_accuracy, detection_score, now, simulation_score
+from saeforge.viewer.explain import (
+    Context,
+    balanced_accuracy,
+    cache_answers,
+    cached_answers,
+    detection_score,
+    simulation_score,
+)
 
 T = TypeVar("T")
 
@@ -88,13 +95,13 @@ class LLMClient:
     def chat(self, messages: Sequence[dict], parse: Callable[[str], T]) -> T:
         key = self._key(messages)
         with self.lock:
-            row = self.con.execute("SELECT answer FROM llm_cache WHERE key = ?", (key,)).fetchone()
-        if row is not None:
-            return parse(row[0])
+            cached = cached_answers(self.con, [key])[0]
+        if cached is not None:
+            return parse(cached)
         answer = self._post(messages)
         value = parse(answer)  # MalformedAnswer propagates and the answer stays uncached
-        with self.lock, self.con:
-            self.con.execute("INSERT OR REPLACE INTO llm_cache VALUES (?, ?, ?)", (key, answer, now()))
+        with self.lock:
+            cache_answers(self.con, [(key, answer)])
         return value
 
     def _post(self, messages: Sequence[dict]) -> str:

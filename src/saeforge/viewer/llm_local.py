@@ -39,7 +39,7 @@ import torch
 
 from saeforge.config import ConfigError, F, check
 from saeforge.models import load_model
-from saeforge.viewer.explain import now
+from saeforge.viewer.explain import cache_answers, cached_answers
 from saeforge.viewer.llm import MalformedAnswer
 
 DIGITS = tuple(str(d) for d in range(10))
@@ -102,21 +102,14 @@ class LocalChat:
     def _cached_many(self, method: str, payloads: list, compute: Callable[[list[int]], list]) -> list:
         """Cached values of ``payloads``; ``compute(indices)`` runs the model for the missing ones only."""
         keys = [self._key(method, p) for p in payloads]
-        out: list = [None] * len(keys)
         with self.lock:
-            for i, k in enumerate(keys):
-                row = self.con.execute("SELECT answer FROM llm_cache WHERE key = ?", (k,)).fetchone()
-                if row is not None:
-                    out[i] = json.loads(row[0])
+            out = [None if a is None else json.loads(a) for a in cached_answers(self.con, keys)]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             for i, v in zip(todo, compute(todo)):
                 out[i] = v
-            with self.lock, self.con:
-                self.con.executemany(
-                    "INSERT OR REPLACE INTO llm_cache VALUES (?, ?, ?)",
-                    [(keys[i], json.dumps(out[i]), now()) for i in todo],
-                )
+            with self.lock:
+                cache_answers(self.con, [(keys[i], json.dumps(out[i])) for i in todo])
         return out
 
     # ---- prefilled generation -------------------------------------------------------------
