@@ -26,9 +26,8 @@ from saeforge.config import add_config_options, overrides
 from saeforge.evals.report import _json_safe
 from saeforge.evals.setup import eval_setup_for
 from saeforge.groundtruth.folders import expand
-from saeforge.groundtruth.run import format_groundtruth, probe_many
+from saeforge.groundtruth.run import format_groundtruth, models_in_turn, probe_many
 from saeforge.io import atomic_write_text
-from saeforge.models import load_model
 from saeforge.saes.formats import load_sae, trained_architecture
 
 
@@ -70,16 +69,11 @@ def main() -> None:
     ns = ap.parse_args()
     sae_dirs = [s for d in ns.dirs for s in expand(d)[0]]
     cfgs = [eval_setup_for(d, overrides(ns)) for d in sae_dirs]
-    by_model: dict[tuple, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        m = cfg.model
-        by_model.setdefault((m.name, m.dtype, m.device, m.random_init), []).append(i)
     head = ["sae", "hook", "arch", "L0", "coverage", "recon", "sae k=1", "sae k=5", "res k=1", "res k=5", "dense"]
     head += ["TPP", "full abs", "abs frac", "seconds"]
     results: list = [None] * len(sae_dirs)
     start = time.perf_counter()
-    for (name, dtype, device, random_init), idx in by_model.items():
-        lm = load_model(name, dtype=dtype, device=device, random_init=random_init)
+    for lm, idx in models_in_turn(cfgs):
         saes = [(load_sae(sae_dirs[i], device=str(lm.device)), cfgs[i]) for i in idx]
         last = [time.perf_counter()]
 

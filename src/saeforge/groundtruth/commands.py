@@ -13,9 +13,9 @@ from saeforge.groundtruth.run import (
     DEFAULT_TOKENS,
     format_groundtruth,
     format_summary,
+    models_in_turn,
     probe_saved_many,
 )
-from saeforge.models import load_model
 
 
 def add_commands(sub: argparse._SubParsersAction, arch: str) -> None:
@@ -55,13 +55,8 @@ def cmd_probe(ns: argparse.Namespace, base: dict) -> int:
     folders = [expand(d) for d in ns.sae_dirs]  # every argument checked before any work
     sae_dirs = [s for saes, _ in folders for s in saes]
     # SAEs of one model run together: one load, one LM pass per corpus setup (groundtruth/run.py)
-    by_model: dict[tuple, list[int]] = {}
-    for i, sae_dir in enumerate(sae_dirs):
-        m = eval_setup_for(sae_dir, overrides(ns)).model
-        by_model.setdefault((m.name, m.dtype, m.device, m.random_init), []).append(i)
     written: dict[int, tuple] = {}
-    for (name, dtype, device, random_init), idx in by_model.items():
-        lm = load_model(name, dtype=dtype, device=device, random_init=random_init)
+    for lm, idx in models_in_turn([eval_setup_for(d, overrides(ns)) for d in sae_dirs]):
         done = probe_saved_many([sae_dirs[i] for i in idx], overrides(ns), tokens, probe_tokens, not ns.quiet, lm)
         written.update(zip(idx, done))
         del lm  # one model in memory at a time

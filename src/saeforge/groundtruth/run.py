@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +48,17 @@ DEFAULT_TOKENS = 50_000
 DEFAULT_PROBE_TOKENS = 4000
 NO_TPP = "TPP ablates decoder directions in the probed hook; a transcoder's decoder writes another hook"
 NO_ABSORPTION = "absorption reads decoder directions in the probed hook; a transcoder's decoder writes another hook"
+
+
+def models_in_turn(cfgs: list[EvalSetup]) -> Iterator[tuple[Any, list[int]]]:
+    """(loaded model, indices of the ``cfgs`` that use it) for each distinct model of ``cfgs``, loaded in turn.
+    The generator keeps no reference: a caller that drops its own (``del lm``) has one model in memory at a time."""
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        m = cfg.model
+        groups.setdefault((m.name, m.dtype, m.device, m.random_init), []).append(i)
+    for (name, dtype, device, random_init), idx in groups.items():
+        yield load_model(name, dtype=dtype, device=device, random_init=random_init), idx
 
 
 def probe_saved(
@@ -202,6 +215,7 @@ def _counts(encode, data: Collected, hook: str) -> tuple[ThresholdCounts, OrCoun
 __all__ = [
     "KS",
     "format_groundtruth",
+    "models_in_turn",
     "format_summary",
     "groundtruth_path",
     "probe",
